@@ -1,0 +1,92 @@
+"""Load an HF Qwen2.5-VL safetensors checkpoint into a (TP/PP-sharded) Qwen25VLModel in place.
+
+Each rank reads only the HF tensors its own parameters need, one at a time (safetensors are
+memory-mapped), transforms them to the full Megatron layout and keeps its TP slice.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state
+from safetensors import safe_open
+
+from megatron_latent.conversion.hf_mapping import NameTable, canonical_hf_name, tp_shard
+
+
+class HFCheckpointReader:
+    """Canonical HF name -> tensor, over one or many safetensors files."""
+
+    def __init__(self, hf_dir: str | Path):
+        self.dir = Path(hf_dir)
+        index = self.dir / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in self.dir.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{self.dir}: no *.safetensors files")
+        self.where: dict[str, tuple[str, str]] = {}
+        for f in files:
+            with safe_open(self.dir / f, framework="pt") as h:
+                for key in h.keys():
+                    self.where[canonical_hf_name(key)] = (f, key)
+        self._open: dict[str, object] = {}
+
+    def names(self) -> set[str]:
+        return set(self.where)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.where:
+            raise KeyError(f"{self.dir}: tensor {name!r} is missing from the checkpoint")
+        f, key = self.where[name]
+        if f not in self._open:
+            self._open[f] = safe_open(self.dir / f, framework="pt")
+        return self._open[f].get_tensor(key)
+
+
+_LAYER = re.compile(r"^language_model\.decoder\.layers\.(\d+)\.")
+
+
+def global_parameter_names(model) -> dict[str, str]:
+    """Local state-dict name -> name with the global LLM layer index (PP stages number from 0)."""
+    layers = model.language_model.decoder.layers
+    out = {}
+    for name in model.state_dict(keep_vars=True):
+        m = _LAYER.match(name)
+        if m:
+            g = layers[int(m.group(1))].layer_number - 1
+            name_g = f"language_model.decoder.layers.{g}." + name[m.end():]
+        else:
+            name_g = name
+        out[name] = name_g
+    return out
+
+
+def load_hf_weights(model, hf_dir: str | Path) -> None:
+    cfg = model.cfg
+    table = NameTable(cfg)
+    reader = HFCheckpointReader(hf_dir)
+    unknown = reader.names() - table.all_hf_names(cfg.num_layers, cfg.vision_depth)
+    if unknown:
+        raise ValueError(f"{hf_dir}: {len(unknown)} tensors have no place in Qwen2.5-VL, e.g. "
+                         f"{sorted(unknown)[:5]}")
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    params = model.state_dict(keep_vars=True)
+    for name, global_name in global_parameter_names(model).items():
+        if name.endswith("_extra_state"):
+            continue
+        hf_names, transform = table.lookup(global_name)
+        full = transform.to_megatron(*(reader.get(h) for h in hf_names))
+        param = params[name]
+        piece = tp_shard(full, param, name, tp_rank, tp_size)
+        if piece.shape != param.shape:
+            raise ValueError(f"{hf_dir}: {hf_names} give shape {tuple(piece.shape)} for "
+                             f"{global_name}, the model expects {tuple(param.shape)}")
+        with torch.no_grad():
+            param.copy_(piece)

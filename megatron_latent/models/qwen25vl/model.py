@@ -1,0 +1,138 @@
+"""Qwen2.5-VL on megatron-core: the vision tower (first pipeline stage) + a GPTModel with mRoPE.
+
+Data flow on one micro-batch (tensors in megatron's [s, b, h] layout inside the LLM):
+  first stage: token embeddings -> image features scattered into the image-pad positions
+               -> (sequence-parallel scatter) -> decoder layers of this stage
+  later stages: hidden states from the previous stage (set_input_tensor) -> their layers
+  last stage:  final norm -> `head` (an output processor: logits, CE loss, or a latent method's
+               loss; it sees the final-norm hidden states) .
+mRoPE positions [3, b, s] are needed on every stage; they are cheap to recompute from input_ids.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_latent.models.qwen25vl import specs
+from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
+from megatron_latent.models.qwen25vl.rope_index import rope_index
+from megatron_latent.models.qwen25vl.vision import Qwen25VisionModel
+
+
+class Qwen25VLModel(MegatronModule):
+    def __init__(self, cfg: Qwen25VLConfig, pre_process: Optional[bool] = None,
+                 post_process: Optional[bool] = None, vp_stage: Optional[int] = None):
+        lm_config = cfg.language_transformer_config()
+        super().__init__(config=lm_config)
+        self.cfg = cfg
+        if pre_process is None:
+            pre_process = parallel_state.is_pipeline_first_stage()
+        if post_process is None:
+            post_process = parallel_state.is_pipeline_last_stage()
+        self.pre_process, self.post_process = pre_process, post_process
+        self.vision = Qwen25VisionModel(cfg) if pre_process else None
+        self.language_model = GPTModel(
+            config=lm_config,
+            transformer_layer_spec=specs.language_layer_spec(cfg.spec),
+            vocab_size=cfg.padded_vocab_size,
+            max_sequence_length=cfg.max_position_embeddings,
+            pre_process=pre_process, post_process=post_process,
+            parallel_output=True,
+            share_embeddings_and_output_weights=cfg.tie_word_embeddings,
+            position_embedding_type="mrope", rotary_base=cfg.rope_theta,
+            # image features are merged in before the sequence-parallel scatter
+            scatter_embedding_sequence_parallel=False,
+            vp_stage=vp_stage,
+        )
+        # read by megatron's finalize_model_grads / DDP for tied-embedding grad sync
+        self.share_embeddings_and_output_weights = cfg.tie_word_embeddings
+
+    # ------------------------------------------------------------ pipeline plumbing
+    def set_input_tensor(self, input_tensor) -> None:
+        self.language_model.set_input_tensor(input_tensor)
+
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()
+
+    # ------------------------------------------------------------ pieces
+    def position_ids(self, input_ids, image_grid_thw=None, attention_mask=None):
+        return rope_index(input_ids, image_grid_thw, image_token_id=self.cfg.image_token_id,
+                          spatial_merge_size=self.cfg.spatial_merge_size,
+                          attention_mask=attention_mask)[0]
+
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None) -> torch.Tensor:
+        """Token embeddings with image features in the image-pad slots: [s, b, h] (not SP-split)."""
+        cfg = self.cfg
+        if (input_ids == cfg.video_token_id).any():
+            raise ValueError("video input is not supported yet: input_ids contain "
+                             f"video_token_id={cfg.video_token_id}")
+        emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)
+        is_image = input_ids == cfg.image_token_id
+        n_tokens = int(is_image.sum())
+        if pixel_values is None:
+            if n_tokens:
+                raise ValueError(f"input_ids hold {n_tokens} image tokens but no pixel_values")
+            return emb
+        feats = self.vision(pixel_values, image_grid_thw).to(emb.dtype)
+        if feats.shape[0] != n_tokens:
+            raise ValueError(
+                f"input_ids hold {n_tokens} image tokens (id {cfg.image_token_id}) but "
+                f"image_grid_thw {image_grid_thw.tolist()} gives {feats.shape[0]} image features")
+        # fill in [b, s] order: images are listed sample by sample
+        emb = emb.transpose(0, 1).masked_scatter(is_image.unsqueeze(-1), feats)
+        return emb.transpose(0, 1).contiguous()
+
+    # ------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                pixel_values: Optional[torch.Tensor] = None,
+                image_grid_thw: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None,
+                decoder_input: Optional[torch.Tensor] = None,
+                head: Optional[Callable] = None, inference_context=None,
+                runtime_gather_output: Optional[bool] = None):
+        """input_ids [b, s] (right-padded; causal attention makes masks unnecessary).
+
+        Last stage returns, by default, per-token CE loss [b, s] when `labels` is given, else
+        logits [b, s, vocab] (vocab-parallel unless runtime_gather_output). `head` replaces that
+        with a custom output processor (see `lm_head`). Other stages return hidden states.
+        """
+        if position_ids is None:
+            position_ids = self.position_ids(input_ids, image_grid_thw)
+        if self.pre_process and decoder_input is None:
+            decoder_input = self.embed(input_ids, pixel_values, image_grid_thw)
+        if decoder_input is not None and self.config.sequence_parallel:
+            decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
+        return self.language_model(
+            input_ids=input_ids, position_ids=position_ids, attention_mask=None,
+            decoder_input=decoder_input, labels=labels, inference_context=inference_context,
+            runtime_gather_output=runtime_gather_output,
+            output_processor=head or self.lm_head)
+
+    def lm_head(self, *, hidden_states, output_layer, output_weight, labels=None,
+                runtime_gather_output=None, **_):
+        """Default output processor: logits with the vocab padding masked out, or CE loss."""
+        logits = self.logits(hidden_states, output_layer, output_weight, runtime_gather_output)
+        if labels is None:
+            if logits.shape[-1] == self.cfg.padded_vocab_size:  # whole vocab here: drop padding
+                logits = logits[..., : self.cfg.vocab_size]
+            return logits.transpose(0, 1).contiguous()
+        return self.language_model.compute_language_model_loss(labels, logits)
+
+    def logits(self, hidden_states, output_layer, output_weight, runtime_gather_output=None):
+        """[s, b, h] -> [s, b, v] logits; padded vocab rows get the dtype's minimum so they
+        never take probability mass (HF has no such rows)."""
+        logits, _ = output_layer(hidden_states, weight=output_weight,
+                                 runtime_gather_output=runtime_gather_output)
+        gathered = logits.shape[-1] == self.cfg.padded_vocab_size
+        start = 0 if gathered else (
+            parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1])
+        n_real = max(0, min(logits.shape[-1], self.cfg.vocab_size - start))
+        if n_real < logits.shape[-1]:
+            pad = torch.full_like(logits[..., n_real:], torch.finfo(logits.dtype).min)
+            logits = torch.cat([logits[..., :n_real], pad], dim=-1)
+        return logits

@@ -1,0 +1,76 @@
+"""Core attention for the Qwen2.5-VL vision tower: full or window attention, chosen per layer.
+
+Every vision layer receives the same `attention_mask` argument: an int tensor `segments` of shape
+[2, s]; row 0 numbers the image (frame) each token belongs to, row 1 the attention window. A layer
+whose 1-based number is in `full_attention_layers` attends within row-0 segments, the others within
+row-1 segments. Passing one tensor keeps the stock TransformerBlock/TransformerLayer untouched and
+works with activation recompute (it is an ordinary tensor argument).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.extensions.transformer_engine import TEDotProductAttention
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.module import MegatronModule
+
+FULL, WINDOW = 0, 1
+
+
+def segments_to_cu_seqlens(seg: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Contiguous segment ids [s] -> cumulative lengths [n+1] (int32) and the longest segment."""
+    _, counts = torch.unique_consecutive(seg, return_counts=True)
+    cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+    return cu, int(counts.max())
+
+
+class VisionLocalAttention(MegatronModule):
+    """torch SDPA with a block-diagonal mask; the reference path (CPU, tests, no TE)."""
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type,
+                 attention_dropout=None, softmax_scale=None, cp_comm_type=None,
+                 pg_collection=None, full_attention_layers=frozenset()):
+        super().__init__(config=config)
+        self.layer_number = layer_number
+        self.row = FULL if layer_number in full_attention_layers else WINDOW
+        self.softmax_scale = softmax_scale
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        seg = attention_mask[self.row]
+        allowed = seg[:, None] == seg[None, :]  # [s, s], True = may attend
+        # [s, b, n, d] -> [b, n, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, scale=self.softmax_scale,
+            dropout_p=self.dropout if self.training else 0.0)
+        s, b = query.shape[0], query.shape[1]
+        return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+class VisionTEAttention(TEDotProductAttention):  # raises at construction when TE is absent
+    """TE fused attention over variable-length segments (THD with cu_seqlens)."""
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type,
+                 attention_dropout=None, softmax_scale=None, cp_comm_type="p2p",
+                 pg_collection=None, full_attention_layers=frozenset()):
+        super().__init__(config=config, layer_number=layer_number, attn_mask_type=attn_mask_type,
+                         attention_type=attention_type, attention_dropout=attention_dropout,
+                         softmax_scale=softmax_scale, cp_comm_type=cp_comm_type,
+                         pg_collection=pg_collection)
+        self.row = FULL if layer_number in full_attention_layers else WINDOW
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None, **kwargs):
+        from megatron.core.transformer.enums import AttnMaskType
+
+        s, b = query.shape[0], query.shape[1]
+        assert b == 1, "vision tokens of all images form one packed sequence"
+        cu, max_len = segments_to_cu_seqlens(attention_mask[self.row])
+        psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                              max_seqlen_q=max_len, max_seqlen_kv=max_len)
+        out = super().forward(query.squeeze(1), key.squeeze(1), value.squeeze(1), None,
+                              attn_mask_type=AttnMaskType.no_mask, packed_seq_params=psp)
+        return out.reshape(s, b, -1)

@@ -1,0 +1,93 @@
+"""Process-group set-up: torch.distributed + megatron-core model-parallel state + seeds.
+
+NCCL on GPUs, gloo on CPU (with the CPU shim). Launch with torchrun or srun; a single process
+without any launcher also works (world size 1, a private TCP store on localhost).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_latent.platform import cpu_shim
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env_from_slurm() -> None:
+    """srun with one task per GPU: derive torchrun-style variables from SLURM_* ones."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+
+
+def initialize(parallel: ParallelConfig = ParallelConfig(), seed: int = 1234) -> None:
+    """Initialise torch.distributed (if needed), megatron's parallel state and the RNGs."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    on_cpu = cpu_shim.install()
+    _env_from_slurm()
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        if not on_cpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend="gloo" if on_cpu else "nccl")
+    world = dist.get_world_size()
+    tp, pp, cp = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
+                  parallel.context_parallel_size)
+    if world % (tp * pp * cp):
+        raise ValueError(
+            f"world size {world} is not divisible by tensor ({tp}) x pipeline ({pp}) x context "
+            f"({cp}) parallel sizes = {tp * pp * cp}")
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp)
+    set_seed(seed)
+
+
+def set_seed(seed: int) -> None:
+    """Seed python/numpy/torch and megatron's per-TP-rank RNG tracker (CPU twin on CPU)."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    if cpu_shim.cuda_available():
+        model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+    else:
+        cpu_shim.seed_cpu_rng_tracker(seed, tp_rank)
+
+
+def destroy() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
