@@ -181,6 +181,8 @@ class Qwen25VLConfig:
             use_cpu_initialization=not torch.cuda.is_available(),
             apply_rope_fusion=False, bias_activation_fusion=False, masked_softmax_fusion=False,
             bias_dropout_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
+            # losses are token sums; grads are divided by the global token count once
+            calculate_per_token_loss=True,
         )
 
     def language_transformer_config(self):
@@ -221,7 +223,8 @@ class Qwen25VLConfig:
         common.update(gated_linear_unit=False, activation_func=F.gelu)
         return TransformerConfig(
             **common,
-            num_layers=1, hidden_size=self.hidden_size, num_attention_heads=1,
+            num_layers=1, hidden_size=self.hidden_size,
+            num_attention_heads=self.tensor_model_parallel_size,  # unused; must divide by TP
             ffn_hidden_size=self.vision_hidden_size * self.merge_unit, add_bias_linear=True,
             pipeline_model_parallel_size=1,
         )

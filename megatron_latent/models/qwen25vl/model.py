@@ -16,6 +16,7 @@ from typing import Callable, Optional
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_latent.models.qwen25vl import specs
@@ -49,7 +50,8 @@ class Qwen25VLModel(MegatronModule):
             scatter_embedding_sequence_parallel=False,
             vp_stage=vp_stage,
         )
-        # read by megatron's finalize_model_grads / DDP for tied-embedding grad sync
+        # read by megatron's schedules and finalize_model_grads (tied-embedding grad sync)
+        self.model_type = ModelType.encoder_or_decoder
         self.share_embeddings_and_output_weights = cfg.tie_word_embeddings
 
     # ------------------------------------------------------------ pipeline plumbing

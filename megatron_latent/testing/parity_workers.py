@@ -1,0 +1,54 @@
+"""Worker bodies for multi-process tests (module-level so spawned processes can import them)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_latent import parallel
+from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
+from megatron_latent.testing.samples import two_sample_batch
+from megatron_latent.training.build import OptimSettings, build_model, build_optimizer
+from megatron_latent.training.step import eval_loss, full_logits, train_step
+
+
+def _is_reporter() -> bool:
+    return (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+            and ps.get_data_parallel_rank() == 0)
+
+
+def layout_run(hf_dir: str, out_path: str, layouts: list[dict], seq_length: int = 128) -> None:
+    """For each layout {tp, pp, first, dist_opt}: logits, loss, one Adam step, loss again.
+    The reporting rank of each layout writes {layout-name: results} to out_path."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(hf_dir)
+    results = {}
+    for lay in layouts:
+        tp, pp = lay.get("tp", 1), lay.get("pp", 1)
+        parallel.initialize(parallel.ParallelConfig(tp, pp), seed=1234)
+        cfg = Qwen25VLConfig.from_hf(hf_dir, tensor_model_parallel_size=tp,
+                                     pipeline_model_parallel_size=pp,
+                                     num_layers_in_first_pipeline_stage=lay.get("first"))
+        batch = two_sample_batch(processor, cfg, seq_length=seq_length)
+        mb = {k: batch[k] for k in ("input_ids", "labels", "loss_mask", "pixel_values",
+                                    "image_grid_thw", "position_ids")}
+        dist_opt = lay.get("dist_opt", False)
+        model = build_model(cfg, hf_dir, use_distributed_optimizer=dist_opt)
+        optimizer = build_optimizer(model, OptimSettings(lr=1e-3, use_distributed_optimizer=dist_opt))
+        logits = full_logits(model, mb)
+        step = train_step(model, optimizer, [mb])
+        after = eval_loss(model, [mb])
+        if _is_reporter():
+            results[lay["name"]] = {"logits": logits, "loss": step["loss"], "loss_after": after,
+                                    "grad_norm": step["grad_norm"],
+                                    "attention_mask": batch["attention_mask"]}
+        dist.barrier()
+        del model, optimizer
+        ps.destroy_model_parallel()
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, results)
+    if dist.get_rank() == 0:
+        merged = {k: v for r in gathered for k, v in r.items()}
+        torch.save(merged, out_path)
