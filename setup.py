@@ -12,8 +12,9 @@ setup(
     python_requires=">=3.12,<3.13",
     install_requires=[
         "megatron-core==0.19.2",
-        "torch==2.11.0",
+        "torch>=2.6",  # pinned in constraints.txt; containers keep their own
         "torchvision",
+        "scikit-image",  # sample photos for demos and synthetic data
         "transformers==5.17.0",
         "qwen-vl-utils",
         "safetensors",
@@ -27,6 +28,6 @@ setup(
         "te": ["transformer-engine[pytorch]"],
         "apex": ["apex"],
         "flash": ["flash-attn"],
-        "dev": ["pytest", "pytest-timeout", "scikit-image"],
+        "dev": ["pytest", "pytest-timeout"],
     },
 )

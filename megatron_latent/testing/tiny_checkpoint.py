@@ -25,10 +25,10 @@ PRESETS = {
         vision=dict(depth=4, hidden_size=32, num_heads=2, intermediate_size=64, window_size=56,
                     fullatt_block_indexes=[1, 3]),
         tie_word_embeddings=True),
-    "tiny-b": dict(  # GQA 6:1, untied embeddings, vision windows of 3x3 merged tokens
-        text=dict(hidden_size=96, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=1,
+    "tiny-b": dict(  # GQA 6:2 (3 q heads per group), untied, vision windows of 3x3 merged tokens
+        text=dict(hidden_size=96, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2,
                   intermediate_size=192, rope_theta=1e6, mrope_section=[2, 3, 3], rms_norm_eps=1e-6),
-        vision=dict(depth=3, hidden_size=48, num_heads=3, intermediate_size=96, window_size=84,
+        vision=dict(depth=3, hidden_size=64, num_heads=4, intermediate_size=96, window_size=84,
                     fullatt_block_indexes=[2]),
         tie_word_embeddings=False),
 }

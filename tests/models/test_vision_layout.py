@@ -1,0 +1,36 @@
+"""Window/position bookkeeping of the vision tower against transformers' helpers and by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
+
+from megatron_latent.models.qwen25vl.vision import vision_layout
+
+GRIDS = [[[1, 8, 10]], [[1, 10, 6], [1, 8, 8]], [[1, 16, 16], [1, 6, 22]], [[2, 4, 4]]]
+
+
+@pytest.mark.parametrize("grids", GRIDS)
+@pytest.mark.parametrize("window_merged", [2, 3, 4])
+def test_matches_transformers(grids, window_merged):
+    g = torch.tensor(grids)
+    lay = vision_layout(g, merge=2, window_merged=window_merged)
+    ref_index, ref_cu = get_vision_window_index(g, spatial_merge_size=2,
+                                                window_size=window_merged * 28, patch_size=14)
+    assert torch.equal(lay.window_index, ref_index)
+    _, counts = torch.unique_consecutive(lay.segments[1], return_counts=True)
+    assert torch.equal(torch.cat([torch.zeros(1), counts.cumsum(0)]).int(), ref_cu)
+    ref_pos = get_vision_position_ids(g, 2).view(-1, 4, 2)[ref_index].view(-1, 2)
+    assert torch.equal(lay.hw_positions, ref_pos)
+    # full-attention segments: one per frame, each of t*h*w / t patches
+    _, frame_counts = torch.unique_consecutive(lay.segments[0], return_counts=True)
+    assert frame_counts.tolist() == [h * w for t, h, w in grids for _ in range(t)]
+
+
+def test_hand_worked_windows():
+    # a 3 x 3 merged grid with 2 x 2 windows: windows {0,1,3,4}, {2,5}, {6,7}, {8}
+    lay = vision_layout(torch.tensor([[1, 6, 6]]), merge=2, window_merged=2)
+    assert lay.window_index.tolist() == [0, 1, 3, 4, 2, 5, 6, 7, 8]
+    _, counts = torch.unique_consecutive(lay.segments[1], return_counts=True)
+    assert (counts // 4).tolist() == [4, 2, 2, 1]
