@@ -124,11 +124,15 @@ def _patch_torch_norm_for_sequence_parallel():
             return norm
 
     from megatron.core.models import backends
+    from megatron.core.transformer import transformer_block
 
-    # backends.LocalSpecProvider.layer_norm(rms_norm=True) reads its module-level name.
+    # Module-level names read when specs are built: the layer norms (LocalSpecProvider) and the
+    # block's final norm (transformer_block.LayerNormImpl).
     torch_norm.WrappedTorchNorm = backends.WrappedTorchNorm = SequenceParallelTorchNorm
     if not backends.HAVE_APEX:
         backends.LNImpl = SequenceParallelTorchNorm
+    if transformer_block.LayerNormImpl.__name__ == "WrappedTorchNorm":
+        transformer_block.LayerNormImpl = SequenceParallelTorchNorm
 
 
 def install() -> bool:

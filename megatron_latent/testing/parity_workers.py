@@ -19,7 +19,7 @@ def _is_reporter() -> bool:
 
 
 def layout_run(hf_dir: str, out_path: str, layouts: list[dict], seq_length: int = 128) -> None:
-    """For each layout {tp, pp, first, dist_opt}: logits, loss, one Adam step, loss again.
+    """For each layout {tp, pp, sp, first, dist_opt}: logits, loss, one Adam step, loss again.
     The reporting rank of each layout writes {layout-name: results} to out_path."""
     from transformers import AutoProcessor
 
@@ -30,7 +30,9 @@ def layout_run(hf_dir: str, out_path: str, layouts: list[dict], seq_length: int 
         parallel.initialize(parallel.ParallelConfig(tp, pp), seed=1234)
         cfg = Qwen25VLConfig.from_hf(hf_dir, tensor_model_parallel_size=tp,
                                      pipeline_model_parallel_size=pp,
-                                     num_layers_in_first_pipeline_stage=lay.get("first"))
+                                     sequence_parallel=lay.get("sp", False),
+                                     num_layers_in_first_pipeline_stage=lay.get("first"),
+                                     spec=lay.get("spec", "local"))
         batch = two_sample_batch(processor, cfg, seq_length=seq_length)
         mb = {k: batch[k] for k in ("input_ids", "labels", "loss_mask", "pixel_values",
                                     "image_grid_thw", "position_ids")}

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import torch
 from PIL import Image
 
 from megatron_latent.models.qwen25vl.rope_index import rope_index
 
 
+def sample_photo(name: str) -> Image.Image:
+    """A photo shipped inside scikit-image (read as a file: no skimage import, no network)."""
+    spec = importlib.util.find_spec("skimage")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("scikit-image is needed for its sample photos (pip install scikit-image)")
+    path = Path(spec.submodule_search_locations[0]) / "data" / f"{name}.png"
+    return Image.open(path).convert("RGB")
+
+
 def photos() -> list[Image.Image]:
     """Three photos at odd, different sizes (no side a multiple of 28)."""
-    import skimage.data as sd
-
-    return [Image.fromarray(sd.astronaut()).resize((150, 100)),
-            Image.fromarray(sd.coffee()).resize((90, 130)),
-            Image.fromarray(sd.chelsea()).resize((121, 115))]
+    return [sample_photo("astronaut").resize((150, 100)), sample_photo("coffee").resize((90, 130)),
+            sample_photo("chelsea").resize((121, 115))]
 
 
 def two_sample_batch(processor, cfg, seq_length: int | None = None) -> dict:

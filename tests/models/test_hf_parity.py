@@ -31,12 +31,16 @@ def pair(request, tiny_ckpts, megatron_single_rank):
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     path = tiny_ckpts[request.param]
+    # On a GPU the same fp32 comparison runs there; TF32 would round HF's Conv3d differently.
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     processor = AutoProcessor.from_pretrained(path)
-    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
     cfg = Qwen25VLConfig.from_hf(path)
-    ours = Qwen25VLModel(cfg)
+    ours = Qwen25VLModel(cfg)  # megatron-core allocates on the current device
     load_hf_weights(ours, path)
-    batch = two_sample_batch(processor, cfg)
+    dev = ours.language_model.embedding.word_embeddings.weight.device
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).to(dev)
+    batch = {k: v.to(dev) if torch.is_tensor(v) else v
+             for k, v in two_sample_batch(processor, cfg).items()}
     return hf, ours, cfg, batch
 
 
