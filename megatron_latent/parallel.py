@@ -47,6 +47,7 @@ def initialize(parallel: ParallelConfig = ParallelConfig(), seed: int = 1234) ->
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     on_cpu = cpu_shim.install()
+    cpu_shim.patch_torch_norm_for_sequence_parallel()
     _env_from_slurm()
     if not dist.is_initialized():
         if "RANK" not in os.environ:

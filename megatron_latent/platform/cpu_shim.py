@@ -12,7 +12,8 @@ stock megatron-core runs. Every patch below names the megatron-core site it exis
 - `torch.cuda.synchronize`, `torch.cuda.current_stream` (p2p, async checkpoint, DDP buckets):
   no-ops / a dummy stream.
 - The torch RMSNorm refuses sequence parallel (transformer/torch_norm.py): a subclass without the
-  assert that tags its weight `sequence_parallel=True`, as the fused norms do.
+  assert that tags its weight `sequence_parallel=True`, as the fused norms do. This one is also
+  applied on GPUs (by `megatron_latent.parallel.initialize`), for the local spec.
 """
 
 from __future__ import annotations
@@ -106,7 +107,16 @@ def _cpu_rng_tracker_class():
     return CpuRNGStatesTracker
 
 
-def _patch_torch_norm_for_sequence_parallel():
+_NORM_PATCHED = False
+
+
+def patch_torch_norm_for_sequence_parallel():
+    """Not a CUDA shim: the local spec's torch RMSNorm refuses sequence parallel on any device
+    (without apex), so this applies on GPUs too; TE specs never use it."""
+    global _NORM_PATCHED
+    if _NORM_PATCHED:
+        return
+    _NORM_PATCHED = True
     from megatron.core.transformer import torch_norm
 
     class SequenceParallelTorchNorm(torch_norm.WrappedTorchNorm):
@@ -147,7 +157,7 @@ def install() -> bool:
     torch.cuda.current_stream = lambda *a, **k: _DummyStream()
     torch.cuda.Stream = lambda *a, **k: _DummyStream()
     torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
-    _patch_torch_norm_for_sequence_parallel()
+    patch_torch_norm_for_sequence_parallel()
     _CudaToCpuMode().__enter__()  # stays active for the life of the process
     _INSTALLED = True
     return True

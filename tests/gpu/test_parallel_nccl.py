@@ -1,5 +1,9 @@
 """On 2 GPUs (NCCL): TP=2, TP=2 + sequence parallel and PP=2 equal TP=1, with the TE spec and the
-local spec, in fp32 (logits, loss, and loss after one Adam step)."""
+local spec, in fp32 (logits, loss, and loss after one Adam step).
+
+The local spec computes in true fp32 (torch keeps TF32 off for matmuls) and must match as on CPU.
+TE runs fp32 GEMMs with TF32 tensor cores (10-bit mantissa), so split reductions differ at the
+1e-3 level; measured on 2 x H200: logits 1.5e-3, loss 3e-5. Its tolerances are set for TF32."""
 
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ def test_layouts_equal_on_two_gpus(spec, tiny_ckpts, tmp_path):
         diff = (r["logits"][real].cpu() - base["logits"][real].cpu()).abs().max().item()
         print(f"\n[{spec}] {name}: logits max diff {diff:.2e}, loss {r['loss']:.6f} vs "
               f"{base['loss']:.6f}, after step {r['loss_after']:.6f} vs {base['loss_after']:.6f}")
-        assert diff <= 1e-4
-        assert abs(r["loss"] - base["loss"]) <= 1e-5
-        assert abs(r["loss_after"] - base["loss_after"]) <= 1e-4
+        logit_tol, loss_tol = (5e-3, 2e-4) if spec == "te" else (1e-5, 1e-5)
+        assert diff <= logit_tol
+        assert abs(r["loss"] - base["loss"]) <= loss_tol
+        assert abs(r["loss_after"] - base["loss_after"]) <= loss_tol

@@ -35,9 +35,9 @@ def pair(request, tiny_ckpts, megatron_single_rank):
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     processor = AutoProcessor.from_pretrained(path)
     cfg = Qwen25VLConfig.from_hf(path)
-    ours = Qwen25VLModel(cfg)  # megatron-core allocates on the current device
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ours = Qwen25VLModel(cfg).to(dev)
     load_hf_weights(ours, path)
-    dev = ours.language_model.embedding.word_embeddings.weight.device
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).to(dev)
     batch = {k: v.to(dev) if torch.is_tensor(v) else v
              for k, v in two_sample_batch(processor, cfg).items()}
