@@ -50,12 +50,14 @@ def initialize(parallel: ParallelConfig = ParallelConfig(), seed: int = 1234) ->
     cpu_shim.patch_torch_norm_for_sequence_parallel()
     _env_from_slurm()
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        backend = "gloo" if on_cpu else "nccl"
         if not on_cpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend="gloo" if on_cpu else "nccl")
+        if "RANK" in os.environ:
+            dist.init_process_group(backend=backend)
+        else:  # a plain `python script.py`: world of one, without touching os.environ
+            dist.init_process_group(backend=backend, rank=0, world_size=1,
+                                    init_method=f"tcp://127.0.0.1:{_free_port()}")
     world = dist.get_world_size()
     tp, pp, cp = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
                   parallel.context_parallel_size)

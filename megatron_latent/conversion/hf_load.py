@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from megatron.core import parallel_state
 from safetensors import safe_open
+from tqdm import tqdm
 
 from megatron_latent.conversion.hf_mapping import NameTable, canonical_hf_name, tp_shard
 
@@ -67,7 +68,7 @@ def global_parameter_names(model) -> dict[str, str]:
     return out
 
 
-def load_hf_weights(model, hf_dir: str | Path) -> None:
+def load_hf_weights(model, hf_dir: str | Path, progress: bool = False) -> None:
     cfg = model.cfg
     table = NameTable(cfg)
     reader = HFCheckpointReader(hf_dir)
@@ -78,7 +79,8 @@ def load_hf_weights(model, hf_dir: str | Path) -> None:
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     params = model.state_dict(keep_vars=True)
-    for name, global_name in global_parameter_names(model).items():
+    names = global_parameter_names(model).items()
+    for name, global_name in tqdm(names, desc="hf -> megatron", unit="tensor", disable=not progress):
         if name.endswith("_extra_state"):
             continue
         hf_names, transform = table.lookup(global_name)

@@ -136,6 +136,16 @@ def canonical_hf_name(name: str) -> str:
     return name
 
 
+def legacy_hf_name(name: str) -> str:
+    """Inverse of canonical_hf_name: the layout of released checkpoints, which transformers
+    (4.x and 5.x) and vLLM load."""
+    if name.startswith("model.language_model."):
+        return "model." + name[len("model.language_model."):]
+    if name.startswith("model.visual."):
+        return name[len("model."):]
+    return name
+
+
 def canonical_megatron_name(name: str) -> str:
     for te, local in TE_ALIASES.items():
         if name.endswith(te):

@@ -54,3 +54,36 @@ def layout_run(hf_dir: str, out_path: str, layouts: list[dict], seq_length: int 
     if dist.get_rank() == 0:
         merged = {k: v for r in gathered for k, v in r.items()}
         torch.save(merged, out_path)
+
+
+def reshard_run(hf_dir: str, ckpt_tp1: str, ckpt_tp2: str, out_path: str,
+                layouts: list[dict]) -> None:
+    """Convert `hf_dir` at TP=2 into `ckpt_tp2` (on these 2 ranks), then load both `ckpt_tp1`
+    (converted at TP=1 beforehand) and `ckpt_tp2` at every layout; record full logits."""
+    from transformers import AutoProcessor
+
+    from megatron_latent import checkpointing
+    from megatron_latent.conversion.convert import hf_to_megatron
+
+    hf_to_megatron(hf_dir, ckpt_tp2, tp=2)
+    ps.destroy_model_parallel()
+    processor = AutoProcessor.from_pretrained(hf_dir)
+    results = {}
+    for ckpt_name, ckpt in (("from_tp1", ckpt_tp1), ("from_tp2", ckpt_tp2)):
+        for lay in layouts:
+            tp, pp = lay.get("tp", 1), lay.get("pp", 1)
+            parallel.initialize(parallel.ParallelConfig(tp, pp))
+            cfg = checkpointing.config_from_checkpoint(
+                ckpt, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                num_layers_in_first_pipeline_stage=lay.get("first"))
+            model = build_model(cfg, wrap_ddp=False)
+            checkpointing.load_model(ckpt, model[0])
+            logits = full_logits(model, two_sample_batch(processor, cfg))
+            if _is_reporter():
+                results[f"{ckpt_name}/{lay['name']}"] = logits
+            del model
+            ps.destroy_model_parallel()
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, results)
+    if dist.get_rank() == 0:
+        torch.save({k: v for r in gathered for k, v in r.items()}, out_path)

@@ -1,0 +1,160 @@
+"""Megatron distributed checkpoints (megatron-core dist_checkpointing, torch_dist format) plus the
+metadata needed to rebuild the model, written atomically.
+
+Layout of a checkpoint directory:
+    megatron_latent.json                 model config (the HF config dict), spec, dtype
+    hf/                                  tokenizer / processor / chat-template files (and config.json)
+    latest_checkpointed_iteration.txt    the newest complete iteration (Megatron-LM's name)
+    iter_0000100/                        one dist checkpoint: model [+ optimizer, rng, train state]
+
+Tensors are stored with their global shapes, so a checkpoint loads at any TP/PP (megatron-core
+reshards on load). An iteration is written to `iter_N.tmp-*` and renamed when complete, and the
+`latest` file is replaced atomically after that: a crash mid-save leaves the last good one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+META = "megatron_latent.json"
+LATEST = "latest_checkpointed_iteration.txt"
+HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
+                 "preprocessor_config.json", "video_preprocessor_config.json",
+                 "processor_config.json", "chat_template.json", "chat_template.jinja")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def iter_dir(ckpt: str | Path, iteration: int) -> Path:
+    return Path(ckpt) / f"iter_{iteration:07d}"
+
+
+def latest_iteration(ckpt: str | Path) -> int | None:
+    f = Path(ckpt) / LATEST
+    if not f.is_file():
+        return None
+    text = f.read_text().strip()
+    if not text.isdigit():
+        raise ValueError(f"{f}: expected an iteration number, found {text!r}")
+    return int(text)
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / META).is_file() and latest_iteration(path) is not None
+
+
+def write_metadata(ckpt: str | Path, hf_config: dict, spec: str, params_dtype: torch.dtype,
+                   hf_side_dir: str | Path | None) -> None:
+    """Rank 0 only. Copies the tokenizer/processor files so the checkpoint is self-contained."""
+    ckpt = Path(ckpt)
+    ckpt.mkdir(parents=True, exist_ok=True)
+    meta = {"format_version": 1, "model": "qwen2_5_vl", "hf_config": hf_config, "spec": spec,
+            "params_dtype": str(params_dtype).removeprefix("torch.")}
+    _atomic_write_text(ckpt / META, json.dumps(meta, indent=2))
+    if hf_side_dir is not None:
+        (ckpt / "hf").mkdir(exist_ok=True)
+        for name in HF_SIDE_FILES:
+            src = Path(hf_side_dir) / name
+            if src.is_file():
+                shutil.copy2(src, ckpt / "hf" / name)
+
+
+def read_metadata(ckpt: str | Path) -> dict:
+    f = Path(ckpt) / META
+    if not f.is_file():
+        raise FileNotFoundError(f"{ckpt}: not a megatron_latent checkpoint (no {META})")
+    meta = json.loads(f.read_text())
+    meta["params_dtype"] = _DTYPES[meta["params_dtype"]]
+    return meta
+
+
+def config_from_checkpoint(ckpt: str | Path, **overrides):
+    """The model config stored in a checkpoint, at the layout given by `overrides` (tp, pp, ...)."""
+    from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
+
+    meta = read_metadata(ckpt)
+    kw = {"spec": meta["spec"], "params_dtype": meta["params_dtype"], **overrides}
+    return Qwen25VLConfig.from_hf(meta["hf_config"], **kw)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _broadcast_str(value: str | None) -> str:
+    box = [value]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def save_state(ckpt: str | Path, iteration: int, sharded_state_dict: dict,
+               keep_last: int | None = None) -> Path:
+    """All ranks: write `sharded_state_dict` as iteration `iteration`, then publish it."""
+    from megatron.core import dist_checkpointing
+
+    ckpt = Path(ckpt)
+    final = iter_dir(ckpt, iteration)
+    tmp = _broadcast_str(str(final.with_name(final.name + f".tmp-{os.getpid()}"))
+                         if _rank() == 0 else None)
+    if _rank() == 0:
+        ckpt.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        Path(tmp).mkdir()
+    if dist.is_initialized():
+        dist.barrier()
+    dist_checkpointing.save(sharded_state_dict, tmp)
+    if dist.is_initialized():
+        dist.barrier()
+    if _rank() == 0:
+        if final.exists():  # re-saving an iteration (e.g. after a resume): replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _atomic_write_text(ckpt / LATEST, str(iteration))
+        if keep_last:
+            _prune(ckpt, keep_last)
+    if dist.is_initialized():
+        dist.barrier()
+    return final
+
+
+def _prune(ckpt: Path, keep_last: int) -> None:
+    done = sorted(p for p in ckpt.glob("iter_*") if p.name[5:].isdigit())
+    for old in done[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_state(ckpt: str | Path, sharded_state_dict: dict, iteration: int | None = None) -> dict:
+    from megatron.core import dist_checkpointing
+
+    it = latest_iteration(ckpt) if iteration is None else iteration
+    if it is None:
+        raise FileNotFoundError(f"{ckpt}: no {LATEST}; nothing to load")
+    path = iter_dir(ckpt, it)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: iteration {it} named in {LATEST} is missing")
+    return dist_checkpointing.load(sharded_state_dict, str(path))
+
+
+def save_model(ckpt: str | Path, model, iteration: int = 0) -> Path:
+    return save_state(ckpt, iteration, {"model": model.sharded_state_dict()})
+
+
+def load_model(ckpt: str | Path, model, iteration: int | None = None) -> None:
+    state = load_state(ckpt, {"model": model.sharded_state_dict()}, iteration)
+    model.load_state_dict(state["model"], strict=False)
+    missing = {k for k in model.state_dict() if not k.endswith("_extra_state")} - set(state["model"])
+    if missing:
+        raise KeyError(f"{ckpt}: checkpoint lacks {sorted(missing)[:5]}")

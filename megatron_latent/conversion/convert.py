@@ -1,0 +1,177 @@
+"""HF <-> Megatron checkpoint conversion, built on the one name table (hf_mapping.py).
+
+HF -> Megatron runs on tp*pp ranks (torchrun/srun, gloo on CPU); each rank builds only its part
+of the model and reads only the HF tensors that part needs (safetensors are memory-mapped), then
+megatron-core writes a dist checkpoint that loads at any TP/PP.
+Megatron -> HF runs in one process: it loads the checkpoint at TP=PP=1 and writes HF tensors one
+at a time into size-capped safetensors shards, so host memory holds the model once plus one shard.
+Both write into a temporary directory beside the output and rename it when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from megatron_latent import checkpointing, parallel
+from megatron_latent.conversion.hf_mapping import NameTable, legacy_hf_name
+from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
+
+SHARD_BYTES = 4 << 30
+
+
+def _rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def check_output_dir(out: str | Path, overwrite: bool) -> None:
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out}: output directory already exists (pass --overwrite to "
+                              "replace it)")
+
+
+@contextmanager
+def atomic_output_dir(out: str | Path, overwrite: bool):
+    """Yield a temp dir beside `out` (same filesystem); on success it replaces `out` in one
+    rename. On failure nothing appears at `out`. Rank 0 creates/renames; all ranks get the path."""
+    out = Path(out).resolve()
+    check_output_dir(out, overwrite)
+    tmp = None
+    if _rank0():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    box = [tmp]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    tmp = Path(box[0])
+    try:
+        yield tmp
+        if dist.is_initialized():
+            dist.barrier()
+        if _rank0():
+            old = None
+            if out.exists():
+                old = out.with_name(f".{out.name}.old-{os.getpid()}")
+                os.rename(out, old)
+            os.rename(tmp, out)
+            if old is not None:
+                shutil.rmtree(old)
+    finally:
+        if _rank0() and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1,
+                   spec: str = "local", params_dtype: torch.dtype | None = None,
+                   overwrite: bool = False) -> None:
+    """Call on every rank of a world of exactly tp * pp processes (or one process)."""
+    from megatron_latent.conversion.hf_load import load_hf_weights
+    from megatron_latent.models.qwen25vl.model import Qwen25VLModel
+
+    hf_dir = Path(hf_dir)
+    hf_config = json.loads(_config_path(hf_dir).read_text())
+    dtype = params_dtype or _hf_dtype(hf_config)
+    # validate everything before starting processes groups or writing anything
+    Qwen25VLConfig.from_hf(hf_config, tensor_model_parallel_size=tp,
+                           pipeline_model_parallel_size=pp, spec=spec)
+    check_output_dir(out, overwrite)
+    parallel.initialize(parallel.ParallelConfig(tp, pp))
+    if dist.get_world_size() != tp * pp:
+        raise ValueError(f"run the conversion on exactly tp*pp = {tp * pp} processes "
+                         f"(got {dist.get_world_size()})")
+    cfg = Qwen25VLConfig.from_hf(hf_config, tensor_model_parallel_size=tp,
+                                 pipeline_model_parallel_size=pp, spec=spec, params_dtype=dtype)
+    model = Qwen25VLModel(cfg)
+    load_hf_weights(model, hf_dir, progress=_rank0())
+    with atomic_output_dir(out, overwrite) as tmp:
+        checkpointing.save_model(tmp, model, iteration=0)
+        if _rank0():
+            checkpointing.write_metadata(tmp, hf_config, spec, dtype, hf_dir)
+
+
+def megatron_to_hf(ckpt: str | Path, out: str | Path, *, overwrite: bool = False,
+                   shard_bytes: int = SHARD_BYTES) -> None:
+    """One process. Writes config, tokenizer/processor files and sharded safetensors."""
+    from safetensors.torch import save_file
+
+    from megatron_latent.conversion.hf_load import global_parameter_names
+    from megatron_latent.models.qwen25vl.model import Qwen25VLModel
+
+    meta = checkpointing.read_metadata(ckpt)
+    check_output_dir(out, overwrite)
+    parallel.initialize(parallel.ParallelConfig())
+    cfg = checkpointing.config_from_checkpoint(ckpt)
+    model = Qwen25VLModel(cfg)
+    checkpointing.load_model(ckpt, model)
+    table = NameTable(cfg)
+    params = model.state_dict()
+    names = [(n, g) for n, g in global_parameter_names(model).items()
+             if not n.endswith("_extra_state")
+             and not (cfg.tie_word_embeddings and g == "language_model.output_layer.weight")]
+    with atomic_output_dir(out, overwrite) as tmp:
+        weight_map, shard, shard_size, shard_files = {}, {}, 0, []
+
+        def flush():
+            nonlocal shard, shard_size
+            if shard:
+                name = f"model-{len(shard_files) + 1:05d}.safetensors"
+                save_file(shard, tmp / name, metadata={"format": "pt"})
+                shard_files.append(name)
+                weight_map.update({k: name for k in shard})
+                shard, shard_size = {}, 0
+
+        for local, global_name in tqdm(names, desc="megatron -> hf", unit="tensor"):
+            hf_names, transform = table.lookup(global_name)
+            for hf_name, t in zip(hf_names, transform.to_hf(params[local])):
+                t = t.contiguous().clone()
+                if shard_size + t.numel() * t.element_size() > shard_bytes:
+                    flush()
+                shard[legacy_hf_name(hf_name)] = t
+                shard_size += t.numel() * t.element_size()
+        flush()
+        _finish_hf_dir(tmp, shard_files, weight_map, meta, ckpt)
+
+
+def _finish_hf_dir(tmp: Path, shard_files: list[str], weight_map: dict, meta: dict, ckpt) -> None:
+    n = len(shard_files)
+    renamed = {}
+    for i, name in enumerate(shard_files):  # HF's naming: model-00001-of-0000N.safetensors
+        new = f"model-{i + 1:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors"
+        os.rename(tmp / name, tmp / new)
+        renamed[name] = new
+    if n > 1:
+        total = sum((tmp / f).stat().st_size for f in renamed.values())
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {k: renamed[v] for k, v in sorted(weight_map.items())}}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    side = Path(ckpt) / "hf"
+    for f in checkpointing.HF_SIDE_FILES:
+        if (side / f).is_file() and f != "config.json":
+            shutil.copy2(side / f, tmp / f)
+    hf_config = dict(meta["hf_config"])
+    hf_config["dtype"] = str(meta["params_dtype"]).removeprefix("torch.")
+    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+
+
+def _config_path(hf_dir: Path) -> Path:
+    p = hf_dir / "config.json"
+    if not hf_dir.is_dir():
+        raise FileNotFoundError(f"{hf_dir}: HF checkpoint directory does not exist")
+    if not p.is_file():
+        raise FileNotFoundError(f"{hf_dir}: no config.json; not an HF checkpoint directory")
+    return p
+
+
+def _hf_dtype(hf_config: dict) -> torch.dtype:
+    name = hf_config.get("dtype") or hf_config.get("torch_dtype") or "bfloat16"
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16,
+            "float16": torch.float16}.get(name, torch.bfloat16)
