@@ -81,7 +81,7 @@ def hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int 
     hf_config = json.loads(_config_path(hf_dir).read_text())
     dtype = params_dtype or _hf_dtype(hf_config)
     # validate everything before starting processes groups or writing anything
-    Qwen25VLConfig.from_hf(hf_config, tensor_model_parallel_size=tp,
+    Qwen25VLConfig.from_hf(_config_path(hf_dir), tensor_model_parallel_size=tp,
                            pipeline_model_parallel_size=pp, spec=spec)
     check_output_dir(out, overwrite)
     parallel.initialize(parallel.ParallelConfig(tp, pp))
