@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import shutil
 import subprocess
 import sys
@@ -82,15 +82,14 @@ def write_random_checkpoint(out: Path, shape: dict, shard_bytes: int = 4 << 30) 
 
 
 def timed(cmd: list[str]) -> tuple[float, float]:
-    """Seconds and peak RSS (GB) of a child process."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """Seconds and peak RSS (GB) of one child process (os.wait4 gives that child's own rusage)."""
     t = time.time()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    secs = time.time() - t
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if peak <= before:
-        print("warning: peak RSS not above an earlier child's; figure is a lower bound")
-    return secs, peak / 1e6  # ru_maxrss is in KB on Linux
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    return time.time() - t, usage.ru_maxrss / 1e6  # ru_maxrss is in KB on Linux
 
 
 def main():

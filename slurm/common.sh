@@ -28,7 +28,7 @@
 #   SRUN_EXTRA_ARGS           appended to srun, e.g. "--label" to prefix output lines with the rank
 #   MAX_REQUEUES [10]         the pre-timeout signal requeues at most this many times
 #   DRY_RUN [0]               1: print the srun command instead of running it
-#   REPO_DIR                  the checkout [found from the job's script path or submit dir]
+#   REPO_DIR                  the checkout [the parent of the slurm/ dir holding this file]
 
 ML_TAG="[megatron_latent/slurm]"
 
@@ -58,19 +58,11 @@ ml_has_arg() {
 
 ml_is_posint() { case "$1" in ''|*[!0-9]*|0) return 1 ;; *) return 0 ;; esac; }
 
-# The checkout this script belongs to. sbatch runs a *copy* of the batch script from the spool
-# directory, so BASH_SOURCE does not help there: ask slurm for the submitted script's path.
+# The checkout: the parent of the directory holding this file (the sbatch scripts source it
+# from the submitted script's real path, see there), unless REPO_DIR is set.
+ML_SLURM_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ml_find_repo() {
-  if [ -n "${REPO_DIR:-}" ]; then echo "$REPO_DIR"; return; fi
-  local cmd=""
-  if [ -n "${SLURM_JOB_ID:-}" ] && command -v scontrol >/dev/null 2>&1; then
-    cmd=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/.* Command=\([^ ]*\).*/\1/p')
-  fi
-  local d
-  for d in "${cmd:+$(dirname "$cmd")/..}" "${SLURM_SUBMIT_DIR:-}" "$PWD"; do
-    if [ -n "$d" ] && [ -f "$d/slurm/common.sh" ]; then (cd "$d" && pwd); return; fi
-  done
-  echo "${SLURM_SUBMIT_DIR:-$PWD}"
+  if [ -n "${REPO_DIR:-}" ]; then echo "$REPO_DIR"; else dirname "$ML_SLURM_DIR"; fi
 }
 
 # A clear message (before any process starts) when TP x PP x CP does not divide the world size.
@@ -138,7 +130,11 @@ ml_setup_env() {
 
   if [ -z "${MASTER_ADDR:-}" ]; then
     if [ -n "${SLURM_JOB_NODELIST:-}" ]; then
-      MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+      MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | head -n 1)
+      if [ -z "$MASTER_ADDR" ]; then  # the batch script runs on the job's first node
+        MASTER_ADDR=${SLURMD_NODENAME:-$(hostname)}
+        ml_log "warning: 'scontrol show hostnames' failed; MASTER_ADDR=$MASTER_ADDR (this node)"
+      fi
     else
       MASTER_ADDR=127.0.0.1
     fi

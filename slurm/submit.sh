@@ -5,8 +5,8 @@
 #   slurm/submit.sh train [sbatch options] [--] SCRIPT [script args...]
 #   slurm/submit.sh convert [sbatch options] -- --hf-dir D --out O --tp 4 --pp 2
 #
-# Everything before `--` (or, without `--`, before the first argument not starting with `-`)
-# goes to sbatch, e.g. --parsable, -t 4:00:00, --output=..., --dependency=afterok:123.
+# Everything before `--` goes to sbatch (e.g. --parsable, -t 4:00:00, --dependency=afterok:123);
+# without `--`, the leading arguments that start with `-` do (use the --opt=value form then).
 #
 # Environment (defaults in brackets):
 #   NODES [1]            nodes (train; convert: from TP x PP and GPUS_PER_NODE)
@@ -28,13 +28,12 @@ case "$KIND" in
 esac
 
 SBATCH_OPTS=()
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --) shift; break ;;
-    -*) SBATCH_OPTS+=("$1"); shift ;;
-    *) break ;;
-  esac
-done
+if printf '%s\n' "$@" | grep -qx -- '--'; then
+  while [ "$1" != "--" ]; do SBATCH_OPTS+=("$1"); shift; done
+  shift
+else
+  while [ $# -gt 0 ] && [ "${1#-}" != "$1" ]; do SBATCH_OPTS+=("$1"); shift; done
+fi
 ARGS=("$@")
 
 CPU=${MEGATRON_LATENT_CPU:-0}

@@ -36,18 +36,18 @@ class HFCheckpointReader:
             with safe_open(self.dir / f, framework="pt") as h:
                 for key in h.keys():
                     self.where[canonical_hf_name(key)] = (f, key)
-        self._open: dict[str, object] = {}
 
     def names(self) -> set[str]:
         return set(self.where)
 
     def get(self, name: str) -> torch.Tensor:
+        """One tensor, copied out of a fresh memory map that is closed right after, so mapped
+        pages never pile up in this process's resident memory."""
         if name not in self.where:
             raise KeyError(f"{self.dir}: tensor {name!r} is missing from the checkpoint")
         f, key = self.where[name]
-        if f not in self._open:
-            self._open[f] = safe_open(self.dir / f, framework="pt")
-        return self._open[f].get_tensor(key)
+        with safe_open(self.dir / f, framework="pt") as h:
+            return h.get_tensor(key).clone()
 
 
 _LAYER = re.compile(r"^language_model\.decoder\.layers\.(\d+)\.")

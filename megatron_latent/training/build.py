@@ -17,7 +17,8 @@ from megatron_latent.models.qwen25vl.model import Qwen25VLModel
 
 
 def build_model(cfg: Qwen25VLConfig, hf_dir: str | Path | None = None, *, wrap_ddp: bool = True,
-                use_distributed_optimizer: bool = False) -> list[torch.nn.Module]:
+                use_distributed_optimizer: bool = False, freeze_vision: bool = False,
+                freeze_merger: bool = False) -> list[torch.nn.Module]:
     """One model chunk per rank (no virtual pipeline yet), weights from `hf_dir` if given."""
     from megatron_latent.conversion.hf_load import load_hf_weights
 
@@ -26,6 +27,7 @@ def build_model(cfg: Qwen25VLConfig, hf_dir: str | Path | None = None, *, wrap_d
         model.cuda(torch.cuda.current_device())
     if hf_dir is not None:
         load_hf_weights(model, hf_dir)
+    freeze([model], vision_tower=freeze_vision, merger=freeze_merger)
     if not wrap_ddp:
         return [model]
     ddp_config = DistributedDataParallelConfig(
@@ -47,16 +49,41 @@ class OptimSettings:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     use_distributed_optimizer: bool = False
+    vision_lr: float | None = None  # the vision tower's own LR (None: same as lr)
+    merger_lr: float | None = None  # the patch merger's own LR (None: same as vision_lr or lr)
+
+
+# parameter groups by name (fnmatch on names inside DDP, e.g. "module.vision.decoder...")
+VISION_TOWER = ("*vision.patch_embed*", "*vision.decoder*")
+MERGER = ("*vision.merger*",)
+
+
+def freeze(model_chunks, vision_tower: bool = False, merger: bool = False) -> None:
+    """Call before DDP wrapping: frozen parameters get no grad buffers nor optimizer state."""
+    from fnmatch import fnmatch
+
+    patterns = (VISION_TOWER if vision_tower else ()) + (MERGER if merger else ())
+    for chunk in model_chunks:
+        for name, p in chunk.named_parameters():
+            if any(fnmatch(name, pat) for pat in patterns):
+                p.requires_grad_(False)
 
 
 def build_optimizer(model_chunks: list[torch.nn.Module], s: OptimSettings):
+    from megatron.core.optimizer.optimizer_config import ParamKey
+
     cfg0 = model_chunks[0].config
     opt_cfg = OptimizerConfig(
         optimizer="adam", lr=s.lr, min_lr=s.min_lr, weight_decay=s.weight_decay,
         adam_beta1=s.adam_beta1, adam_beta2=s.adam_beta2, adam_eps=s.adam_eps,
         clip_grad=s.clip_grad, bf16=cfg0.bf16, fp16=cfg0.fp16, params_dtype=cfg0.params_dtype,
         use_distributed_optimizer=s.use_distributed_optimizer)
-    optimizer = get_megatron_optimizer(opt_cfg, model_chunks)
+    overrides = {}
+    merger_lr = s.merger_lr if s.merger_lr is not None else s.vision_lr
+    for patterns, lr in ((VISION_TOWER, s.vision_lr), (MERGER, merger_lr)):
+        if lr is not None:  # the scheduler scales max_lr/min_lr of each group alike
+            overrides[ParamKey(name=patterns)] = {"max_lr": lr, "min_lr": s.min_lr * lr / s.lr}
+    optimizer = get_megatron_optimizer(opt_cfg, model_chunks, config_overrides=overrides or None)
     # what megatron's schedules read from the model config
     for chunk in model_chunks:
         chunk.config.finalize_model_grads_func = finalize_model_grads
@@ -64,6 +91,16 @@ def build_optimizer(model_chunks: list[torch.nn.Module], s: OptimSettings):
         if isinstance(chunk, DistributedDataParallel):
             chunk.config.no_sync_func = chunk.no_sync
     return optimizer
+
+
+def build_scheduler(optimizer, s: OptimSettings, train_iters: int, warmup_iters: int,
+                    decay_style: str = "cosine"):
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=s.lr, min_lr=s.min_lr, lr_warmup_steps=warmup_iters,
+        lr_decay_steps=train_iters, lr_decay_style=decay_style, start_wd=s.weight_decay,
+        end_wd=s.weight_decay, wd_incr_steps=train_iters, wd_incr_style="constant")
 
 
 def unwrap(chunk: torch.nn.Module) -> Qwen25VLModel:

@@ -1,99 +1,117 @@
 """One training step through megatron-core's pipeline schedules, with token-sum losses.
 
 A micro-batch is a dict: input_ids [b, s], labels [b, s] (already shifted: labels[t] is the token
-at t+1), loss_mask [b, s], pixel_values, image_grid_thw, position_ids [3, b, s]. Every micro-batch
-of a step has the same s (the pipeline sends fixed-shape activations).
+at t+1), loss_mask [b, s], pixel_values, image_grid_thw, position_ids [3, b, s], plus what the
+latent method reads (LVR: latent_mask, latent_index). Every micro-batch of a step has the same s
+(the pipeline sends fixed-shape activations).
 """
 
 from __future__ import annotations
 
-from functools import partial
-from typing import Callable
-
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_latent.latent import pipeline_channel
+from megatron_latent.latent.base import LatentMethod, PlainLM
+
+MODEL_INPUTS = ("input_ids", "position_ids", "pixel_values", "image_grid_thw")
+
+
+def _device():
+    return torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
 
 
 def _to_device(batch: dict) -> dict:
-    dev = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    dev = _device()
     return {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def token_sum_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
-    """Megatron loss_func contract with calculate_per_token_loss: (sum, n_tokens, logs)."""
-    mask = loss_mask.float()
-    total = (per_token_loss.float() * mask).sum()
-    n = mask.sum()
-    return total, n.to(torch.int), {"lm loss": torch.stack([total.detach(), n.detach()])}
+def make_forward_step(method: LatentMethod):
+    def forward_step(data_iterator, model):
+        batch = _to_device(next(data_iterator))
+        step = method.sft_step(batch)
+        out = model(**{k: batch.get(k) for k in MODEL_INPUTS}, labels=batch["labels"],
+                    latent=step)
+        return out, step.loss
+
+    return forward_step
 
 
-def lm_forward_step(data_iterator, model):
-    batch = _to_device(next(data_iterator))
-    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                pixel_values=batch.get("pixel_values"), image_grid_thw=batch.get("image_grid_thw"),
-                labels=batch["labels"])
-    return out, partial(token_sum_loss, batch["loss_mask"])
+def attach_step_totals(method: LatentMethod, micro_batches: list[dict]) -> None:
+    """Count every loss term over all micro-batches and data-parallel ranks (see latent/base)."""
+    counts = [method.count(mb) for mb in micro_batches]
+    keys = sorted(counts[0])
+    t = torch.tensor([[c[k] for k in keys] for c in counts], dtype=torch.float64).sum(0)
+    t = t.to(_device())
+    dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
+    totals = dict(zip(keys, t.tolist()))
+    for mb in micro_batches:
+        mb["step_totals"] = totals
 
 
-def _run_schedule(model_chunks, micro_batches: list[dict], forward_step: Callable,
-                  forward_only: bool):
+def _run_schedule(model_chunks, micro_batches: list[dict], forward_step, forward_only: bool):
     seq = micro_batches[0]["input_ids"].shape[1]
     mbs = micro_batches[0]["input_ids"].shape[0]
     if any(mb["input_ids"].shape != (mbs, seq) for mb in micro_batches):
         raise ValueError("all micro-batches of a step must have the same [batch, seq] shape; "
                          f"got {[tuple(mb['input_ids'].shape) for mb in micro_batches]}")
-    return get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(micro_batches), model=model_chunks,
-        num_microbatches=len(micro_batches), seq_length=seq, micro_batch_size=mbs,
-        forward_only=forward_only)
+    try:
+        return get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(micro_batches),
+            model=model_chunks, num_microbatches=len(micro_batches), seq_length=seq,
+            micro_batch_size=mbs, forward_only=forward_only)
+    finally:
+        pipeline_channel.finish_sends()
 
 
-def _reduce_logs(losses: list[dict], key: str = "lm loss") -> float | None:
-    """Token-mean loss over all micro-batches and data-parallel ranks (last stage only)."""
-    if not parallel_state.is_pipeline_last_stage():
-        return None
-    pair = torch.stack([d[key] for d in losses]).sum(0)
-    torch.distributed.all_reduce(pair, group=parallel_state.get_data_parallel_group())
-    return (pair[0] / pair[1].clamp(min=1)).item()
+def _reduce_logs(method: LatentMethod, logs: list[dict]) -> dict | None:
+    """Per-term means over micro-batches and data-parallel ranks, plus the total `loss`, on the
+    last stage; broadcast over the pipeline so every rank returns the same dict."""
+    out = None
+    if parallel_state.is_pipeline_last_stage():
+        keys = sorted(logs[0])
+        pairs = torch.stack([torch.stack([d[k] for k in keys]) for d in logs]).sum(0).double()
+        dist.all_reduce(pairs, group=parallel_state.get_data_parallel_group())
+        out = {k: (p[0] / p[1].clamp(min=1)).item() for k, p in zip(keys, pairs)}
+        out["loss"] = method.total_loss(out)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        box = [out]
+        dist.broadcast_object_list(box, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                   group=parallel_state.get_pipeline_model_parallel_group())
+        out = box[0]
+    return out
 
 
 def train_step(model_chunks, optimizer, micro_batches: list[dict],
-               forward_step: Callable = lm_forward_step) -> dict:
-    """Zero grads, forward/backward all micro-batches, optimizer step. Returns logs; `loss` is
-    broadcast from the last pipeline stage so every rank sees it."""
+               method: LatentMethod = PlainLM()) -> dict:
+    """Zero grads, forward/backward all micro-batches, optimizer step. Returns the logs (same on
+    every rank): per-term means, `loss`, `grad_norm`, `update_ok`."""
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    losses = _run_schedule(model_chunks, micro_batches, forward_step, forward_only=False)
+    attach_step_totals(method, micro_batches)
+    logs = _run_schedule(model_chunks, micro_batches, make_forward_step(method), False)
     ok, grad_norm, _ = optimizer.step()
-    loss = _broadcast_from_last_stage(_reduce_logs(losses))
-    return {"loss": loss, "grad_norm": grad_norm, "update_ok": ok}
+    return {**_reduce_logs(method, logs), "grad_norm": float(grad_norm or 0.0), "update_ok": ok}
 
 
 @torch.no_grad()
-def eval_loss(model_chunks, micro_batches: list[dict],
-              forward_step: Callable = lm_forward_step) -> float:
+def eval_losses(model_chunks, micro_batches: list[dict], method: LatentMethod = PlainLM()) -> dict:
     for chunk in model_chunks:
         chunk.eval()
     try:
-        losses = _run_schedule(model_chunks, micro_batches, forward_step, forward_only=True)
+        attach_step_totals(method, micro_batches)
+        logs = _run_schedule(model_chunks, micro_batches, make_forward_step(method), True)
     finally:
         for chunk in model_chunks:
             chunk.train()
-    return _broadcast_from_last_stage(_reduce_logs(losses))
+    return _reduce_logs(method, logs)
 
 
-def _broadcast_from_last_stage(value: float | None) -> float:
-    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        return value
-    t = torch.tensor([value if value is not None else 0.0], dtype=torch.float64)
-    if torch.cuda.is_available():
-        t = t.cuda()
-    torch.distributed.broadcast(t, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                                group=parallel_state.get_pipeline_model_parallel_group())
-    return t.item()
+def eval_loss(model_chunks, micro_batches: list[dict], method: LatentMethod = PlainLM()) -> float:
+    return eval_losses(model_chunks, micro_batches, method)["loss"]
 
 
 @torch.no_grad()
@@ -104,9 +122,7 @@ def full_logits(model_chunks, batch: dict) -> torch.Tensor | None:
 
     def step(data_iterator, model):
         b = _to_device(next(data_iterator))
-        out = model(input_ids=b["input_ids"], position_ids=b["position_ids"],
-                    pixel_values=b.get("pixel_values"), image_grid_thw=b.get("image_grid_thw"),
-                    runtime_gather_output=True)
+        out = model(**{k: b.get(k) for k in MODEL_INPUTS}, runtime_gather_output=True)
 
         def keep(logits):
             captured.append(logits.detach())

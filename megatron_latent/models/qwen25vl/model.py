@@ -11,6 +11,7 @@ mRoPE positions [3, b, s] are needed on every stage; they are cheap to recompute
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Optional
 
 import torch
@@ -67,8 +68,9 @@ class Qwen25VLModel(MegatronModule):
                           spatial_merge_size=self.cfg.spatial_merge_size,
                           attention_mask=attention_mask)[0]
 
-    def embed(self, input_ids, pixel_values=None, image_grid_thw=None) -> torch.Tensor:
-        """Token embeddings with image features in the image-pad slots: [s, b, h] (not SP-split)."""
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, latent=None) -> torch.Tensor:
+        """Token embeddings with image features in the image-pad slots, then the latent method's
+        injection: [s, b, h] (not SP-split)."""
         cfg = self.cfg
         if (input_ids == cfg.video_token_id).any():
             raise ValueError("video input is not supported yet: input_ids contain "
@@ -76,17 +78,21 @@ class Qwen25VLModel(MegatronModule):
         emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)
         is_image = input_ids == cfg.image_token_id
         n_tokens = int(is_image.sum())
+        emb = emb.transpose(0, 1)  # [b, s, h]: images and latents are listed sample by sample
+        feats = None
         if pixel_values is None:
             if n_tokens:
                 raise ValueError(f"input_ids hold {n_tokens} image tokens but no pixel_values")
-            return emb
-        feats = self.vision(pixel_values, image_grid_thw).to(emb.dtype)
-        if feats.shape[0] != n_tokens:
-            raise ValueError(
-                f"input_ids hold {n_tokens} image tokens (id {cfg.image_token_id}) but "
-                f"image_grid_thw {image_grid_thw.tolist()} gives {feats.shape[0]} image features")
-        # fill in [b, s] order: images are listed sample by sample
-        emb = emb.transpose(0, 1).masked_scatter(is_image.unsqueeze(-1), feats)
+        else:
+            feats = self.vision(pixel_values, image_grid_thw).to(emb.dtype)
+            if feats.shape[0] != n_tokens:
+                raise ValueError(
+                    f"input_ids hold {n_tokens} image tokens (id {cfg.image_token_id}) but "
+                    f"image_grid_thw {image_grid_thw.tolist()} gives {feats.shape[0]} image "
+                    "features")
+            emb = emb.masked_scatter(is_image.unsqueeze(-1), feats)
+        if latent is not None:
+            emb = latent.inject(emb, feats)
         return emb.transpose(0, 1).contiguous()
 
     # ------------------------------------------------------------ forward
@@ -95,18 +101,21 @@ class Qwen25VLModel(MegatronModule):
                 image_grid_thw: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None,
                 decoder_input: Optional[torch.Tensor] = None,
-                head: Optional[Callable] = None, inference_context=None,
+                latent=None, head: Optional[Callable] = None, inference_context=None,
                 runtime_gather_output: Optional[bool] = None):
         """input_ids [b, s] (right-padded; causal attention makes masks unnecessary).
 
         Last stage returns, by default, per-token CE loss [b, s] when `labels` is given, else
-        logits [b, s, vocab] (vocab-parallel unless runtime_gather_output). `head` replaces that
-        with a custom output processor (see `lm_head`). Other stages return hidden states.
+        logits [b, s, vocab] (vocab-parallel unless runtime_gather_output). `latent` (a
+        latent.base.LatentStep) injects at latent positions and supplies the last-stage head;
+        `head` replaces the output processor directly. Other stages return hidden states.
         """
         if position_ids is None:
             position_ids = self.position_ids(input_ids, image_grid_thw)
         if self.pre_process and decoder_input is None:
-            decoder_input = self.embed(input_ids, pixel_values, image_grid_thw)
+            decoder_input = self.embed(input_ids, pixel_values, image_grid_thw, latent)
+        if head is None and latent is not None:
+            head = partial(latent.head, self)
         if decoder_input is not None and self.config.sequence_parallel:
             decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
         return self.language_model(

@@ -1,0 +1,1 @@
+"""Latent reasoning methods behind one small interface (base.py): LVR now; HyLaR, DeepLatent next."""

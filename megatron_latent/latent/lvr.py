@@ -1,0 +1,90 @@
+"""LVR (Latent Visual Reasoning), stage 1: latent steps regress the box's visual tokens.
+
+Input embeddings at `<|lvr|>` positions are overwritten by the (detached) merged visual tokens of
+the box, teacher-forced. Loss = CE (targets equal to `<|lvr|>` are not CE-supervised; the data
+pipeline leaves them out of loss_mask) + lambda * MSE, where the final-norm hidden state at t is
+regressed onto the visual token injected at t+1 (mean over elements).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core import tensor_parallel
+
+from megatron_latent.latent import pipeline_channel
+from megatron_latent.latent.base import LatentMethod, LatentStep
+
+TOKENS = ("<|lvr_start|>", "<|lvr|>", "<|lvr_end|>")
+
+
+@dataclass
+class LVR(LatentMethod):
+    lvr_id: int
+    start_id: int
+    end_id: int
+    hidden_size: int
+    loss_lambda: float = 0.1
+    name = "lvr"
+    tokens = TOKENS
+
+    def sft_step(self, micro_batch: dict) -> "LVRStep":
+        return LVRStep(self, micro_batch)
+
+    def count(self, mb: dict) -> dict[str, float]:
+        return {"ce": float(mb["loss_mask"].sum()),
+                "latent": float(mb["latent_mask"].sum()) * self.hidden_size}
+
+    def total_loss(self, means: dict) -> float:
+        return means["lm loss"] + self.loss_lambda * means.get("latent mse", 0.0)
+
+
+def predictor_mask(latent_mask: torch.Tensor) -> torch.Tensor:
+    """[b, s]: True at t when t+1 is a latent position (its hidden state predicts that token)."""
+    return torch.nn.functional.pad(latent_mask[:, 1:], (0, 1), value=False)
+
+
+class LVRStep(LatentStep):
+    def __init__(self, method: LVR, batch: dict):
+        self.m, self.batch = method, batch
+        self.targets = None
+
+    def inject(self, embeddings, image_features):
+        mask, index = self.batch["latent_mask"], self.batch["latent_index"]
+        if int(mask.sum()) != index.numel():
+            raise ValueError(f"{int(mask.sum())} <|lvr|> tokens but {index.numel()} latent targets")
+        targets = image_features[index].detach().to(embeddings.dtype)
+        self.targets = pipeline_channel.first_to_last(targets, tuple(targets.shape),
+                                                      targets.dtype, targets.device)
+        return embeddings.masked_scatter(mask.unsqueeze(-1), targets)
+
+    def head(self, model, *, hidden_states, output_layer, output_weight, labels=None,
+             runtime_gather_output=None, **_):
+        if self.targets is None:  # the last stage is not the first: receive them
+            n = int(self.batch["latent_mask"].sum())
+            self.targets = pipeline_channel.first_to_last(
+                None, (n, hidden_states.shape[-1]), model.config.params_dtype,
+                hidden_states.device)
+        logits = model.logits(hidden_states, output_layer, output_weight, runtime_gather_output)
+        ce = model.language_model.compute_language_model_loss(labels, logits)
+        full = hidden_states
+        if model.config.sequence_parallel:  # the loss is computed identically on every TP rank
+            full = tensor_parallel.gather_from_sequence_parallel_region(
+                hidden_states, tensor_parallel_output_grad=False)
+        pred = full.transpose(0, 1)[predictor_mask(self.batch["latent_mask"])]
+        sq = (pred.float() - self.targets.float()).pow(2).sum()
+        return {"ce": ce, "latent_sq": sq}
+
+    def loss(self, output):
+        mask = self.batch["loss_mask"].float()
+        ce_sum, n_ce = (output["ce"].float() * mask).sum(), mask.sum()
+        totals = self.batch["step_totals"]
+        # each term a mean over the global batch: megatron divides the sum by totals["ce"]
+        scale = totals["ce"] / max(totals["latent"], 1.0)
+        total = ce_sum + self.m.loss_lambda * output["latent_sq"] * scale
+        n_lat = float(self.batch["latent_mask"].sum()) * self.m.hidden_size
+        logs = {"lm loss": torch.stack([ce_sum.detach(), n_ce]),
+                "latent mse": torch.stack([output["latent_sq"].detach(),
+                                           torch.tensor(n_lat, device=mask.device)])}
+        return total, n_ce.to(torch.int), logs

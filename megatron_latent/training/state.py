@@ -1,0 +1,94 @@
+"""Save and restore everything a training run needs to resume exactly: model, optimizer (incl. the
+distributed optimizer's shards), LR scheduler, RNG states of every rank, iteration and data
+position. One megatron-core dist checkpoint per iteration (see megatron_latent.checkpointing)."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from megatron_latent import checkpointing
+
+
+def _rng_state() -> dict:
+    state = {"random": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _sharded_rng() -> ShardedObject:
+    """One entry per (pp, tp, dp) rank: dropout streams differ across all of them."""
+    shape = (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
+             ps.get_data_parallel_world_size())
+    offset = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+              ps.get_data_parallel_rank())
+    return ShardedObject("rng_state", _rng_state(), shape, offset, replica_id=0)
+
+
+def _layout() -> list[int]:
+    return [ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
+            ps.get_data_parallel_world_size()]
+
+
+def _sharded(model_chunks, optimizer, scheduler, train_state: dict, loading: bool,
+             with_rng: bool = True) -> dict:
+    model_sd = model_chunks[0].sharded_state_dict()
+    sd = {"model": model_sd, "train_state": train_state}
+    if with_rng:
+        sd["rng"] = _sharded_rng()
+    if optimizer is not None:
+        sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=loading)
+    if scheduler is not None:
+        sd["scheduler"] = scheduler.state_dict()
+    return sd
+
+
+def save(ckpt, iteration: int, model_chunks, optimizer, scheduler, train_state: dict,
+         keep_last: int | None = None):
+    train_state = {**train_state, "layout": _layout()}
+    return checkpointing.save_state(
+        ckpt, iteration, _sharded(model_chunks, optimizer, scheduler, train_state, False),
+        keep_last=keep_last)
+
+
+def saved_train_state(ckpt, iteration: int | None = None) -> dict | None:
+    """The train_state of a training checkpoint; None for a model-only (converted) one."""
+    from megatron.core import dist_checkpointing
+
+    it = checkpointing.latest_iteration(ckpt) if iteration is None else iteration
+    common = dist_checkpointing.load_common_state_dict(str(checkpointing.iter_dir(ckpt, it)))
+    return common.get("train_state")
+
+
+def load(ckpt, model_chunks, optimizer=None, scheduler=None, iteration: int | None = None) -> dict:
+    """Restore in place; returns the saved train_state (iteration, consumed samples, ...).
+    RNG states are per rank, so they are restored only when the parallel layout is unchanged
+    (the model, optimizer and scheduler reshard to any layout)."""
+    same_layout = (saved_train_state(ckpt, iteration) or {}).get("layout") == _layout()
+    template = _sharded(model_chunks, optimizer, scheduler, {}, True, with_rng=same_layout)
+    state = checkpointing.load_state(ckpt, template, iteration)
+    model_chunks[0].load_state_dict(state["model"], strict=False)
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if same_layout:
+        _set_rng_state(state["rng"])
+    return state["train_state"]

@@ -1,0 +1,205 @@
+"""The SFT loop on megatron-core: data order, micro/global batches, schedule, eval, checkpoints.
+
+Short on purpose: building blocks live in build.py (model, DDP, optimizer, scheduler),
+step.py (one step through the pipeline schedule) and state.py (exact resume).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_latent import checkpointing, parallel
+from megatron_latent.training import state
+from megatron_latent.training.build import (OptimSettings, build_model, build_optimizer,
+                                            build_scheduler)
+from megatron_latent.training.run_logger import RunLogger
+from megatron_latent.training.step import eval_losses, train_step
+
+
+@dataclass
+class TrainConfig:
+    data_path: str
+    hf_dir: str | None = None  # initial weights (HF); or a Megatron checkpoint via `load`
+    load: str | None = None
+    save: str | None = None
+    save_interval: int = 0
+    keep_last: int | None = None
+    valid_data_path: str | None = None
+    eval_interval: int = 0
+    eval_iters: int = 1
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    spec: str = "local"
+    bf16: bool = False
+    micro_batch_size: int = 1
+    global_batch_size: int = 1
+    seq_length: int = 4096
+    train_iters: int = 100
+    lr_warmup_iters: int = 0
+    lr_decay_style: str = "cosine"
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    freeze_vision: bool = True
+    freeze_merger: bool = True
+    lvr_lambda: float = 0.1
+    min_pixels: int = 128 * 28 * 28
+    max_pixels: int = 5120 * 28 * 28
+    skip_bad_samples: bool = False
+    seed: int = 1234
+    wandb_project: str = "megatron_latent"
+    wandb_exp_name: str | None = None
+    wandb_mode: str | None = None
+    log_dir: str | None = None
+
+
+class SampleOrder:
+    """Deterministic global order (a fresh permutation per epoch); resumable from a count."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self._perm = n, seed, {}
+
+    def _epoch(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perm:
+            self._perm = {epoch: np.random.default_rng(self.seed + epoch).permutation(self.n)}
+        return self._perm[epoch]
+
+    def take(self, start: int, count: int) -> list[int]:
+        return [int(self._epoch(k // self.n)[k % self.n]) for k in range(start, start + count)]
+
+
+def _micro_batches(ds, collate, order: SampleOrder, consumed: int, cfg: TrainConfig,
+                   num_micro: int) -> list[dict]:
+    """This data-parallel rank's micro-batches for one global batch, all padded to one length."""
+    dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    idx = order.take(consumed, cfg.global_batch_size)
+    mine = idx[r * num_micro * cfg.micro_batch_size:(r + 1) * num_micro * cfg.micro_batch_size]
+    samples = [ds[i] for i in mine]
+    if cfg.pipeline_model_parallel_size > 1:
+        pad = cfg.seq_length  # the pipeline sends fixed-shape activations
+    else:
+        longest = torch.tensor(max(len(x["input_ids"]) for x in samples))
+        dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=ps.get_model_parallel_group())
+        multiple = 8 * cfg.tensor_model_parallel_size
+        pad = int(-(-int(longest) // multiple) * multiple)
+    m = cfg.micro_batch_size
+    return [collate(samples[k * m:(k + 1) * m], pad_to=pad) for k in range(num_micro)]
+
+
+class _Stop:
+    """SIGTERM/SIGUSR1 (slurm's pre-timeout signal): checkpoint at the end of the step, exit."""
+
+    def __init__(self):
+        self.requested = False
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(s, self._set)
+
+    def _set(self, *_):
+        self.requested = True
+
+
+def train(cfg: TrainConfig) -> list[dict]:
+    from megatron_latent.data.collate import collate
+    from megatron_latent.data.lvr_dataset import LvrSftDataset, load_hf_processing
+    from megatron_latent.latent.lvr import LVR
+
+    tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
+    parallel.initialize(parallel.ParallelConfig(tp, pp, sequence_parallel=cfg.sequence_parallel),
+                        seed=cfg.seed)
+    resume = cfg.load is not None and checkpointing.is_checkpoint(cfg.load)
+    if not resume and cfg.hf_dir is None:
+        raise ValueError("give --hf-dir (initial HF weights) or --load (a megatron_latent "
+                         f"checkpoint); --load {cfg.load!r} holds no checkpoint")
+    tok_dir = str(Path(cfg.load) / "hf") if resume else cfg.hf_dir
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    overrides = dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                     sequence_parallel=cfg.sequence_parallel, spec=cfg.spec, params_dtype=dtype)
+    if resume:
+        mcfg = checkpointing.config_from_checkpoint(cfg.load, **overrides)
+    else:
+        from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
+
+        mcfg = Qwen25VLConfig.from_hf(cfg.hf_dir, **overrides)
+    tokenizer, image_processor, vocab = load_hf_processing(tok_dir)
+    ds_kw = dict(tokenizer=tokenizer, image_processor=image_processor, vocab_size=vocab,
+                 seq_length=cfg.seq_length, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
+                 skip_bad=cfg.skip_bad_samples)
+    train_ds = LvrSftDataset(cfg.data_path, **ds_kw)
+    valid_ds = LvrSftDataset(cfg.valid_data_path, **ds_kw) if cfg.valid_data_path else None
+    ids = train_ds.ids
+    method = LVR(lvr_id=ids.lvr, start_id=ids.lvr_start, end_id=ids.lvr_end,
+                 hidden_size=mcfg.hidden_size, loss_lambda=cfg.lvr_lambda)
+
+    model = build_model(mcfg, None if resume else cfg.hf_dir,
+                        use_distributed_optimizer=cfg.optim.use_distributed_optimizer,
+                        freeze_vision=cfg.freeze_vision, freeze_merger=cfg.freeze_merger)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train_iters, cfg.lr_warmup_iters,
+                                cfg.lr_decay_style)
+    iteration, consumed = 0, 0
+    if resume:
+        if state.saved_train_state(cfg.load) is not None:
+            ts = state.load(cfg.load, model, optimizer, scheduler)
+            iteration, consumed = ts["iteration"], ts["consumed_samples"]
+        else:  # a converted (model-only) checkpoint: start training from its weights
+            checkpointing.load_model(cfg.load, model[0])
+
+    dp = ps.get_data_parallel_world_size()
+    if cfg.global_batch_size % (cfg.micro_batch_size * dp):
+        raise ValueError(f"global batch {cfg.global_batch_size} is not a multiple of micro batch "
+                         f"{cfg.micro_batch_size} x data parallel {dp}")
+    num_micro = cfg.global_batch_size // (cfg.micro_batch_size * dp)
+    coll = lambda samples, pad_to: collate(samples, pad_to=pad_to, **train_ds.collate_kwargs)  # noqa: E731
+    order = SampleOrder(len(train_ds), cfg.seed)
+    log = RunLogger(cfg.train_iters, project=cfg.wandb_project, run_name=cfg.wandb_exp_name,
+                    config=_flat(cfg), wandb_mode=cfg.wandb_mode, log_dir=cfg.log_dir,
+                    start_step=iteration)
+    stop, history = _Stop(), []
+    while iteration < cfg.train_iters:
+        mbs = _micro_batches(train_ds, coll, order, consumed, cfg, num_micro)
+        out = train_step(model, optimizer, mbs, method)
+        scheduler.step(increment=1)
+        iteration += 1
+        consumed += cfg.global_batch_size
+        out["lr"] = scheduler.get_lr(optimizer.param_groups[0])
+        history.append({"iteration": iteration, **out})
+        log.log(iteration, {k: v for k, v in out.items() if k != "update_ok"})
+        if valid_ds is not None and cfg.eval_interval and iteration % cfg.eval_interval == 0:
+            vorder = SampleOrder(len(valid_ds), cfg.seed + 1)
+            vcoll = lambda s, pad_to: collate(s, pad_to=pad_to, **valid_ds.collate_kwargs)  # noqa: E731
+            vm = [mb for k in range(cfg.eval_iters) for mb in
+                  _micro_batches(valid_ds, vcoll, vorder, k * cfg.global_batch_size, cfg, num_micro)]
+            ev = eval_losses(model, vm, method)
+            log.log(iteration, {f"valid {k}": v for k, v in ev.items()})
+        last = iteration == cfg.train_iters
+        if cfg.save and (stop.requested or last or
+                         (cfg.save_interval and iteration % cfg.save_interval == 0)):
+            _save(cfg, mcfg, model, optimizer, scheduler, iteration, consumed, tokenizer, tok_dir)
+        if stop.requested:
+            break
+    log.finish()
+    return history
+
+
+def _save(cfg, mcfg, model, optimizer, scheduler, iteration, consumed, tokenizer, tok_dir):
+    # metadata first: a published iteration must always be loadable
+    if dist.get_rank() == 0 and not (Path(cfg.save) / checkpointing.META).is_file():
+        hf_config = json.loads((Path(tok_dir) / "config.json").read_text())
+        checkpointing.write_metadata(cfg.save, hf_config, mcfg.spec, mcfg.params_dtype, tok_dir)
+        tokenizer.save_pretrained(Path(cfg.save) / "hf")  # with the added latent tokens
+    dist.barrier()
+    state.save(cfg.save, iteration, model, optimizer, scheduler,
+               {"iteration": iteration, "consumed_samples": consumed}, keep_last=cfg.keep_last)
+
+
+def _flat(cfg: TrainConfig) -> dict:
+    d = asdict(cfg)
+    d.update({f"optim.{k}": v for k, v in d.pop("optim").items()})
+    return d
