@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+import subprocess
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,12 +34,18 @@ def _free_port() -> int:
 
 
 def _env_from_slurm() -> None:
-    """srun with one task per GPU: derive torchrun-style variables from SLURM_* ones."""
-    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+    """`srun` with one task per GPU: derive torchrun-style variables from SLURM_* ones. Only srun
+    tasks have SLURM_STEP_ID; the batch shell itself (SLURM_PROCID=0 too) is left alone."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ or "SLURM_STEP_ID" not in os.environ:
         return
     os.environ["RANK"] = os.environ["SLURM_PROCID"]
     os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in os.environ:  # same rule as slurm/common.sh
+        first = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
+                               capture_output=True, text=True, check=True).stdout.split()[0]
+        os.environ["MASTER_ADDR"] = first
+    os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ["SLURM_JOB_ID"]) % 12000))
 
 
 def initialize(parallel: ParallelConfig = ParallelConfig(), seed: int = 1234) -> None:
@@ -52,7 +59,8 @@ def initialize(parallel: ParallelConfig = ParallelConfig(), seed: int = 1234) ->
     if not dist.is_initialized():
         backend = "gloo" if on_cpu else "nccl"
         if not on_cpu:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            # % device_count: also right where slurm binds one GPU per task
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
         if "RANK" in os.environ:
             dist.init_process_group(backend=backend)
         else:  # a plain `python script.py`: world of one, without touching os.environ

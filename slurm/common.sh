@@ -19,7 +19,8 @@
 #   CKPT_DIR                  when set: `--save CKPT_DIR --load CKPT_DIR` (resume + requeue)
 #   MEGATRON_LATENT_CPU [0]   1: CPU + gloo even on a GPU node (also chosen when no GPU is seen)
 #   PYTHON                    interpreter [container: python; else REPO/.venv/bin/python, python3]
-#   MASTER_ADDR               [first host of the job]   MASTER_PORT [20000 + job id % 12000]
+#   ML_MASTER_ADDR            overrides MASTER_ADDR [first host of the job]
+#   ML_MASTER_PORT            overrides MASTER_PORT [20000 + job id % 12000]
 #   CONTAINER_IMAGE           pyxis image (squashfs file or registry#image:tag); unset: no container
 #   CONTAINER_MOUNTS          extra pyxis mounts SRC:DST[,SRC:DST..] (repo, CKPT_DIR, DATA_DIR and
 #                             the submit dir are mounted at their own paths automatically)
@@ -27,6 +28,8 @@
 #   WANDB_MODE [offline]      wandb stays offline unless set (online / disabled)
 #   SRUN_EXTRA_ARGS           appended to srun, e.g. "--label" to prefix output lines with the rank
 #   MAX_REQUEUES [10]         the pre-timeout signal requeues at most this many times
+#   SAVE_SIGNAL, SAVE_GRACE   on the pre-timeout warning send this signal to the ranks [USR1 if
+#                             CKPT_DIR is set; none: off], wait up to SAVE_GRACE [240] s, requeue
 #   DRY_RUN [0]               1: print the srun command instead of running it
 #   REPO_DIR                  the checkout [the parent of the slurm/ dir holding this file]
 
@@ -128,20 +131,20 @@ ml_setup_env() {
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
   export WANDB_MODE=${WANDB_MODE:-offline}
 
-  if [ -z "${MASTER_ADDR:-}" ]; then
-    if [ -n "${SLURM_JOB_NODELIST:-}" ]; then
-      MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | head -n 1)
-      if [ -z "$MASTER_ADDR" ]; then  # the batch script runs on the job's first node
-        MASTER_ADDR=${SLURMD_NODENAME:-$(hostname)}
-        ml_log "warning: 'scontrol show hostnames' failed; MASTER_ADDR=$MASTER_ADDR (this node)"
-      fi
-    else
-      MASTER_ADDR=127.0.0.1
+  # Always derived for this job: a MASTER_ADDR/PORT exported in the submitting shell (say from a
+  # local torchrun) must not leak in. Deliberate overrides: ML_MASTER_ADDR / ML_MASTER_PORT.
+  MASTER_ADDR=${ML_MASTER_ADDR:-}
+  if [ -z "$MASTER_ADDR" ] && [ -n "${SLURM_JOB_NODELIST:-}" ]; then
+    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | head -n 1)
+    if [ -z "$MASTER_ADDR" ]; then  # the batch script runs on the job's first node
+      MASTER_ADDR=${SLURMD_NODENAME:-$(hostname)}
+      ml_log "warning: 'scontrol show hostnames' failed; MASTER_ADDR=$MASTER_ADDR (this node)"
     fi
   fi
+  MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
   # Deterministic per job (a requeued job keeps its id and port), below the Linux ephemeral
   # range (32768+) so it does not collide with outgoing connections, above well-known services.
-  MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 12000))}
+  MASTER_PORT=${ML_MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 12000))}
   export MASTER_ADDR MASTER_PORT
 
   if [ -z "${PYTHON:-}" ]; then
@@ -185,12 +188,26 @@ ml_print_summary() {
 }
 
 # Pre-timeout warning (#SBATCH --signal=B:USR1@...): requeue the job so that it continues from
-# the newest checkpoint in CKPT_DIR. Only the batch shell gets the signal (B:), the ranks keep
-# running until slurm stops them for the requeue.
+# the newest checkpoint in CKPT_DIR. Only the batch shell gets slurm's signal (B:); it decides
+# what the ranks get: SAVE_SIGNAL [USR1 when CKPT_DIR is set; "none": nothing] is first sent to
+# them (srun forwards signals to its tasks): the trainer
+# (megatron_latent/training/trainer.py) checkpoints at the end of the step and exits on SIGUSR1;
+# the step gets SAVE_GRACE seconds [240] to end, then the job is requeued.
 ML_INTERRUPTED=0
+ML_SRUN_PID=""
+ml_alive() { local s; s=$(ps -o stat= -p "$1" 2>/dev/null) && [ -n "$s" ] && [ "${s#Z}" = "$s" ]; }
 ml_on_pre_timeout() {
   ML_INTERRUPTED=1
-  local n=${SLURM_RESTART_COUNT:-0}
+  local n=${SLURM_RESTART_COUNT:-0} sig=${SAVE_SIGNAL:-}
+  [ -n "$sig" ] || [ -z "${CKPT_DIR:-}" ] || sig=USR1
+  [ "$sig" != none ] || sig=""
+  if [ -n "$sig" ] && [ -n "$ML_SRUN_PID" ] && ml_alive "$ML_SRUN_PID"; then
+    local grace=${SAVE_GRACE:-240} t=0
+    ml_log "pre-timeout signal: sending SIG${sig#SIG} to the ranks (checkpoint and exit)," \
+      "waiting up to ${grace} s"
+    kill -s "${sig#SIG}" "$ML_SRUN_PID"
+    while ml_alive "$ML_SRUN_PID" && [ "$t" -lt "$grace" ]; do sleep 1; t=$((t + 1)); done
+  fi
   if [ -z "${CKPT_DIR:-}" ]; then
     ml_log "pre-timeout signal: CKPT_DIR is not set, nothing to resume from: not requeueing"
   elif [ "$n" -ge "${MAX_REQUEUES:-10}" ]; then
@@ -214,6 +231,7 @@ ml_srun() {
   trap ml_on_pre_timeout USR1
   "${cmd[@]}" &
   local pid=$! rc
+  ML_SRUN_PID=$pid
   while :; do
     ML_INTERRUPTED=0
     rc=0; wait "$pid" || rc=$?

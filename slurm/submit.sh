@@ -11,7 +11,7 @@
 # Environment (defaults in brackets):
 #   NODES [1]            nodes (train; convert: from TP x PP and GPUS_PER_NODE)
 #   GPUS_PER_NODE [8]    GPUs per node, requested as --gpus-per-node (not in CPU mode)
-#   TASKS_PER_NODE       [GPUS_PER_NODE; CPU mode: 1] tasks (= ranks) per node
+#   TASKS_PER_NODE       [GPUS_PER_NODE; CPU mode: 1, convert: all tasks] tasks (= ranks) per node
 #   MEGATRON_LATENT_CPU  1: CPU mode, no GPU request, gloo
 #   PARTITION, ACCOUNT, QOS, TIME_LIMIT, JOB_NAME    the usual sbatch options when set
 #   LOG_DIR [slurm/logs] directory of the job logs (<job name>-<job id>.out), created if missing
@@ -38,11 +38,16 @@ ARGS=("$@")
 
 CPU=${MEGATRON_LATENT_CPU:-0}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
-if [ "$CPU" = 1 ]; then TASKS_PER_NODE=${TASKS_PER_NODE:-1}; else TASKS_PER_NODE=${TASKS_PER_NODE:-$GPUS_PER_NODE}; fi
+if [ "$CPU" = 1 ]; then
+  [ "$KIND" = convert ] || TASKS_PER_NODE=${TASKS_PER_NODE:-1}  # convert: all on one node
+else
+  TASKS_PER_NODE=${TASKS_PER_NODE:-$GPUS_PER_NODE}
+fi
 NODES=${NODES:-1}
-for v in NODES TASKS_PER_NODE GPUS_PER_NODE; do
+for v in NODES GPUS_PER_NODE; do
   ml_is_posint "${!v}" || ml_die "$v must be a positive integer (got '${!v}')"
 done
+[ -z "${TASKS_PER_NODE:-}" ] || ml_is_posint "$TASKS_PER_NODE" || ml_die "TASKS_PER_NODE must be a positive integer"
 
 if [ "$KIND" = train ]; then
   [ -n "${SCRIPT:-}" ] || [ ${#ARGS[@]} -gt 0 ] || ml_die "train: give the training SCRIPT"
@@ -55,7 +60,8 @@ else
   tp=$(ml_arg_value --tp "${ARGS[@]}"); pp=$(ml_arg_value --pp "${ARGS[@]}")
   nt=1
   if ml_has_arg --hf-dir "${ARGS[@]}"; then nt=$(( ${tp:-1} * ${pp:-1} )); fi
-  TASKS_PER_NODE=$(( nt < TASKS_PER_NODE ? nt : TASKS_PER_NODE ))
+  tpn=${TASKS_PER_NODE:-$nt}
+  TASKS_PER_NODE=$(( nt < tpn ? nt : tpn ))
   NODES=$(( (nt + TASKS_PER_NODE - 1) / TASKS_PER_NODE ))
   GPUS_PER_NODE=$TASKS_PER_NODE
 fi

@@ -45,3 +45,12 @@ def megatron_single_rank():
     parallel.initialize(parallel.ParallelConfig(), seed=1234)
     yield
     parallel.destroy()
+
+
+@pytest.fixture(scope="session")
+def synthetic_lvr(tmp_path_factory):
+    """A small synthetic visual-search dataset in the LVR format (real photos as backgrounds)."""
+    from megatron_latent.data.synthetic_lvr import make_synthetic_lvr
+
+    return make_synthetic_lvr(tmp_path_factory.mktemp("synth") / "data", num=48, val_num=8,
+                              seed=0, min_side=112, max_side=224, progress=False)

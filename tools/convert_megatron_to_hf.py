@@ -15,7 +15,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--max-shard-gb", type=float, default=4.0)
+    p.add_argument("--max-shard-gb", type=float, default=2.0)
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
     from megatron_latent import parallel

@@ -25,7 +25,7 @@ from megatron_latent import checkpointing, parallel
 from megatron_latent.conversion.hf_mapping import NameTable, legacy_hf_name
 from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
 
-SHARD_BYTES = 4 << 30
+SHARD_BYTES = 2 << 30  # safetensors serialises a whole shard in memory: keep it small
 
 
 def _rank0() -> bool:

@@ -15,11 +15,9 @@ it is at inference, so the first answer token starts a new BPE token as when it 
 
 from __future__ import annotations
 
-import json
+import itertools
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,72 +26,13 @@ from torch.utils.data import Dataset
 
 from megatron_latent.data.lvr_records import (IMAGE_PLACEHOLDER, LVR_PLACEHOLDER, LvrDataError,
                                               Record, bbox_token_indices, load_records)
+from megatron_latent.data.lvr_tokens import (LVR_TOKENS, TokenIds, add_lvr_tokens,  # noqa: F401
+                                             load_hf_processing)  # (re-exported)
 
 logger = logging.getLogger(__name__)
 
-LVR_TOKENS = ("<|lvr_start|>", "<|lvr|>", "<|lvr_end|>")
 DEFAULT_SYSTEM = "You are a helpful assistant."
 STAGE1_MIN_PIXELS, STAGE1_MAX_PIXELS = 128 * 28 * 28, 5120 * 28 * 28
-
-
-def _single_id(tokenizer, token: str) -> int:
-    i = tokenizer.convert_tokens_to_ids(token)
-    if i is None or tokenizer.encode(token, add_special_tokens=False) != [i]:
-        raise ValueError(f"{token} does not tokenize to one id with this tokenizer "
-                         f"(got {tokenizer.encode(token, add_special_tokens=False)})")
-    return i
-
-
-def add_lvr_tokens(tokenizer, vocab_size: int) -> dict[str, int]:
-    """Add <|lvr_start|>, <|lvr|>, <|lvr_end|> (in that order, special) at the first free ids;
-    idempotent. `vocab_size` = the config's embedding rows: we never resize embeddings."""
-    missing = [t for t in LVR_TOKENS if t not in tokenizer.get_vocab()]
-    if missing:
-        first = len(tokenizer)
-        if first + len(missing) > vocab_size:
-            raise ValueError(f"cannot add {missing}: they would take ids {first}.."
-                             f"{first + len(missing) - 1}, but the model has only {vocab_size} "
-                             "embedding rows (config vocab_size); embeddings are never resized")
-        tokenizer.add_tokens(missing, special_tokens=True)
-    ids = {t: _single_id(tokenizer, t) for t in LVR_TOKENS}
-    if too_big := {t: i for t, i in ids.items() if i >= vocab_size}:
-        raise ValueError(f"LVR token ids {too_big} are >= vocab_size {vocab_size}")
-    return ids
-
-
-@dataclass(frozen=True)
-class TokenIds:
-    pad: int
-    im_start: int
-    im_end: int
-    vision_start: int
-    vision_end: int
-    image_pad: int
-    lvr_start: int
-    lvr: int
-    lvr_end: int
-
-    @classmethod
-    def from_tokenizer(cls, tokenizer, vocab_size: int) -> "TokenIds":
-        lvr = add_lvr_tokens(tokenizer, vocab_size)
-        if tokenizer.pad_token_id is None:
-            raise ValueError("the tokenizer has no pad token")
-        names = dict(im_start="<|im_start|>", im_end="<|im_end|>", vision_start="<|vision_start|>",
-                     vision_end="<|vision_end|>", image_pad="<|image_pad|>")
-        return cls(pad=tokenizer.pad_token_id, **{k: _single_id(tokenizer, t) for k, t in names.items()},
-                   lvr_start=lvr["<|lvr_start|>"], lvr=lvr["<|lvr|>"], lvr_end=lvr["<|lvr_end|>"])
-
-
-def load_hf_processing(hf_dir):
-    """(tokenizer, image_processor, vocab_size) from a Hugging Face Qwen2.5-VL checkpoint dir."""
-    from transformers import AutoProcessor
-
-    proc = AutoProcessor.from_pretrained(hf_dir)
-    cfg = json.loads((Path(hf_dir) / "config.json").read_text())
-    vocab = cfg.get("text_config", {}).get("vocab_size") or cfg.get("vocab_size")
-    if not vocab:
-        raise ValueError(f"{hf_dir}/config.json has no vocab_size")
-    return proc.tokenizer, proc.image_processor, int(vocab)
 
 
 class LvrSftDataset(Dataset):
@@ -134,6 +73,9 @@ class LvrSftDataset(Dataset):
         for e in errors:
             self.skipped[e.reason] = self.skipped.get(e.reason, 0) + 1
             self.skip_examples.setdefault(e.reason, str(e))
+        if errors and not len(keep):
+            raise ValueError(f"{data_path}: all {len(errors)} records are bad: {self.skipped}; "
+                             f"first of each: {list(self.skip_examples.values())}")
         if errors:
             logger.warning("%s: skipped %d of %d records by reason %s; first of each: %s",
                            data_path, len(errors), len(errors) + len(keep), self.skipped,
@@ -219,43 +161,43 @@ class LvrSftDataset(Dataset):
     # ---- tokens -----------------------------------------------------------------------------
     def _encode(self, rec: Record, grids) -> tuple[list[int], list[bool], list[int]]:
         """Token ids, per-token "assistant-turn token" flags, latent feature indices."""
-        t, enc = self.ids, self.tokenizer.encode
-        ids, sup, latent = [], [], []
-
-        def add(tokens, s=False):
-            ids.extend(tokens)
-            sup.extend([s] * len(tokens))
-
-        def text(s, supervised=False):
-            if s:
-                add(enc(s, add_special_tokens=False), supervised)
-
+        t = self.ids
+        pieces, latent = [], []  # (text or ids, supervised); texts are tokenised in one batch
         merged = [gt * gh * gw // self.merge ** 2 for gt, gh, gw in grids]
-        offsets = np.concatenate([[0], np.cumsum(merged)]).tolist()
+        offsets = [0, *itertools.accumulate(merged)]
         turns = list(rec.turns)
         system = turns.pop(0)[1] if turns[0][0] == "system" else self._system
-        add([t.im_start])
-        text("system\n" + system)
-        add([t.im_end] + self._header["nl"])
+        pieces += [([t.im_start], False), ("system\n" + system, False), ([t.im_end], False),
+                   (self._header["nl"], False)]
         images, boxes = iter(range(len(grids))), iter(rec.boxes)
         for role, value in turns:
-            add([t.im_start])
+            pieces.append(([t.im_start], False))
             if role == "user":
                 for j, part in enumerate(value.split(IMAGE_PLACEHOLDER)):
                     if j:
-                        add([t.vision_start] + [t.image_pad] * merged[next(images)] + [t.vision_end])
-                    text("user\n" + part if j == 0 else part)
+                        n = merged[next(images)]
+                        pieces.append(([t.vision_start] + [t.image_pad] * n + [t.vision_end], False))
+                    pieces.append(("user\n" + part if j == 0 else part, False))
             else:
-                add(self._header["assistant"])
+                pieces.append((self._header["assistant"], False))
                 for j, part in enumerate(value.split(LVR_PLACEHOLDER)):
                     if j:
                         k, xyxy = next(boxes)
                         idx = bbox_token_indices(xyxy, grids[k][1:], self.merge)
                         latent.extend(offsets[k] + i for i in idx)
-                        add([t.lvr_start] + [t.lvr] * len(idx) + [t.lvr_end], True)
-                    text(part, True)
-            add([t.im_end], role == "assistant")
-            add(self._header["nl"])
+                        pieces.append(([t.lvr_start] + [t.lvr] * len(idx) + [t.lvr_end], True))
+                    pieces.append((part, True))
+            pieces += [([t.im_end], role == "assistant"), (self._header["nl"], False)]
+        texts = [p for p, _ in pieces if isinstance(p, str) and p]
+        encoded = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+        ids, sup = [], []
+        for p, s in pieces:
+            if isinstance(p, str):
+                if not p:
+                    continue
+                p = next(encoded)
+            ids.extend(p)
+            sup.extend([s] * len(p))
         return ids, sup, latent
 
     def _check_length(self, rec: Record, ids, grids) -> None:
@@ -282,17 +224,19 @@ class LvrSftDataset(Dataset):
                                              f"cannot read {p}: {type(e).__name__}: {e}", "image")
             return rec, out
 
-        keep = []
+        keep, n, chunk = [], len(self.records), 4096  # chunks bound the results held at once
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            for i, (rec, got) in enumerate(pool.map(sizes, range(len(self.records)))):
-                try:
-                    if isinstance(got, LvrDataError):
-                        raise got
-                    grids = [self._grid(rec, k, s) for k, s in enumerate(got)]
-                    self._check_length(rec, self._encode(rec, grids)[0], grids)
-                    keep.append(i)
-                except LvrDataError as e:
-                    if raise_first:
-                        raise
-                    errors.append(e)
+            for lo in range(0, n, chunk):
+                hi = min(n, lo + chunk)
+                for i, (rec, got) in zip(range(lo, hi), pool.map(sizes, range(lo, hi))):
+                    try:
+                        if isinstance(got, LvrDataError):
+                            raise got
+                        grids = [self._grid(rec, k, s) for k, s in enumerate(got)]
+                        self._check_length(rec, self._encode(rec, grids)[0], grids)
+                        keep.append(i)
+                    except LvrDataError as e:
+                        if raise_first:
+                            raise
+                        errors.append(e)
         return np.asarray(keep, dtype=np.int64)

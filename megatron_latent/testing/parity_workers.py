@@ -87,3 +87,19 @@ def reshard_run(hf_dir: str, ckpt_tp1: str, ckpt_tp2: str, out_path: str,
     dist.all_gather_object(gathered, results)
     if dist.get_rank() == 0:
         torch.save({k: v for r in gathered for k, v in r.items()}, out_path)
+
+
+def train_runs(runs: dict, out_path: str) -> None:
+    """Run the SFT trainer once per named config (kwargs of TrainConfig); rank 0 saves
+    {name: [per-iteration logs]}."""
+    from megatron_latent.training.build import OptimSettings
+    from megatron_latent.training.trainer import TrainConfig, train
+
+    results = {}
+    for name, kw in runs.items():
+        kw = dict(kw)
+        optim = OptimSettings(**kw.pop("optim", {}))
+        results[name] = train(TrainConfig(**kw, optim=optim, wandb_mode="disabled"))
+        ps.destroy_model_parallel()
+    if dist.get_rank() == 0:
+        torch.save(results, out_path)

@@ -54,7 +54,10 @@ def _sharded(model_chunks, optimizer, scheduler, train_state: dict, loading: boo
     if with_rng:
         sd["rng"] = _sharded_rng()
     if optimizer is not None:
-        sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=loading)
+        # "fully_reshardable": the distributed optimizer's state reloads at any TP/PP/DP
+        sd["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=loading,
+            metadata={"distrib_optim_sharding_type": "fully_reshardable"})
     if scheduler is not None:
         sd["scheduler"] = scheduler.state_dict()
     return sd

@@ -104,6 +104,13 @@ class _Stop:
     def _set(self, *_):
         self.requested = True
 
+    def agree(self) -> None:
+        """All ranks stop at the same step (a signal may reach them a step apart)."""
+        flag = torch.tensor([int(self.requested)],
+                            device="cuda" if torch.cuda.is_available() else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.requested = bool(flag.item())
+
 
 def train(cfg: TrainConfig) -> list[dict]:
     from megatron_latent.data.collate import collate
@@ -179,6 +186,7 @@ def train(cfg: TrainConfig) -> list[dict]:
             ev = eval_losses(model, vm, method)
             log.log(iteration, {f"valid {k}": v for k, v in ev.items()})
         last = iteration == cfg.train_iters
+        stop.agree()
         if cfg.save and (stop.requested or last or
                          (cfg.save_interval and iteration % cfg.save_interval == 0)):
             _save(cfg, mcfg, model, optimizer, scheduler, iteration, consumed, tokenizer, tok_dir)

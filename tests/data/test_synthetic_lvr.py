@@ -45,7 +45,8 @@ def _pixel_box(box, w, h):
 
 def test_layout_and_counts(ds):
     names = sorted(p.name for p in ds.iterdir())
-    assert names == ["images", "meta.json", "train.json", "train_rl.json", "val.json", "val_rl.json"]
+    assert names == ["images", "meta.json", "meta_rl.json", "meta_val.json", "meta_val_rl.json",
+                     "train.json", "train_rl.json", "val.json", "val_rl.json"]
     pngs = sorted(p.name for p in (ds / "images").iterdir())
     assert len(pngs) == NUM + VAL_NUM and all(n.endswith(".png") for n in pngs)
     for split, n in (("train", NUM), ("val", VAL_NUM)):

@@ -228,23 +228,20 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         self.stop()
         raise RuntimeError(msg)
 
+    @property
+    def hosts_line(self) -> str:
+        # Tagged with this cluster's directory: concurrent sessions each add and remove their own.
+        return f"127.0.0.1 {' '.join(self.nodes)} {HOSTS_MARK} {self.root}\n"
+
     def _add_hosts(self) -> None:
-        try:
-            if all(socket.gethostbyname(n) == "127.0.0.1" for n in self.nodes):
-                return  # already resolvable (e.g. a line kept by the administrator)
-        except OSError:
-            pass
         with open("/etc/hosts", "a") as f:  # in place: /etc/hosts is often a bind mount
-            f.write(f"127.0.0.1 {' '.join(self.nodes)} {HOSTS_MARK}\n")
+            f.write(self.hosts_line)
         self.hosts_added = True
 
     def _remove_hosts(self) -> None:
-        if not self.hosts_added:
-            return
-        lines = Path("/etc/hosts").read_text().splitlines(keepends=True)
-        with open("/etc/hosts", "w") as f:  # rewrite in place, keeping the inode
-            f.writelines(line for line in lines if HOSTS_MARK not in line)
-        self.hosts_added = False
+        if self.hosts_added:
+            _remove_hosts_lines(lambda line: line == self.hosts_line)
+            self.hosts_added = False
 
     def stop(self) -> None:
         if not self.procs:
@@ -278,12 +275,62 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def _remove_hosts_lines(drop) -> None:
+    lines = Path("/etc/hosts").read_text().splitlines(keepends=True)
+    keep = [line for line in lines if not (HOSTS_MARK in line and drop(line))]
+    if keep != lines:
+        with open("/etc/hosts", "w") as f:  # rewrite in place, keeping the inode
+            f.writelines(keep)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stop_stale_clusters() -> None:
+    """Leftovers of an earlier session killed before its teardown (its pytest process is gone):
+    stop its daemons by the PIDs in their pid files (checking that the PID still runs with that
+    cluster's conf), drop its /etc/hosts line and directory. Live sessions are left alone."""
+    stale = []
+    for root in Path(tempfile.gettempdir()).glob("mlslurm-*"):
+        try:
+            owner = int((root / "owner.pid").read_text())
+        except (OSError, ValueError):
+            owner = 0
+        if owner and _pid_alive(owner):
+            continue
+        stale.append(str(root))
+        conf = str(root / "slurm.conf")
+        for pid_file in root.glob("*.pid"):
+            try:
+                pid = int(pid_file.read_text().split()[0])
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except (OSError, ValueError, IndexError):
+                continue
+            if conf.encode() in cmdline:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except OSError:
+                    pass
+        shutil.rmtree(root, ignore_errors=True)
+    if stale:
+        _remove_hosts_lines(lambda line: line.split()[-1] in stale)
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster():
     why = _ensure_slurm()
     if why:
         pytest.skip(why)
+    _stop_stale_clusters()
     root = Path(tempfile.mkdtemp(prefix="mlslurm-"))  # short: slurmd puts unix sockets in it
+    (root / "owner.pid").write_text(str(os.getpid()))
     cluster = SlurmCluster(root=root, conf=root / "slurm.conf")
     atexit.register(cluster.stop)  # in case the session dies without fixture teardown
     t0 = time.time()

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not shutil.which("bash"), reason="needs bash")
 
 JOB = {"SLURM_JOB_ID": "123456", "SLURM_JOB_NUM_NODES": "2", "SLURM_NNODES": "2",
        "SLURM_NTASKS_PER_NODE": "2", "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "gpu[07-08]",
-       "MASTER_ADDR": "gpu07"}
+       "SLURMD_NODENAME": "gpu07", "MASTER_ADDR": "stale-from-login-shell"}
 
 
 def run(script: str, *args, env: dict, cwd: Path) -> subprocess.CompletedProcess:
@@ -113,3 +113,6 @@ def test_submit_resources(tmp_path):
     conv = sbatch_line("convert", "--", "--ckpt", "c", "--out", "o", env={"MEGATRON_LATENT_CPU": "1"},
                        tmp_path=tmp_path)
     assert "--nodes=1 --ntasks-per-node=1 " in conv and "--gpus" not in conv, conv
+    conv = sbatch_line("convert", "--", "--hf-dir", "h", "--out", "o", "--tp", "2",
+                       env={"MEGATRON_LATENT_CPU": "1"}, tmp_path=tmp_path)
+    assert "--nodes=1 --ntasks-per-node=2 " in conv and "--gpus" not in conv, conv

@@ -1,10 +1,11 @@
 """slurm/train.sbatch on a real (single-machine, two fake nodes) slurm cluster: a 2-node x 2-task
-CPU job of the demo equals the same run under torchrun, and a bad TP/PP layout fails before
-any process starts."""
+CPU job of the demo equals the same run under torchrun, a bad TP/PP layout fails before any
+process starts, and the pre-timeout signal requeues the job."""
 
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -45,10 +46,15 @@ def test_demo_2_nodes_x_2_tasks_equals_torchrun(slurm_cluster, tiny_hf_dir, tmp_
                                   *demo_args, cwd=job_dir,
                                   env={**env, "NODES": "2", "TASKS_PER_NODE": "2",
                                        "LOG_DIR": str(job_dir)})
-    job = slurm_cluster.wait(job_id, timeout=150)
+    try:
+        job = slurm_cluster.wait(job_id, timeout=150)
+        t_slurm = time.time() - t0
+        ref_out, _ = ref.communicate(timeout=150)
+    finally:
+        if ref.poll() is None:
+            ref.kill()
+            ref.wait()
     log = job.log()
-    t_slurm = time.time() - t0
-    ref_out, _ = ref.communicate(timeout=150)
     print(f"\n[timing] slurm job {job.elapsed_s:.1f} s, torchrun {time.time() - t0:.1f} s "
           f"(concurrently)")
     assert job.state == "COMPLETED" and job.exit_code == "0:0", f"{job}\n{log[-4000:]}"
@@ -64,11 +70,12 @@ def test_demo_2_nodes_x_2_tasks_equals_torchrun(slurm_cluster, tiny_hf_dir, tmp_
 
 
 def test_bad_layout_fails_fast_with_message(slurm_cluster, tmp_path):
-    # Plain sbatch (no submit.sh): the check inside the job. TP=3 cannot split 4 ranks.
+    # Plain sbatch (no submit.sh) from the repo root with a relative script path, as in the
+    # docs: the check inside the job. TP=3 cannot split 4 ranks.
     env = {**slurm_cluster.env, "TP": "3"}
     job_id = slurm_cluster.submit("sbatch", "--parsable", "-N", "2", "--ntasks-per-node", "2",
-                                  f"--output={tmp_path}/%x-%j.out", REPO / "slurm/train.sbatch",
-                                  DEMO, "--train-iters", "3", env=env, cwd=tmp_path)
+                                  f"--output={tmp_path}/%x-%j.out", "slurm/train.sbatch",
+                                  DEMO, "--train-iters", "3", env=env, cwd=REPO)
     job = slurm_cluster.wait(job_id, timeout=60)
     log = job.log()
     assert job.state == "FAILED" and job.exit_code == "1:0", f"{job}\n{log}"
@@ -97,26 +104,31 @@ def test_scancel_requeue_resumes_from_checkpoint():
 
 
 FAKE_TRAIN = """\
-import os, sys, time
+import os, signal, sys, time
 n = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+def save_and_exit(signum, frame):
+    print("fake train: saving on signal", signum, flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGUSR2, save_and_exit)
 print("fake train: restart", n, "rank", os.environ["SLURM_PROCID"], "args", sys.argv[1:], flush=True)
 if n == 0:
-    time.sleep(120)  # the requeue ends this run
+    time.sleep(120)  # ended by the signal / the requeue
 print("fake train: done", flush=True)
 """
 
 
 def test_pre_timeout_signal_requeues_job(slurm_cluster, tmp_path):
-    """The pre-timeout warning (#SBATCH --signal=B:USR1@300, sent here at once with scancel)
-    requeues the job; the second run gets the same --save/--load CKPT_DIR. The script is a
-    stand-in that only prints: resuming real training is the placeholder test above."""
+    """The pre-timeout warning (#SBATCH --signal=B:USR1@300, sent here at once with scancel) is
+    forwarded to the ranks as SAVE_SIGNAL=USR2, then the job is requeued; the second run gets
+    the same --save/--load CKPT_DIR. The script is a stand-in that only prints: resuming real
+    training is the placeholder test above."""
     script = tmp_path / "fake_train.py"
     script.write_text(FAKE_TRAIN)
     ckpt = tmp_path / "ckpt"
+    env = {**slurm_cluster.env, "CKPT_DIR": str(ckpt), "SAVE_SIGNAL": "USR2"}
     job_id = slurm_cluster.submit("sbatch", "--parsable", "-N", "1", "--ntasks-per-node", "1",
                                   f"--output={tmp_path}/%x-%j.out", REPO / "slurm/train.sbatch",
-                                  script, env={**slurm_cluster.env, "CKPT_DIR": str(ckpt)},
-                                  cwd=tmp_path)
+                                  script, env=env, cwd=tmp_path)
     log_path = tmp_path / f"ml-train-{job_id}.out"
     slurm_cluster.wait_for_log(job_id, r"fake train: restart 0", log_path, timeout=60)
     slurm_cluster.run("scancel", "--signal=USR1", "--batch", job_id)
@@ -125,6 +137,8 @@ def test_pre_timeout_signal_requeues_job(slurm_cluster, tmp_path):
     log = job.log()
     assert job.state == "COMPLETED" and job.exit_code == "0:0", f"{job}\n{log}"
     assert slurm_cluster.job_info(job_id).get("Restarts") == "1"
+    assert "sending SIGUSR2 to the ranks" in log, log
+    assert f"fake train: saving on signal {int(signal.SIGUSR2)}" in log, log
     assert f"requeueing job {job_id} (restart 1)" in log, log
     assert "fake train: restart 1" in log and "fake train: done" in log, log
     assert f"'--save', '{ckpt}', '--load', '{ckpt}'" in log, log

@@ -1,0 +1,70 @@
+"""LVR stage-1 loss: ours (Megatron model, LVR latent step) equals an independent computation of
+CE + lambda * MSE with HF transformers on the same weights and batch (fp32, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_latent.conversion.hf_load import load_hf_weights
+from megatron_latent.data.collate import collate
+from megatron_latent.data.lvr_dataset import LvrSftDataset
+from megatron_latent.latent.lvr import LVR
+from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
+from megatron_latent.models.qwen25vl.model import Qwen25VLModel
+
+LAMBDA = 0.1
+
+
+def hf_lvr_loss(hf, mb, image_token_id, lvr_id):
+    """The LVR formula written directly against transformers' modules."""
+    ids, attn = mb["input_ids"], mb["attention_mask"]
+    feats = torch.cat(hf.model.get_image_features(mb["pixel_values"],
+                                                  mb["image_grid_thw"]).pooler_output)
+    emb = hf.model.get_input_embeddings()(ids).clone()
+    emb[ids == image_token_id] = feats
+    targets = feats[mb["latent_index"]]
+    emb[ids == lvr_id] = targets  # teacher forcing with the box's visual tokens
+    pos, _ = hf.model.get_rope_index(ids, (ids == image_token_id).int(), mb["image_grid_thw"],
+                                     attention_mask=attn)
+    h = hf.model.language_model(inputs_embeds=emb, position_ids=pos,
+                                attention_mask=attn).last_hidden_state
+    logits = hf.lm_head(h).float()
+    sup = mb["loss_mask"][:, :-1].bool()
+    ce = F.cross_entropy(logits[:, :-1][sup], ids[:, 1:][sup])
+    predicts_latent = ids[:, 1:] == lvr_id
+    mse = (h[:, :-1][predicts_latent].float() - targets.float()).pow(2).mean()
+    return ce, mse
+
+
+@pytest.mark.parametrize("preset", ["tiny-a", "tiny-b"])
+def test_lvr_loss_matches_hf_formula(preset, tiny_ckpts, synthetic_lvr, megatron_single_rank):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    path = tiny_ckpts[preset]
+    ds = LvrSftDataset.from_hf_dir(synthetic_lvr / "meta.json", path, seq_length=2048,
+                                   min_pixels=3136, max_pixels=50176)
+    mb = collate([ds[0], ds[1], ds[2]], **ds.collate_kwargs)
+    assert int(mb["latent_mask"].sum()) >= 3
+    cfg = Qwen25VLConfig.from_hf(path)
+    model = Qwen25VLModel(cfg).eval()
+    load_hf_weights(model, path)
+    method = LVR(lvr_id=ds.ids.lvr, start_id=ds.ids.lvr_start, end_id=ds.ids.lvr_end,
+                 hidden_size=cfg.hidden_size, loss_lambda=LAMBDA)
+    mb["step_totals"] = method.count(mb)
+    step = method.sft_step(mb)
+    with torch.no_grad():
+        out = model(mb["input_ids"], position_ids=mb["position_ids"],
+                    pixel_values=mb["pixel_values"], image_grid_thw=mb["image_grid_thw"],
+                    labels=mb["labels"], latent=step)
+        total, n_tokens, logs = step.loss(out)
+        hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+        ce, mse = hf_lvr_loss(hf, mb, cfg.image_token_id, ds.ids.lvr)
+    ours = (total / n_tokens).item()
+    ours_ce = (logs["lm loss"][0] / logs["lm loss"][1]).item()
+    ours_mse = (logs["latent mse"][0] / logs["latent mse"][1]).item()
+    assert mse.item() > 1e-3, "the regression term should be non-trivial"
+    assert abs(ours_ce - ce.item()) <= 1e-5
+    assert abs(ours_mse - mse.item()) <= 1e-5
+    assert abs(ours - (ce + LAMBDA * mse).item()) <= 1e-5
