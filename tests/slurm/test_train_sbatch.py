@@ -1,9 +1,11 @@
 """slurm/train.sbatch on a real (single-machine, two fake nodes) slurm cluster: a 2-node x 2-task
 CPU job of the demo equals the same run under torchrun, a bad TP/PP layout fails before any
-process starts, and the pre-timeout signal requeues the job."""
+process starts, an LVR SFT job cancelled after a checkpoint and resubmitted resumes to the
+uninterrupted run's losses, and the pre-timeout signal requeues the job."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -11,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -92,15 +95,139 @@ def test_bad_layout_fails_fast_with_message(slurm_cluster, tmp_path):
     assert not r.stdout.strip(), f"nothing should have been submitted: {r.stdout}"
 
 
-@pytest.mark.skip(reason="PLACEHOLDER: scancel + requeue + resume from CKPT_DIR waits on "
-                         "checkpointing (--save/--load, latest_checkpointed_iteration.txt) in the "
-                         "SFT script (pretrain_scripts/pretrain_lvr.py); pretrain_demo.py saves "
-                         "nothing. Then: run with CKPT_DIR and --save-interval 1, scancel "
-                         "--signal=USR1 --batch after step k, check the requeued run logs "
-                         "'resuming from' and continues at step k+1 with the uninterrupted "
-                         "run's losses.")
-def test_scancel_requeue_resumes_from_checkpoint():
-    pass
+# Runs a training script unchanged (argv[1]; its flags follow) and, on rank 0, prints every metric
+# of every logged step at full precision as `exact step N {json}`: RunLogger's own `step N/M`
+# lines round to 4 significant digits, too coarse to compare resumed losses within 1e-6.
+EXACT_LOSSES = """\
+import json, runpy, sys
+from megatron_latent.training.run_logger import RunLogger
+_log = RunLogger.log
+def log(self, step, metrics):
+    _log(self, step, metrics)
+    if self.rank0:
+        exact = {k: v for k, v in metrics.items() if isinstance(v, float)}
+        print("exact step", step, json.dumps(exact), flush=True)
+RunLogger.log = log
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+EXACT = re.compile(r"^exact step (\d+) (\{.*\})$", re.M)
+LVR_STEP = re.compile(r"^step (\d+)/(\d+) \|.* \| loss (\S+) \|", re.M)
+LVR = REPO / "pretrain_scripts/pretrain_lvr.py"
+
+
+def exact_losses(text: str) -> dict[int, float]:
+    return {int(n): json.loads(d)["loss"] for n, d in EXACT.findall(text)}
+
+
+def lvr_processes(marker: str) -> list[str]:
+    """Command lines of the pretrain_lvr.py processes whose arguments contain `marker`."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "pretrain_lvr.py" in cmd and marker in cmd:
+            found.append(f"{p.pid}: {cmd[:200]}")
+    return found
+
+
+def test_scancel_then_resubmit_resumes_from_checkpoint(slurm_cluster, tiny_hf_dir, synthetic_lvr,
+                                                        tmp_path):
+    """An LVR SFT job (2 nodes x 1 task, TP=2) with CKPT_DIR and --save-interval 3 is cancelled
+    with a plain `scancel` once its first checkpoint is published; resubmitted with
+    --train-iters 6 it resumes from the newest checkpoint and its losses equal those of an
+    uninterrupted torchrun run of the same config (full precision, within 1e-6)."""
+    wrapper = tmp_path / "exact_losses.py"
+    wrapper.write_text(EXACT_LOSSES)
+    common = ["--hf-dir", tiny_hf_dir, "--data-path", str(synthetic_lvr / "meta.json"),
+              "--tensor-model-parallel-size", "2", "--micro-batch-size", "2",
+              "--global-batch-size", "4", "--seq-length", "512", "--min-pixels", "3136",
+              "--max-pixels", "50176", "--lr", "1e-3", "--lr-decay-style", "constant",
+              "--seed", "7", "--wandb-mode", "disabled", "--save-interval", "3"]
+    env = slurm_cluster.env
+    t0 = time.time()
+
+    # Reference: uninterrupted, 6 steps, under torchrun on this machine (saving into its own
+    # directory at the same steps); runs alongside the first slurm job to save wall time.
+    ref_dir = tmp_path / "torchrun"
+    ref_dir.mkdir()
+    ref = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            "--nproc-per-node", "2", str(wrapper), str(LVR), *common,
+                            "--train-iters", "6", "--save", str(ref_dir / "ckpt")],
+                           cwd=ref_dir, env={**env, "PYTHONPATH": str(REPO)},
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ckpt = tmp_path / "ckpt"
+    job_dir = tmp_path / "slurm"
+    job_dir.mkdir()
+    job_env = {**env, "NODES": "2", "TASKS_PER_NODE": "1", "LOG_DIR": str(job_dir),
+               "CKPT_DIR": str(ckpt)}
+
+    def submit(train_iters: int) -> str:
+        return slurm_cluster.submit(REPO / "slurm/submit.sh", "train", "--parsable", "--",
+                                    wrapper, LVR, *common, "--train-iters", str(train_iters),
+                                    cwd=job_dir, env=job_env)
+
+    try:
+        # 1. A long job, cancelled as soon as its first checkpoint (iteration 3) is published.
+        first = submit(1000)
+        first_log = job_dir / f"ml-train-{first}.out"
+        latest = ckpt / "latest_checkpointed_iteration.txt"
+        deadline = time.time() + 120
+        while not latest.is_file():
+            state = slurm_cluster.job_info(first).get("JobState")
+            assert state in ("PENDING", "RUNNING", "CONFIGURING"), \
+                f"job {first} {state} before its first checkpoint\n" + first_log.read_text()[-4000:]
+            assert time.time() < deadline, "no checkpoint after 120 s\n" + first_log.read_text()[-4000:]
+            time.sleep(0.05)
+        t_ckpt = time.time() - t0
+        slurm_cluster.run("scancel", first)  # plain cancel: SIGTERM, SIGKILL after KillWait
+        t_cancel = time.time()
+        job = slurm_cluster.wait(first, timeout=60)
+        # gone: out of squeue (no COMPLETING) and no rank of it left on the "nodes"
+        while (slurm_cluster.run("squeue", "-h", "-j", first, check=False).stdout.strip()
+               or lvr_processes(str(ckpt))) and time.time() - t_cancel < 30:
+            time.sleep(0.1)
+        t_gone = time.time() - t_cancel
+        assert job.state == "CANCELLED", f"{job}\n{job.log()[-3000:]}"
+        assert slurm_cluster.job_info(first).get("Restarts") == "0", "a plain scancel must not requeue"
+        assert not slurm_cluster.run("squeue", "-h", "-j", first, check=False).stdout.strip()
+        assert not lvr_processes(str(ckpt)), f"ranks survived the scancel: {lvr_processes(str(ckpt))}"
+        k = int(latest.read_text())
+        first_out = first_log.read_text(errors="replace")
+        # The trainer treats SIGTERM as "checkpoint at the end of this step", so a save after the
+        # periodic one at 3 is possible; it must still leave steps to resume.
+        assert 3 <= k < 6, f"latest checkpoint {k}\n{first_out[-3000:]}"
+        assert (ckpt / f"iter_{k:07d}").is_dir()
+        assert "2 node(s) x 1 task(s) = world 2, cpu (gloo)" in first_out, first_out[-3000:]
+        assert "TP=2 PP=1 CP=1 DP=1" in first_out and f"--save {ckpt} --load {ckpt}" in first_out
+
+        # 2. The same job again, 6 iterations: resumes from iteration k and finishes.
+        second = submit(6)
+        job2 = slurm_cluster.wait(second, timeout=120)
+        log2 = job2.log()
+        assert job2.state == "COMPLETED" and job2.exit_code == "0:0", f"{job2}\n{log2[-4000:]}"
+        ref_out, _ = ref.communicate(timeout=120)
+    finally:
+        if ref.poll() is None:
+            ref.kill()
+            ref.wait()
+    t_total = time.time() - t0
+    print(f"\n[timing] first checkpoint after {t_ckpt:.1f} s, cancelled job gone after "
+          f"{t_gone:.1f} s (latest iteration {k}), resumed job {job2.elapsed_s:.1f} s; "
+          f"total {t_total:.1f} s")
+    assert ref.returncode == 0, ref_out[-4000:]
+    assert f"resuming from {ckpt} (iteration {k})" in log2, log2[-3000:]
+    assert int(latest.read_text()) == 6 and (ckpt / "iter_0000006").is_dir()
+
+    want, got, before = exact_losses(ref_out), exact_losses(log2), exact_losses(first_out)
+    assert sorted(want) == [1, 2, 3, 4, 5, 6], ref_out[-3000:]
+    assert sorted(got) == list(range(k + 1, 7)), log2[-3000:]  # starts right after the checkpoint
+    printed = [(int(n), int(m)) for n, m, _ in LVR_STEP.findall(log2)]
+    assert printed == [(s, 6) for s in range(k + 1, 7)], log2[-3000:]
+    for s in range(k + 1, 7):
+        assert abs(got[s] - want[s]) <= 1e-6, (s, got, want)
+    # and the cancelled job was the same run up to its checkpoint
+    for s in range(1, k + 1):
+        assert abs(before[s] - want[s]) <= 1e-6, (s, before, want)
 
 
 FAKE_TRAIN = """\
@@ -121,7 +248,7 @@ def test_pre_timeout_signal_requeues_job(slurm_cluster, tmp_path):
     """The pre-timeout warning (#SBATCH --signal=B:USR1@300, sent here at once with scancel) is
     forwarded to the ranks as SAVE_SIGNAL=USR2, then the job is requeued; the second run gets
     the same --save/--load CKPT_DIR. The script is a stand-in that only prints: resuming real
-    training is the placeholder test above."""
+    training is test_scancel_then_resubmit_resumes_from_checkpoint above."""
     script = tmp_path / "fake_train.py"
     script.write_text(FAKE_TRAIN)
     ckpt = tmp_path / "ckpt"
