@@ -80,16 +80,32 @@ def saved_train_state(ckpt, iteration: int | None = None) -> dict | None:
     return common.get("train_state")
 
 
+def _check_distributed_optimizer_can_load(optimizer) -> None:
+    """megatron-core 0.19 restores the distributed optimizer correctly only with Apex/TE Adam;
+    with torch Adam (CPU) its per-parameter `step` breaks every load format (KeyError, or an
+    inexact resume). Refuse instead of resuming wrongly."""
+    from megatron.core.optimizer import distrib_optimizer as d
+
+    if not d.HAVE_APEX_OR_TE and [o for o in getattr(optimizer, "chained_optimizers", [optimizer])
+                                  if isinstance(o, d.DistributedOptimizer)]:
+        raise RuntimeError("resuming with --use-distributed-optimizer needs Transformer Engine "
+                           "or Apex (megatron-core 0.19 cannot restore it for torch Adam); "
+                           "resume without --use-distributed-optimizer on this machine")
+
+
 def load(ckpt, model_chunks, optimizer=None, scheduler=None, iteration: int | None = None) -> dict:
     """Restore in place; returns the saved train_state (iteration, consumed samples, ...).
     RNG states are per rank, so they are restored only when the parallel layout is unchanged
     (the model, optimizer and scheduler reshard to any layout)."""
     same_layout = (saved_train_state(ckpt, iteration) or {}).get("layout") == _layout()
+    if optimizer is not None:
+        _check_distributed_optimizer_can_load(optimizer)
     template = _sharded(model_chunks, optimizer, scheduler, {}, True, with_rng=same_layout)
     state = checkpointing.load_state(ckpt, template, iteration)
     model_chunks[0].load_state_dict(state["model"], strict=False)
     if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        with torch.no_grad():  # it copies into leaf main params
+            optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
     if same_layout:

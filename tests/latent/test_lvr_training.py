@@ -60,6 +60,20 @@ def _losses(log_path: Path) -> dict[int, float]:
     return out
 
 
+def test_distributed_optimizer_resume_is_refused_without_te(tiny_ckpts, synthetic_lvr, tmp_path):
+    """megatron-core 0.19 cannot restore the distributed optimizer for torch Adam (CPU): the
+    trainer must say so instead of resuming with a wrong optimizer state."""
+    from megatron_latent.testing.parity_workers import train_runs
+
+    base = dict(COMMON, data_path=str(synthetic_lvr / "meta.json"), hf_dir=tiny_ckpts["tiny-a"],
+                optim=dict(lr=1e-3, use_distributed_optimizer=True), save=str(tmp_path / "c"),
+                train_iters=1)
+    run_distributed(train_runs, 2, {"first": base}, str(tmp_path / "r.pt"))
+    with pytest.raises(RuntimeError, match="needs Transformer Engine or Apex"):
+        run_distributed(train_runs, 2, {"again": dict(base, load=str(tmp_path / "c"),
+                                                      train_iters=2)}, str(tmp_path / "r.pt"))
+
+
 def test_kill_and_resume_gives_the_same_losses(tiny_ckpts, synthetic_lvr, tmp_path):
     args = ["--hf-dir", tiny_ckpts["tiny-a"], "--data-path", str(synthetic_lvr / "meta.json"),
             "--tensor-model-parallel-size", "2", "--lr", "1e-3", "--lr-decay-style", "constant",

@@ -98,18 +98,21 @@ def test_bad_layout_fails_fast_with_message(slurm_cluster, tmp_path):
 # Runs a training script unchanged (argv[1]; its flags follow) and, on rank 0, prints every metric
 # of every logged step at full precision as `exact step N {json}`: RunLogger's own `step N/M`
 # lines round to 4 significant digits, too coarse to compare resumed losses within 1e-6.
+# (Guarded: multiprocessing's spawn re-imports the main module.)
 EXACT_LOSSES = """\
 import json, runpy, sys
 from megatron_latent.training.run_logger import RunLogger
-_log = RunLogger.log
-def log(self, step, metrics):
+
+def log(self, step, metrics, _log=RunLogger.log):
     _log(self, step, metrics)
     if self.rank0:
         exact = {k: v for k, v in metrics.items() if isinstance(v, float)}
         print("exact step", step, json.dumps(exact), flush=True)
-RunLogger.log = log
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
+
+if __name__ == "__main__":
+    RunLogger.log = log
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
 """
 EXACT = re.compile(r"^exact step (\d+) (\{.*\})$", re.M)
 LVR_STEP = re.compile(r"^step (\d+)/(\d+) \|.* \| loss (\S+) \|", re.M)
@@ -120,12 +123,15 @@ def exact_losses(text: str) -> dict[int, float]:
     return {int(n): json.loads(d)["loss"] for n, d in EXACT.findall(text)}
 
 
-def lvr_processes(marker: str) -> list[str]:
-    """Command lines of the pretrain_lvr.py processes whose arguments contain `marker`."""
+def job_processes(job_id: str, marker: str) -> list[str]:
+    """Processes left of a job: any with SLURM_JOB_ID=job_id in its environment (ranks and their
+    helpers, e.g. the checkpoint writer's multiprocessing Manager) or a pretrain_lvr.py process
+    whose arguments contain `marker`."""
     found = []
-    for p in psutil.process_iter(["cmdline"]):
+    for p in psutil.process_iter(["cmdline", "environ"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if "pretrain_lvr.py" in cmd and marker in cmd:
+        if ((p.info["environ"] or {}).get("SLURM_JOB_ID") == job_id
+                or ("pretrain_lvr.py" in cmd and marker in cmd)):
             found.append(f"{p.pid}: {cmd[:200]}")
     return found
 
@@ -171,12 +177,14 @@ def test_scancel_then_resubmit_resumes_from_checkpoint(slurm_cluster, tiny_hf_di
         first = submit(1000)
         first_log = job_dir / f"ml-train-{first}.out"
         latest = ckpt / "latest_checkpointed_iteration.txt"
-        deadline = time.time() + 120
+        deadline, next_check = time.time() + 120, 0.0
         while not latest.is_file():
-            state = slurm_cluster.job_info(first).get("JobState")
-            assert state in ("PENDING", "RUNNING", "CONFIGURING"), \
-                f"job {first} {state} before its first checkpoint\n" + first_log.read_text()[-4000:]
-            assert time.time() < deadline, "no checkpoint after 120 s\n" + first_log.read_text()[-4000:]
+            if time.time() > next_check:  # once a second: has the job died?
+                state = slurm_cluster.job_info(first).get("JobState", "")
+                assert state in ("", "PENDING", "CONFIGURING", "RUNNING"), \
+                    f"job {first} {state} before its first checkpoint\n{first_log.read_text()[-4000:]}"
+                assert time.time() < deadline, f"no checkpoint after 120 s\n{first_log.read_text()[-4000:]}"
+                next_check = time.time() + 1
             time.sleep(0.05)
         t_ckpt = time.time() - t0
         slurm_cluster.run("scancel", first)  # plain cancel: SIGTERM, SIGKILL after KillWait
@@ -184,17 +192,20 @@ def test_scancel_then_resubmit_resumes_from_checkpoint(slurm_cluster, tiny_hf_di
         job = slurm_cluster.wait(first, timeout=60)
         # gone: out of squeue (no COMPLETING) and no rank of it left on the "nodes"
         while (slurm_cluster.run("squeue", "-h", "-j", first, check=False).stdout.strip()
-               or lvr_processes(str(ckpt))) and time.time() - t_cancel < 30:
+               or job_processes(first, str(ckpt))) and time.time() - t_cancel < 30:
             time.sleep(0.1)
         t_gone = time.time() - t_cancel
         assert job.state == "CANCELLED", f"{job}\n{job.log()[-3000:]}"
         assert slurm_cluster.job_info(first).get("Restarts") == "0", "a plain scancel must not requeue"
         assert not slurm_cluster.run("squeue", "-h", "-j", first, check=False).stdout.strip()
-        assert not lvr_processes(str(ckpt)), f"ranks survived the scancel: {lvr_processes(str(ckpt))}"
+        left = job_processes(first, str(ckpt))
+        assert not left, f"processes of job {first} survived the scancel: {left}"
         k = int(latest.read_text())
         first_out = first_log.read_text(errors="replace")
-        # The trainer treats SIGTERM as "checkpoint at the end of this step", so a save after the
-        # periodic one at 3 is possible; it must still leave steps to resume.
+        # The trainer treats SIGTERM as "checkpoint at the end of this step", so a checkpoint after
+        # the periodic one at 3 is possible (under slurm that save currently fails: the same
+        # SIGTERM kills the checkpoint writer's multiprocessing Manager, BrokenPipeError; the
+        # partial iter_*.tmp-* stays). Either way there must be steps left to resume.
         assert 3 <= k < 6, f"latest checkpoint {k}\n{first_out[-3000:]}"
         assert (ckpt / f"iter_{k:07d}").is_dir()
         assert "2 node(s) x 1 task(s) = world 2, cpu (gloo)" in first_out, first_out[-3000:]
