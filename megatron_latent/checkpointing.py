@@ -111,7 +111,8 @@ def save_state(ckpt: str | Path, iteration: int, sharded_state_dict: dict,
                          if _rank() == 0 else None)
     if _rank() == 0:
         ckpt.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in ckpt.glob("iter_*.tmp-*"):  # left by a save that crashed
+            shutil.rmtree(stale, ignore_errors=True)
         Path(tmp).mkdir()
     if dist.is_initialized():
         dist.barrier()

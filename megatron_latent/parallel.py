@@ -77,6 +77,9 @@ def initialize(parallel: ParallelConfig = ParallelConfig(), seed: int = 1234) ->
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp)
+    from megatron_latent.latent import pipeline_channel
+
+    pipeline_channel.setup()
     set_seed(seed)
 
 

@@ -100,7 +100,10 @@ def build_scheduler(optimizer, s: OptimSettings, train_iters: int, warmup_iters:
     return OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=s.lr, min_lr=s.min_lr, lr_warmup_steps=warmup_iters,
         lr_decay_steps=train_iters, lr_decay_style=decay_style, start_wd=s.weight_decay,
-        end_wd=s.weight_decay, wd_incr_steps=train_iters, wd_incr_style="constant")
+        end_wd=s.weight_decay, wd_incr_steps=train_iters, wd_incr_style="constant",
+        # on resume the command line's schedule wins over the checkpoint's (and the
+        # scheduler's step count comes from the checkpoint)
+        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)
 
 
 def unwrap(chunk: torch.nn.Module) -> Qwen25VLModel:

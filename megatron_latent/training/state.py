@@ -13,6 +13,7 @@ from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megatron_latent import checkpointing
+from megatron_latent.training.build import unwrap
 
 
 def _rng_state() -> dict:
@@ -49,7 +50,8 @@ def _layout() -> list[int]:
 
 def _sharded(model_chunks, optimizer, scheduler, train_state: dict, loading: bool,
              with_rng: bool = True) -> dict:
-    model_sd = model_chunks[0].sharded_state_dict()
+    # the unwrapped model: the same keys as converted checkpoints (no DDP "module." prefix)
+    model_sd = unwrap(model_chunks[0]).sharded_state_dict()
     sd = {"model": model_sd, "train_state": train_state}
     if with_rng:
         sd["rng"] = _sharded_rng()
@@ -102,7 +104,7 @@ def load(ckpt, model_chunks, optimizer=None, scheduler=None, iteration: int | No
         _check_distributed_optimizer_can_load(optimizer)
     template = _sharded(model_chunks, optimizer, scheduler, {}, True, with_rng=same_layout)
     state = checkpointing.load_state(ckpt, template, iteration)
-    model_chunks[0].load_state_dict(state["model"], strict=False)
+    unwrap(model_chunks[0]).load_state_dict(state["model"], strict=False)
     if optimizer is not None:
         with torch.no_grad():  # it copies into leaf main params
             optimizer.load_state_dict(state["optimizer"])

@@ -19,7 +19,7 @@ from megatron.core import parallel_state as ps
 from megatron_latent import checkpointing, parallel
 from megatron_latent.training import state
 from megatron_latent.training.build import (OptimSettings, build_model, build_optimizer,
-                                            build_scheduler)
+                                            build_scheduler, unwrap)
 from megatron_latent.training.run_logger import RunLogger
 from megatron_latent.training.step import eval_losses, train_step
 
@@ -85,7 +85,8 @@ def _micro_batches(ds, collate, order: SampleOrder, consumed: int, cfg: TrainCon
     if cfg.pipeline_model_parallel_size > 1:
         pad = cfg.seq_length  # the pipeline sends fixed-shape activations
     else:
-        longest = torch.tensor(max(len(x["input_ids"]) for x in samples))
+        longest = torch.tensor(max(len(x["input_ids"]) for x in samples),
+                               device="cuda" if torch.cuda.is_available() else "cpu")
         dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=ps.get_model_parallel_group())
         multiple = 8 * cfg.tensor_model_parallel_size
         pad = int(-(-int(longest) // multiple) * multiple)
@@ -156,7 +157,7 @@ def train(cfg: TrainConfig) -> list[dict]:
             ts = state.load(cfg.load, model, optimizer, scheduler)
             iteration, consumed = ts["iteration"], ts["consumed_samples"]
         else:  # a converted (model-only) checkpoint: start training from its weights
-            checkpointing.load_model(cfg.load, model[0])
+            checkpointing.load_model(cfg.load, unwrap(model[0]))
 
     dp = ps.get_data_parallel_world_size()
     if cfg.global_batch_size % (cfg.micro_batch_size * dp):
@@ -168,6 +169,8 @@ def train(cfg: TrainConfig) -> list[dict]:
     log = RunLogger(cfg.train_iters, project=cfg.wandb_project, run_name=cfg.wandb_exp_name,
                     config=_flat(cfg), wandb_mode=cfg.wandb_mode, log_dir=cfg.log_dir,
                     start_step=iteration)
+    if cfg.save:
+        _start_checkpoint_writer()
     stop, history = _Stop(), []
     while iteration < cfg.train_iters:
         mbs = _micro_batches(train_ds, coll, order, consumed, cfg, num_micro)
@@ -194,6 +197,20 @@ def train(cfg: TrainConfig) -> list[dict]:
             break
     log.finish()
     return history
+
+
+def _start_checkpoint_writer() -> None:
+    """Start megatron-core's checkpoint-writer manager process (spawned once, reused by every
+    save) with SIGTERM/SIGUSR1 ignored (SIG_IGN survives exec): slurm signals every process of
+    the job step, and the manager dying of them would make the save on that signal fail."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        filesystem_async.get_write_results_queue()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def _save(cfg, mcfg, model, optimizer, scheduler, iteration, consumed, tokenizer, tok_dir):

@@ -48,7 +48,10 @@ def test_lvr_loss_matches_hf_formula(preset, tiny_ckpts, synthetic_lvr, megatron
     mb = collate([ds[0], ds[1], ds[2]], **ds.collate_kwargs)
     assert int(mb["latent_mask"].sum()) >= 3
     cfg = Qwen25VLConfig.from_hf(path)
-    model = Qwen25VLModel(cfg).eval()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    mb = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in mb.items()}
+    model = Qwen25VLModel(cfg).to(dev).eval()
     load_hf_weights(model, path)
     method = LVR(lvr_id=ds.ids.lvr, start_id=ds.ids.lvr_start, end_id=ds.ids.lvr_end,
                  hidden_size=cfg.hidden_size, loss_lambda=LAMBDA)
@@ -59,7 +62,8 @@ def test_lvr_loss_matches_hf_formula(preset, tiny_ckpts, synthetic_lvr, megatron
                     pixel_values=mb["pixel_values"], image_grid_thw=mb["image_grid_thw"],
                     labels=mb["labels"], latent=step)
         total, n_tokens, logs = step.loss(out)
-        hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+        hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+        hf = hf.to(dev).eval()
         ce, mse = hf_lvr_loss(hf, mb, cfg.image_token_id, ds.ids.lvr)
     ours = (total / n_tokens).item()
     ours_ce = (logs["lm loss"][0] / logs["lm loss"][1]).item()
