@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from megatron_latent import checkpointing, parallel
+from megatron_latent.fsutil import new_temp_dir, replace_dir
 from megatron_latent.conversion.hf_mapping import NameTable, legacy_hf_name
 from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
 
@@ -45,11 +45,7 @@ def atomic_output_dir(out: str | Path, overwrite: bool):
     rename. On failure nothing appears at `out`. Rank 0 creates/renames; all ranks get the path."""
     out = Path(out).resolve()
     check_output_dir(out, overwrite)
-    tmp = None
-    if _rank0():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    box = [tmp]
+    box = [str(new_temp_dir(out)) if _rank0() else None]
     if dist.is_initialized():
         dist.broadcast_object_list(box, src=0)
     tmp = Path(box[0])
@@ -58,13 +54,7 @@ def atomic_output_dir(out: str | Path, overwrite: bool):
         if dist.is_initialized():
             dist.barrier()
         if _rank0():
-            old = None
-            if out.exists():
-                old = out.with_name(f".{out.name}.old-{os.getpid()}")
-                os.rename(out, old)
-            os.rename(tmp, out)
-            if old is not None:
-                shutil.rmtree(old)
+            replace_dir(tmp, out)
     finally:
         if _rank0() and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

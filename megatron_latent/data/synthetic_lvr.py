@@ -45,14 +45,13 @@ from (seed, split, index), so changing ``num`` does not change the earlier recor
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from megatron_latent.fsutil import atomic_dir
 
 DS_NAME = "synthetic_vsearch"
 # Real RGB photos among scikit-image's data/*.png (the others are grey, RGBA or synthetic charts).
@@ -193,8 +192,7 @@ def make_synthetic_lvr(out_dir, num: int = 200, val_num: int = 20, seed: int = 0
         raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True / --overwrite)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         (tmp / "images").mkdir()
         bar = tqdm(total=num + val_num, desc="synthetic_vsearch", unit="img", disable=not progress)
         for split, n in (("train", num), ("val", val_num)):
@@ -210,16 +208,4 @@ def make_synthetic_lvr(out_dir, num: int = 200, val_num: int = 20, seed: int = 0
         for meta, data in (("meta.json", "train.json"), ("meta_val.json", "val.json"),
                            ("meta_rl.json", "train_rl.json"), ("meta_val_rl.json", "val_rl.json")):
             _dump(tmp / meta, [{"data_path": data, "image_folder": "images", "ds_name": DS_NAME}])
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700
-
-        if out_dir.exists() and any(out_dir.iterdir()):
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old)  # rename() cannot replace a non-empty dir: move it aside
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)  # atomic; also replaces an empty directory
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

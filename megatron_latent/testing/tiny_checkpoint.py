@@ -7,14 +7,13 @@ image-processor config), so loaders and converters can be tested without any dow
 
 import json
 import math
-import os
-import shutil
-import tempfile
 import zlib
 from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from megatron_latent.fsutil import atomic_dir
 
 # Both presets make windowed vision attention matter for small images: the window
 # (window_size // patch // merge merged tokens a side) is smaller than a 150x100 image's grid.
@@ -204,8 +203,7 @@ def make_tiny_qwen25vl(out_dir, preset: str = "tiny-a", seed: int = 0, tie_word_
     vocab_size = -(-(n_tok + MIN_FREE_IDS) // VOCAB_ROUND) * VOCAB_ROUND
     config = _build_config(preset, ids, vocab_size, tie_word_embeddings, vision_overrides, overrides)
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state untouched
             torch.manual_seed(seed)
             model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
@@ -221,16 +219,4 @@ def make_tiny_qwen25vl(out_dir, preset: str = "tiny-a", seed: int = 0, tie_word_
                  "chat_template.json": {"chat_template": CHAT_TEMPLATE}}  # processor's copy, as on the hub
         for fname, obj in files.items():
             (tmp / fname).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700
-
-        if out_dir.exists() and any(out_dir.iterdir()):
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old)  # rename() cannot replace a non-empty dir: move it aside
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)  # atomic; also replaces an empty directory
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

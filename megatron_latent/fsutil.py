@@ -1,0 +1,40 @@
+"""Directories that appear only when complete: build in a temp dir beside the target, then
+rename (same filesystem). A crash leaves the previous content, never a half-written one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+def new_temp_dir(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished `tmp` to `out`, replacing whatever `out` held."""
+    os.chmod(tmp, 0o755)  # mkdtemp makes 0700
+    if out.exists() and any(out.iterdir()):
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old)  # rename() cannot replace a non-empty dir: move it aside
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)  # atomic; also replaces an empty directory
+
+
+@contextmanager
+def atomic_dir(out: str | Path) -> Iterator[Path]:
+    """`with atomic_dir(out) as tmp:` write into tmp; on success it becomes `out`."""
+    out = Path(out)
+    tmp = new_temp_dir(out)
+    try:
+        yield tmp
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
