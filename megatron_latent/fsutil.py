@@ -11,6 +11,14 @@ from pathlib import Path
 from typing import Iterator
 
 
+def check_writable(out: Path, overwrite: bool) -> None:
+    """Refuse to replace a file, or a non-empty directory unless `overwrite`."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
+
+
 def new_temp_dir(out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

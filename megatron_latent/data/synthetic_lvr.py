@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from megatron_latent.fsutil import atomic_dir
+from megatron_latent.fsutil import atomic_dir, check_writable
 
 DS_NAME = "synthetic_vsearch"
 # Real RGB photos among scikit-image's data/*.png (the others are grey, RGBA or synthetic charts).
@@ -186,11 +186,7 @@ def make_synthetic_lvr(out_dir, num: int = 200, val_num: int = 20, seed: int = 0
     if not 32 <= min_side <= max_side:
         raise ValueError(f"need 32 <= min_side <= max_side, got {min_side}, {max_side}")
     out_dir = Path(out_dir).absolute()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} exists and is not a directory")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True / --overwrite)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    check_writable(out_dir, overwrite)
 
     with atomic_dir(out_dir) as tmp:
         (tmp / "images").mkdir()

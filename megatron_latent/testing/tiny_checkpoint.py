@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from megatron_latent.fsutil import atomic_dir
+from megatron_latent.fsutil import atomic_dir, check_writable
 
 # Both presets make windowed vision attention matter for small images: the window
 # (window_size // patch // merge merged tokens a side) is smaller than a 150x100 image's grid.
@@ -191,11 +191,7 @@ def make_tiny_qwen25vl(out_dir, preset: str = "tiny-a", seed: int = 0, tie_word_
     if preset not in PRESETS:
         raise KeyError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     out_dir = Path(out_dir).absolute()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} exists and is not a directory")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    check_writable(out_dir, overwrite)
 
     tok = _build_tokenizer()
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
