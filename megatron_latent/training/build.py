@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -111,6 +110,3 @@ def unwrap(chunk: torch.nn.Module) -> Qwen25VLModel:
         chunk = chunk.module
     return chunk
 
-
-def is_last_stage() -> bool:
-    return parallel_state.is_pipeline_last_stage()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -60,7 +60,6 @@ class Qwen25VLConfig:
     make_vocab_size_divisible_by: int = 128
     spec: Spec = "local"
     params_dtype: torch.dtype = torch.float32
-    extra: dict = field(default_factory=dict, compare=False)
 
     # ---------------------------------------------------------------- derived facts
     @property
