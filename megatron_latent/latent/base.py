@@ -51,6 +51,10 @@ class LatentMethod(ABC):
         """The reported loss from the per-term means of the logs (e.g. "lm loss")."""
         return means["lm loss"]
 
+    def decode_rule(self, mode: str = "steps", steps: int = 8, threshold: float = 0.5):
+        """The generation rule (latent.decoding.LatentRule) for a latent mode; None: no latents."""
+        return None
+
 
 class PlainLM(LatentMethod):
     """No latent steps: next-token CE only (the default head of the model)."""
@@ -70,6 +74,27 @@ class _PlainStep(LatentStep):
 
     def loss(self, per_token_ce):
         return token_sum_loss(self.batch["loss_mask"], per_token_ce)
+
+
+class InjectLatents(LatentStep):
+    """Feeds given vectors [n, h] at the True positions of `mask` [b, s] (row-major order):
+    replaying recorded rollout latents, or checking cached decoding against a full recompute.
+    The head is the model's default (logits, or CE with labels)."""
+
+    def __init__(self, mask: torch.Tensor, vectors: torch.Tensor):
+        if int(mask.sum()) != vectors.shape[0]:
+            raise ValueError(f"{int(mask.sum())} latent positions but {vectors.shape[0]} vectors")
+        self.mask, self.vectors = mask, vectors
+
+    def inject(self, embeddings, image_features):
+        vec = self.vectors.to(embeddings.device, embeddings.dtype)
+        return embeddings.masked_scatter(self.mask.to(embeddings.device).unsqueeze(-1), vec)
+
+    def head(self, model, **kw):
+        return model.lm_head(**kw)
+
+    def loss(self, output):
+        raise NotImplementedError("InjectLatents only feeds vectors; compute the loss outside")
 
 
 def token_sum_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):

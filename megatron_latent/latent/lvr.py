@@ -15,6 +15,7 @@ from megatron.core import tensor_parallel
 
 from megatron_latent.latent import pipeline_channel
 from megatron_latent.latent.base import LatentMethod, LatentStep
+from megatron_latent.latent.decoding import LatentRule
 
 TOKENS = ("<|lvr_start|>", "<|lvr|>", "<|lvr_end|>")
 
@@ -38,6 +39,9 @@ class LVR(LatentMethod):
 
     def total_loss(self, means: dict) -> float:
         return means["lm loss"] + self.loss_lambda * means.get("latent mse", 0.0)
+
+    def decode_rule(self, mode: str = "steps", steps: int = 8, threshold: float = 0.5):
+        return LatentRule(self.start_id, self.lvr_id, self.end_id, mode, steps, threshold)
 
 
 def predictor_mask(latent_mask: torch.Tensor) -> torch.Tensor:

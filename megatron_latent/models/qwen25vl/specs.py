@@ -32,8 +32,18 @@ def language_layer_spec(spec: Spec) -> ModuleSpec:
 
     _require_te(spec)
     if spec == "te":
-        return g.get_gpt_layer_with_transformer_engine_spec()
-    return g.get_gpt_layer_local_spec(normalization="RMSNorm")
+        layer = g.get_gpt_layer_with_transformer_engine_spec()
+    else:
+        layer = g.get_gpt_layer_local_spec(normalization="RMSNorm")
+    return _with_cached_attention(layer)
+
+
+def _with_cached_attention(layer: ModuleSpec) -> ModuleSpec:
+    """Swap SelfAttention for its subclass that can also decode from our KV cache."""
+    from megatron_latent.inference.attention import CachedSelfAttention
+
+    attn = replace(layer.submodules.self_attention, module=CachedSelfAttention)
+    return replace(layer, submodules=replace(layer.submodules, self_attention=attn))
 
 
 def vision_layer_spec(spec: Spec, full_attention_layers: frozenset[int]) -> ModuleSpec:

@@ -1,0 +1,77 @@
+"""When generation feeds hidden states back instead of tokens: one rule per latent mode.
+
+After each forward the generator has, per row, the input it just consumed, the sampled token and
+the last final-norm hidden state. `LatentRule.step` decides, on device and for the whole batch,
+what is appended to the sequence and whether the next input is that token's embedding or the
+hidden state (a latent step). Latent positions are appended as `latent_id`, so a finished
+sequence is in the training format (start, latent x n, end) and RL can replay it in one
+parallel forward with the recorded vectors injected at those positions.
+
+Modes (seed-methods.md 2.6 and 3.6). Entry is always on the forward whose input was `start_id`,
+and its hidden state is the first latent input:
+- "steps":       exactly `steps` latent inputs, then the token sampled after the last one (LVR).
+- "sampled_end": latent inputs until the LM head samples `end_id` (appended as sampled), or the
+                 cap `steps` (then `end_id` is forced).
+- "threshold":   latent inputs until p(end_id) >= `threshold` under the untempered head, or the
+                 cap; `end_id` is appended. (The seed's variant compares the hidden state with a
+                 learned latent-end vector; we have no such vector, so the head's own end
+                 probability is the criterion.)
+- "forced":      HyLaR: like "sampled_end", but the exit token is always forced to `end_id`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MODES = ("steps", "sampled_end", "threshold", "forced")
+
+
+@dataclass
+class LatentRule:
+    start_id: int
+    latent_id: int
+    end_id: int
+    mode: str = "steps"
+    steps: int = 8  # the quota for "steps", the cap for the other modes
+    threshold: float = 0.5
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown latent mode {self.mode!r}; expected one of {MODES}")
+        if self.steps < 0 or (self.mode != "steps" and self.steps < 1):
+            raise ValueError(f"latent steps/cap must be >= 1 for mode {self.mode!r}, "
+                             f"got {self.steps}")
+        if self.mode == "threshold" and not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"latent-end threshold must be in (0, 1], got {self.threshold}")
+
+    @property
+    def needs_end_prob(self) -> bool:
+        return self.mode == "threshold"
+
+    def init_state(self, batch: int, device) -> dict:
+        return {"active": torch.zeros(batch, dtype=torch.bool, device=device),
+                "fed": torch.zeros(batch, dtype=torch.long, device=device)}
+
+    def step(self, state: dict, consumed: torch.Tensor, sampled: torch.Tensor,
+             end_prob: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """consumed/sampled [b] ids -> (appended ids [b], feed_latent [b] bool); updates state."""
+        enter = ~state["active"] & (consumed == self.start_id)
+        active = state["active"] | enter
+        fed = torch.where(enter, torch.zeros_like(state["fed"]), state["fed"])
+        capped = fed >= self.steps
+        if self.mode == "steps":
+            leave = active & capped
+        else:
+            if self.mode == "threshold":
+                signal = end_prob >= self.threshold
+            else:
+                signal = sampled == self.end_id
+            leave = active & ~enter & (signal | capped)
+        feed = active & ~leave
+        exit_id = sampled if self.mode == "steps" else torch.full_like(sampled, self.end_id)
+        appended = torch.where(feed, torch.full_like(sampled, self.latent_id),
+                               torch.where(leave, exit_id, sampled))
+        state["active"], state["fed"] = feed, torch.where(feed, fed + 1, fed)
+        return appended, feed

@@ -1,0 +1,1 @@
+"""RL helpers: rule-based rewards and group-relative advantages (rewards)."""

@@ -1,0 +1,178 @@
+"""Rewards, reward specs, scoring errors and GRPO group advantages."""
+
+import math
+
+import pytest
+import torch
+
+from megatron_latent.rl.rewards import (REWARDS, RewardError, accuracy_reward, format_reward,
+                                        group_advantages, make_format_reward, parse_reward_spec,
+                                        register_reward, score_completions)
+
+GOOD = "<|lvr_start|><|lvr|><|lvr|><|lvr_end|> <answer>B</answer>"
+
+
+@pytest.fixture
+def extra_rewards():
+    """Registers test rewards and removes them afterwards, so REWARDS stays as shipped."""
+    added = []
+
+    def add(name, fn):
+        register_reward(name, fn)
+        added.append(name)
+
+    yield add
+    for name in added:
+        del REWARDS[name]
+
+
+@pytest.mark.parametrize("completion, reference, expected", [
+    ("<answer>B</answer>", "<answer>B</answer>", 1.0),
+    ("<answer> (b) </answer>", "<answer>B</answer>", 1.0),
+    ("<answer>1,000</answer>", "1000", 1.0),  # a bare reference is used as is
+    ("<answer>C</answer>", "<answer>B</answer>", 0.0),
+    ("B", "<answer>B</answer>", 0.0),  # no <answer> in the completion
+    ("no answer", "", 0.0),
+])
+def test_accuracy_reward(completion, reference, expected):
+    assert accuracy_reward(completion, reference) == expected
+
+
+@pytest.mark.parametrize("completion, expected", [
+    (GOOD, 1.0),
+    ("\n " + GOOD + "\n<|im_end|>\n", 1.0),
+    (GOOD + "<|endoftext|>", 1.0),
+    ("<|lvr_start|>looks\nleft<|lvr_end|>\n<answer>two\nlines</answer>", 1.0),  # DOTALL
+    ("<answer>B</answer>", 0.0),  # no latent span
+    ("<|lvr_start|><|lvr|><answer>B</answer>", 0.0),  # no lvr_end
+    ("text " + GOOD, 0.0),
+    (GOOD + " trailing", 0.0),
+    (GOOD + "<|im_end|><|im_end|>", 0.0),  # one end token at most
+    ("<|lvr_start|><|lvr_end|><answer>B", 0.0),
+])
+def test_format_reward(completion, expected):
+    assert format_reward(completion, "") == expected
+
+
+def test_make_format_reward_custom_tokens():
+    fn = make_format_reward(start="<think>", end="</think>")
+    assert fn("<think>x</think><answer>y</answer>", "") == 1.0
+    assert fn(GOOD, "") == 0.0
+    with pytest.raises(ValueError, match="non-empty"):
+        make_format_reward(start="")
+
+
+def test_parse_reward_spec():
+    assert parse_reward_spec("accuracy:1.0, format:0.5") == [("accuracy", 1.0), ("format", 0.5)]
+    assert parse_reward_spec("format") == [("format", 1.0)]
+    assert parse_reward_spec("accuracy:-2") == [("accuracy", -2.0)]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("", "empty entry"),
+    ("accuracy:1,", "empty entry"),
+    ("acuracy:1", "unknown reward 'acuracy'; known: \\['accuracy', 'format'\\]"),
+    ("accuracy:high", "weight 'high' of 'accuracy' is not a number"),
+    ("accuracy:", "weight '' of 'accuracy' is not a number"),
+    ("accuracy:nan", "weight of 'accuracy' is nan, not finite"),
+    ("format:1,format:2", "reward 'format' appears 2 times"),
+])
+def test_parse_reward_spec_errors(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_reward_spec(spec)
+
+
+def test_register_reward_errors(extra_rewards):
+    with pytest.raises(ValueError, match="already registered"):
+        register_reward("accuracy", accuracy_reward)
+    with pytest.raises(ValueError, match="without ':'"):
+        register_reward("a:b", accuracy_reward)
+    with pytest.raises(TypeError, match="not callable"):
+        register_reward("x", 1.0)
+    extra_rewards("length", lambda c, r: float(len(c)))
+    assert parse_reward_spec("length:0.1") == [("length", 0.1)]
+
+
+def test_score_completions():
+    completions = [GOOD, "<answer>B</answer>", GOOD.replace(">B<", ">C<")]
+    references = ["<answer>B</answer>"] * 3
+    total, parts = score_completions(completions, references, [("accuracy", 1.0), ("format", 0.5)])
+    assert parts["accuracy"].tolist() == [1.0, 1.0, 0.0]
+    assert parts["format"].tolist() == [1.0, 0.0, 1.0]
+    assert total.tolist() == [1.5, 1.0, 0.5]
+    assert total.dtype == torch.float32 and parts["format"].dtype == torch.float32
+
+
+def test_reward_returning_nan_raises(extra_rewards):
+    extra_rewards("nan_reward", lambda c, r: float("nan") if c == "bad" else 1.0)
+    with pytest.raises(RewardError, match="reward 'nan_reward' returned non-finite nan on "
+                                          "sample 1 \\(id 'q7'\\)"):
+        score_completions(["ok", "bad"], ["x", "x"], [("nan_reward", 1.0)], sample_ids=["q6", "q7"])
+
+
+def test_reward_returning_non_number_raises(extra_rewards):
+    extra_rewards("none_reward", lambda c, r: None)
+    with pytest.raises(RewardError, match="reward 'none_reward' returned non-numeric None "
+                                          "\\(NoneType\\) on sample 0$"):
+        score_completions(["a"], ["b"], [("none_reward", 1.0)])
+
+
+def test_raising_reward_names_sample_id(extra_rewards):
+    def boom(completion, reference):
+        if completion == "two":
+            raise KeyError("missing field")
+        return 0.0
+
+    extra_rewards("boom", boom)
+    with pytest.raises(RewardError, match="reward 'boom' raised on sample 2 \\(id 'img-3'\\): "
+                                          "KeyError: 'missing field'") as info:
+        score_completions(["zero", "one", "two"], ["r"] * 3, [("format", 1.0), ("boom", 1.0)],
+                          sample_ids=["img-1", "img-2", "img-3"])
+    assert isinstance(info.value.__cause__, KeyError)
+
+
+def test_score_completions_argument_errors():
+    with pytest.raises(ValueError, match="2 completions but 1 references"):
+        score_completions(["a", "b"], ["a"], [("format", 1.0)])
+    with pytest.raises(ValueError, match="2 completions but 3 sample ids"):
+        score_completions(["a", "b"], ["a", "b"], [("format", 1.0)], sample_ids=["1", "2", "3"])
+    with pytest.raises(ValueError, match="unknown reward 'bleu'"):
+        score_completions(["a"], ["a"], [("bleu", 1.0)])
+    with pytest.raises(ValueError, match="no rewards"):
+        score_completions(["a"], ["a"], [])
+
+
+def test_group_advantages_hand_worked():
+    # Group [1, 0, 0, 1]: mean 0.5, unbiased std sqrt((4 * 0.25) / 3) = 0.57735;
+    # advantage +-0.5 / (0.57735 + 1e-4) = +-0.86588. Group [2, 2, 2, 2]: std 0 -> advantage 0.
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+    a = 0.5 / (math.sqrt(1 / 3) + 1e-4)
+    assert a == pytest.approx(0.86588, abs=1e-5)
+    expected = torch.tensor([a, -a, -a, a, 0.0, 0.0, 0.0, 0.0])
+    torch.testing.assert_close(group_advantages(rewards, 4), expected)
+    torch.testing.assert_close(group_advantages(rewards.view(2, 4), 4), expected.view(2, 4))
+    # Unscaled: mean-centred only. Groups of 2: [3, 1] -> [1, -1], [0, 4] -> [-2, 2].
+    torch.testing.assert_close(group_advantages(torch.tensor([3.0, 1.0, 0.0, 4.0]), 2, scale=False),
+                               torch.tensor([1.0, -1.0, -2.0, 2.0]))
+    # Group [3, 1]: unbiased std sqrt(2) -> advantage +-1 / (1.41421 + 1e-4).
+    b = 1 / (math.sqrt(2) + 1e-4)
+    torch.testing.assert_close(group_advantages(torch.tensor([3.0, 1.0]), 2), torch.tensor([b, -b]))
+
+
+def test_group_advantages_size_one_is_zero():
+    out = group_advantages(torch.tensor([5.0, -1.0]), 1)
+    assert out.tolist() == [0.0, 0.0]
+    assert group_advantages(torch.tensor([1, 0]), 2).dtype == torch.float32  # ints promoted
+
+
+@pytest.mark.parametrize("rewards, group_size, message", [
+    (torch.tensor([]), 2, "rewards is empty"),
+    (torch.tensor([1.0]), 0, "group_size=0 must be >= 1"),
+    (torch.tensor([1.0, 2.0, 3.0]), 2, "3 rewards do not split into groups of 2"),
+    (torch.zeros(2, 3), 2, "shape \\(2, 3\\) but group_size=2"),
+    (torch.zeros(1, 1, 2), 2, "1-D or 2-D"),
+    (torch.tensor([1.0, float("inf")]), 2, "rewards\\[1\\] \\(flat index\\) is inf"),
+])
+def test_group_advantages_errors(rewards, group_size, message):
+    with pytest.raises(ValueError, match=message):
+        group_advantages(rewards, group_size)
