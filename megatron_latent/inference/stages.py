@@ -33,6 +33,7 @@ class StageLink:
         return None
 
     def _bcast(self, t: torch.Tensor) -> torch.Tensor:
+        assert t.is_contiguous()
         dist.broadcast(t, src=self.last_rank, group=self.group)
         return t
 
@@ -43,7 +44,7 @@ class StageLink:
             ids = torch.empty(b, dtype=torch.long, device=self.device)
             feed = torch.empty(b, dtype=torch.long, device=self.device)
             hidden = torch.empty(b, h, dtype=self.dtype, device=self.device)
-        ids = self._bcast(ids)
+        ids = self._bcast(ids.contiguous())  # column views of the records are strided
         feed = self._bcast(feed.long()).bool()  # bool is not a wire type everywhere (gloo)
         hidden = self._bcast(hidden.to(self.dtype).contiguous())
         return ids, feed, hidden

@@ -1,0 +1,85 @@
+"""Shared pieces of the generation tests: LVR prompts on real photos, the full-recompute oracle,
+and the multi-process worker."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_latent import parallel
+from megatron_latent.data.lvr_tokens import add_lvr_tokens
+from megatron_latent.latent.base import InjectLatents
+from megatron_latent.latent.decoding import LatentRule
+
+
+def lvr_processor(hf_dir):
+    """The checkpoint's processor with the LVR tokens added; (processor, ids by token)."""
+    from transformers import AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(hf_dir)
+    from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
+
+    return proc, add_lvr_tokens(proc.tokenizer, Qwen25VLConfig.from_hf(hf_dir).vocab_size)
+
+
+def lvr_rule(ids: dict, mode: str = "steps", steps: int = 3, threshold: float = 0.5):
+    return LatentRule(ids["<|lvr_start|>"], ids["<|lvr|>"], ids["<|lvr_end|>"], mode, steps,
+                      threshold)
+
+
+def demo_prompts(processor, latent_first: bool = True):
+    """Two prompts of different lengths (left padding is exercised); the first starts its
+    answer with <|lvr_start|> so it enters latent mode at once."""
+    from megatron_latent.inference.prompts import build_prompt
+    from megatron_latent.testing.samples import photos
+
+    ph = photos()
+    return [build_prompt(processor, "Where is the astronaut looking?", [ph[0]],
+                         answer_prefix="<|lvr_start|>" if latent_first else ""),
+            build_prompt(processor, "Describe the cat.", [ph[2]])]
+
+
+@torch.no_grad()
+def recompute_logits(model, prompt, completion) -> torch.Tensor:
+    """Oracle for cached decoding: one uncached forward over prompt + completion with the
+    recorded latents injected; the logits that predicted each completion token [n, vocab]."""
+    dev = next(model.parameters()).device
+    full = torch.tensor([prompt.input_ids + completion.tokens], device=dev)
+    p = len(prompt.input_ids)
+    mask = torch.zeros_like(full, dtype=torch.bool)
+    mask[0, [p + j for j in completion.latent_positions]] = True
+    logits = model(full, pixel_values=None if prompt.pixel_values is None
+                   else prompt.pixel_values.to(dev),
+                   image_grid_thw=prompt.image_grid_thw, latent=InjectLatents(mask, completion.latents))
+    return logits[0, p - 1: p - 1 + len(completion.tokens)].float().cpu()
+
+
+def generate_run(hf_dir: str, out_path: str, tp: int, pp: int, max_new: int = 10) -> None:
+    """Greedy LVR generation at a TP/PP layout; the last stage's TP rank 0 saves the results."""
+    from megatron_latent.conversion.hf_load import load_hf_weights
+    from megatron_latent.inference.generator import Generator
+    from megatron_latent.inference.sampling import SamplingParams
+    from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
+    from megatron_latent.models.qwen25vl.model import Qwen25VLModel
+
+    parallel.initialize(parallel.ParallelConfig(tp, pp), seed=1)
+    cfg = Qwen25VLConfig.from_hf(hf_dir, tensor_model_parallel_size=tp,
+                                 pipeline_model_parallel_size=pp, spec="local")
+    model = Qwen25VLModel(cfg)
+    load_hf_weights(model, hf_dir)
+    model.eval()
+    proc, ids = lvr_processor(hf_dir)
+    gen = Generator(model, rule=lvr_rule(ids), pad_id=proc.tokenizer.pad_token_id)
+    out = gen.generate(demo_prompts(proc), SamplingParams(max_new_tokens=max_new),
+                       record_logits=ps.is_pipeline_last_stage())
+    sampled = gen.generate(demo_prompts(proc), SamplingParams(max_new_tokens=max_new,
+                                                              temperature=1.0, seed=7))
+    if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
+        torch.save({"greedy": out, "sampled": sampled}, out_path)
+    # every stage must hold the same records (RL trains from them on all stages)
+    mine = torch.tensor([sum(c.tokens) + len(c.latent_positions) for c in out], dtype=torch.long)
+    theirs = mine.clone()
+    dist.broadcast(theirs, src=ps.get_pipeline_model_parallel_last_rank(),
+                   group=ps.get_pipeline_model_parallel_group())
+    assert torch.equal(mine, theirs), "pipeline stages disagree on the generated records"
