@@ -50,6 +50,22 @@ class HFCheckpointReader:
             return h.get_tensor(key).clone()
 
 
+class StateDictReader:
+    """The reader interface over an in-memory HF state dict (e.g. a model built in a benchmark)."""
+
+    def __init__(self, state_dict: dict[str, torch.Tensor], label: str = "<state dict>"):
+        self.dir = label
+        self.tensors = {canonical_hf_name(k): v for k, v in state_dict.items()}
+
+    def names(self) -> set[str]:
+        return set(self.tensors)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.tensors:
+            raise KeyError(f"{self.dir}: tensor {name!r} is missing")
+        return self.tensors[name]
+
+
 _LAYER = re.compile(r"^language_model\.decoder\.layers\.(\d+)\.")
 
 
@@ -68,10 +84,12 @@ def global_parameter_names(model) -> dict[str, str]:
     return out
 
 
-def load_hf_weights(model, hf_dir: str | Path, progress: bool = False) -> None:
+def load_hf_weights(model, hf_dir, progress: bool = False) -> None:
+    """`hf_dir`: an HF checkpoint directory, or a reader (HFCheckpointReader, StateDictReader)."""
     cfg = model.cfg
     table = NameTable(cfg)
-    reader = HFCheckpointReader(hf_dir)
+    reader = hf_dir if hasattr(hf_dir, "get") else HFCheckpointReader(hf_dir)
+    hf_dir = reader.dir
     unknown = reader.names() - table.all_hf_names(cfg.num_layers, cfg.vision_depth)
     if unknown:
         raise ValueError(f"{hf_dir}: {len(unknown)} tensors have no place in Qwen2.5-VL, e.g. "

@@ -15,6 +15,7 @@ RL step trains on exactly these.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from megatron_latent.inference.kv_cache import KVCache
@@ -139,7 +140,7 @@ class Generator:
             from megatron_latent.inference.cuda_graph import GraphedDecode
 
             cache = KVCache(b, max_len, self.device, self.cfg.params_dtype)
-            self._graphs[key] = (cache, GraphedDecode(self._decode, cache, b,
+            self._graphs[key] = (cache, GraphedDecode(partial(self._decode, cache), cache, b,
                                                       self.cfg.hidden_size, self.device,
                                                       self.cfg.params_dtype))
         cache, graphed = self._graphs[key]

@@ -20,10 +20,11 @@ from megatron.core.inference.contexts.base_context import BaseInferenceContext
 
 
 class KVCache(BaseInferenceContext):
-    """Per layer: keys and values [max_len, b, kv_heads_local, head_dim].
+    """Per layer: keys and values [b, kv_heads_local, max_len, head_dim] (attention-ready).
 
     `valid[b, j]` marks cache slots that hold a real token (prompt padding stays False).
     `write_index` (int64 scalar, on device) is where the next forward writes its first token.
+    What every layer of one forward shares (the attention mask, RoPE cos/sin) is computed once.
     """
 
     def __init__(self, batch_size: int, max_len: int, device, dtype=None):
@@ -35,6 +36,7 @@ class KVCache(BaseInferenceContext):
         self.write_index = torch.zeros((), dtype=torch.long, device=self.device)
         self.slots = torch.arange(max_len, device=self.device)
         self.decode_mode = False
+        self._rope = (None, None)
 
     # ---- megatron-core's context protocol
     def is_static_batching(self) -> bool:
@@ -43,12 +45,20 @@ class KVCache(BaseInferenceContext):
     def is_decode_only(self) -> bool:
         return self.decode_mode
 
-    # ---- bookkeeping, called by the generator between forwards
+    # ---- bookkeeping, called by the generator around each forward
     def mark(self, token_valid: torch.Tensor) -> None:
-        """Record which of the next forward's s tokens are real ([b, s] bool); call before it."""
+        """Before a forward of s tokens: record which are real ([b, s] bool) and build the mask
+        all layers use. Key j is visible to query i iff it is a real token not in i's future;
+        every query also sees itself, so padding rows are never fully masked (NaN)."""
         s = token_valid.shape[1]
-        idx = self.write_index + torch.arange(s, device=self.device)
-        self.valid.index_copy_(1, idx, token_valid.to(self.device))
+        self.index = self.write_index + torch.arange(s, device=self.device)
+        self.valid.index_copy_(1, self.index, token_valid.to(self.device))
+        causal = self.slots.unsqueeze(0) <= self.index.unsqueeze(1)  # [s, L]
+        itself = self.slots.unsqueeze(0) == self.index.unsqueeze(1)
+        self.mask = ((causal.unsqueeze(0) & self.valid.unsqueeze(1)) | itself).unsqueeze(1)
+        if s == 1:  # decode: an additive fp32 mask for the grouped-matmul attention
+            self.bias = torch.zeros(self.mask.shape, device=self.device).masked_fill(
+                ~self.mask, float("-inf"))
 
     def advance(self, n: int) -> None:
         self.write_index.add_(n)
@@ -59,31 +69,35 @@ class KVCache(BaseInferenceContext):
         self.decode_mode = False
 
     # ---- used by CachedSelfAttention
+    def rope_cos_sin(self, freqs: torch.Tensor, dtype):
+        """cos/sin of this forward's RoPE angles, computed by the first layer only."""
+        if self._rope[0] is not freqs:
+            self._rope = (freqs, (freqs.cos().to(dtype), freqs.sin().to(dtype)))
+        return self._rope[1]
+
     def attend(self, layer_number: int, query, key, value, softmax_scale: float) -> torch.Tensor:
         """query [s, b, h, d], key/value [s, b, g, d] (rotated) -> context [s, b, h*d]."""
         s, b, h, d = query.shape
         if b != self.batch_size:
             raise ValueError(f"KV cache holds {self.batch_size} sequences, forward has {b}")
         k_buf, v_buf = self._buffers(layer_number, key)
-        idx = self.write_index + torch.arange(s, device=self.device)
-        k_buf.index_copy_(0, idx, key.to(k_buf.dtype))
-        v_buf.index_copy_(0, idx, value.to(v_buf.dtype))
-        # key j is visible to query i iff it is a real token and not in the query's future;
-        # every query also sees itself, so padding rows are never fully masked (NaN)
-        causal = self.slots.unsqueeze(0) <= idx.unsqueeze(1)  # [s, L]
-        itself = self.slots.unsqueeze(0) == idx.unsqueeze(1)
-        mask = (causal.unsqueeze(0) & self.valid.unsqueeze(1)) | itself.unsqueeze(0)  # [b, s, L]
-        q = query.permute(1, 2, 0, 3)  # [b, h, s, d]
-        k = k_buf.permute(1, 2, 0, 3)
-        v = v_buf.permute(1, 2, 0, 3)
-        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype),
-                                             attn_mask=mask.unsqueeze(1), scale=softmax_scale,
-                                             enable_gqa=h != k.shape[1])
+        k_buf.index_copy_(2, self.index, key.permute(1, 2, 0, 3).to(k_buf.dtype))
+        v_buf.index_copy_(2, self.index, value.permute(1, 2, 0, 3).to(v_buf.dtype))
+        g = k_buf.shape[1]
+        if s == 1:
+            # decode: heads grouped by their KV head, so K and V are read once, never repeated
+            q = query[0].reshape(b, g, h // g, d)
+            scores = torch.matmul(q, k_buf.transpose(-1, -2)).float() * softmax_scale
+            probs = torch.softmax(scores + self.bias, dim=-1).to(v_buf.dtype)
+            return torch.matmul(probs, v_buf).reshape(1, b, h * d).to(query.dtype)
+        out = F.scaled_dot_product_attention(query.permute(1, 2, 0, 3), k_buf.to(query.dtype),
+                                             v_buf.to(query.dtype), attn_mask=self.mask,
+                                             scale=softmax_scale, enable_gqa=h != g)
         return out.permute(2, 0, 1, 3).reshape(s, b, h * d)
 
     def _buffers(self, layer_number: int, key: torch.Tensor):
         if layer_number not in self.buffers:
-            shape = (self.max_len, self.batch_size, key.shape[2], key.shape[3])
+            shape = (self.batch_size, key.shape[2], self.max_len, key.shape[3])
             dtype = self.dtype or key.dtype
             self.buffers[layer_number] = (
                 torch.zeros(shape, dtype=dtype, device=self.device),

@@ -66,7 +66,8 @@ def generate_run(hf_dir: str, out_path: str, tp: int, pp: int, max_new: int = 10
     parallel.initialize(parallel.ParallelConfig(tp, pp), seed=1)
     cfg = Qwen25VLConfig.from_hf(hf_dir, tensor_model_parallel_size=tp,
                                  pipeline_model_parallel_size=pp, spec="local")
-    model = Qwen25VLModel(cfg)
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    model = Qwen25VLModel(cfg).to(dev)
     load_hf_weights(model, hf_dir)
     model.eval()
     proc, ids = lvr_processor(hf_dir)
@@ -78,7 +79,7 @@ def generate_run(hf_dir: str, out_path: str, tp: int, pp: int, max_new: int = 10
     if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
         torch.save({"greedy": out, "sampled": sampled}, out_path)
     # every stage must hold the same records (RL trains from them on all stages)
-    mine = torch.tensor([sum(c.tokens) + len(c.latent_positions) for c in out], dtype=torch.long)
+    mine = torch.tensor([sum(c.tokens) + len(c.latent_positions) for c in out], device=dev)
     theirs = mine.clone()
     dist.broadcast(theirs, src=ps.get_pipeline_model_parallel_last_rank(),
                    group=ps.get_pipeline_model_parallel_group())

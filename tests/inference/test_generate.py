@@ -164,3 +164,22 @@ def test_bad_input(setup):
         lvr_rule(ids, mode="bogus")
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0.0)
+
+
+def test_latent_generation_equals_seed_hf_loop(setup):
+    """With latents on, greedy output equals the seeds' HF loop (hidden state fed back as the
+    next inputs_embeds row) on the same weights."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from megatron_latent.testing.hf_latent_loop import hf_latent_generate
+
+    path, cfg, model, proc, ids = setup
+    prompts = demo_prompts(proc)
+    rule = lvr_rule(ids, steps=3)
+    pad = proc.tokenizer.pad_token_id
+    ours = Generator(model, rule=rule, pad_id=pad).generate(prompts,
+                                                            SamplingParams(max_new_tokens=10))
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    theirs = hf_latent_generate(hf, prompts, lvr_rule(ids, steps=3), 10, pad_id=pad)
+    assert [c.tokens for c in ours] == theirs
+    assert ours[0].latent_positions == [0, 1, 2]

@@ -1,0 +1,227 @@
+"""Load a model + processor for generation, and turn CLI latent flags into a `LatentRule`.
+
+`load_for_generation` takes either checkpoint kind:
+- an HF Qwen2.5-VL directory (config.json + safetensors + processor files), or
+- a megatron_latent checkpoint (megatron_latent.json, hf/ processor files, iter_NNNNNNN/),
+  recognised by `checkpointing.is_checkpoint`; it loads at any TP/PP.
+The caller initialises the process groups first (`megatron_latent.parallel.initialize`) at the
+same TP/PP, and every rank of the model-parallel group calls this.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from megatron_latent import checkpointing
+from megatron_latent.latent.decoding import MODES, LatentRule
+
+LATENT_METHODS = ("none", "lvr", "hylar")
+HYLAR_TOKENS = ("<|canvas_start|>", "<|canvas|>", "<|canvas_end|>")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _as_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype) not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
+    return _DTYPES[str(dtype)]
+
+
+def _hf_dtype(hf_dir: Path) -> torch.dtype:
+    """The dtype an HF config declares (same rule as the HF -> Megatron converter)."""
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"
+    return _DTYPES.get(name, torch.bfloat16)
+
+
+def _check_parallel(tp: int, pp: int) -> None:
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        raise RuntimeError("load_for_generation: megatron parallel state is not initialised; call "
+                           "megatron_latent.parallel.initialize(ParallelConfig(tp, pp)) first")
+    got = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
+    if got != (tp, pp):
+        raise RuntimeError(f"load_for_generation(tp={tp}, pp={pp}), but the parallel state was "
+                           f"initialised with tp={got[0]}, pp={got[1]}")
+
+
+def load_for_generation(path, *, tp: int = 1, pp: int = 1, spec: str = "local", dtype=None):
+    """(model, processor, cfg) on this rank: the model in eval mode on cuda (else cpu), with
+    sequence parallelism off; the processor's tokenizer has the LVR tokens added. `dtype`
+    (torch.dtype or its name) defaults to the checkpoint's own."""
+    from transformers import AutoProcessor
+
+    from megatron_latent.data.lvr_tokens import add_lvr_tokens
+    from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
+    from megatron_latent.models.qwen25vl.model import Qwen25VLModel
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: checkpoint directory does not exist")
+    _check_parallel(tp, pp)
+    dtype = _as_dtype(dtype)
+    layout = dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                  sequence_parallel=False, spec=spec)
+    megatron = checkpointing.is_checkpoint(path)
+    if megatron:
+        cfg = checkpointing.config_from_checkpoint(
+            path, **layout, **({"params_dtype": dtype} if dtype is not None else {}))
+        proc_dir = path / "hf"
+        if not (proc_dir / "preprocessor_config.json").is_file():
+            raise FileNotFoundError(f"{path}: the checkpoint has no processor files in hf/ "
+                                    "(tokenizer, preprocessor_config.json)")
+    elif (path / checkpointing.META).is_file():
+        raise FileNotFoundError(f"{path}: a megatron_latent checkpoint without a complete "
+                                f"iteration ({checkpointing.LATEST} is missing)")
+    else:
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path}: neither a megatron_latent checkpoint (no "
+                                    f"{checkpointing.META}) nor an HF checkpoint (no config.json)")
+        cfg = Qwen25VLConfig.from_hf(path, **layout, params_dtype=dtype or _hf_dtype(path))
+        proc_dir = path
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    model = Qwen25VLModel(cfg).to(device)
+    if megatron:
+        checkpointing.load_model(path, model)
+    else:
+        from megatron_latent.conversion.hf_load import load_hf_weights
+
+        load_hf_weights(model, path)
+    model.eval()
+    processor = AutoProcessor.from_pretrained(proc_dir)
+    add_lvr_tokens(processor.tokenizer, cfg.vocab_size)
+    return model, processor, cfg
+
+
+def is_output_rank() -> bool:
+    """The one rank that prints / writes results: last pipeline stage, TP rank 0, DP rank 0
+    (True without process groups)."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return True
+    return (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+            and ps.get_data_parallel_rank() == 0)
+
+
+def _token_ids(tokenizer, tokens: tuple[str, ...]) -> dict[str, int] | None:
+    vocab = tokenizer.get_vocab()
+    if any(t not in vocab for t in tokens):
+        return None
+    return {t: vocab[t] for t in tokens}
+
+
+def stop_ids(tokenizer) -> tuple[int, ...]:
+    """`<|im_end|>` and `<|endoftext|>`, those the tokenizer has."""
+    vocab = tokenizer.get_vocab()
+    return tuple(vocab[t] for t in ("<|im_end|>", "<|endoftext|>") if t in vocab)
+
+
+def latent_rule_from_args(tokenizer, method: str, mode: str | None = None, steps: int = 8,
+                          threshold: float = 0.5) -> LatentRule | None:
+    """The decoding rule for a latent method: "none" -> None; "lvr" -> the LVR method's rule
+    (mode default "steps"); "hylar" -> a rule in mode "forced" on the canvas tokens."""
+    if method not in LATENT_METHODS:
+        raise ValueError(f"unknown latent method {method!r}; expected one of {LATENT_METHODS}")
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"unknown latent mode {mode!r}; expected one of {MODES}")
+    if method == "none":
+        return None
+    if method == "lvr":
+        from megatron_latent.latent.lvr import LVR, TOKENS
+
+        ids = _token_ids(tokenizer, TOKENS)
+        if ids is None:
+            raise ValueError(f"the tokenizer has no LVR tokens {TOKENS}; add them with "
+                             "megatron_latent.data.lvr_tokens.add_lvr_tokens (load_for_generation "
+                             "does)")
+        lvr = LVR(lvr_id=ids["<|lvr|>"], start_id=ids["<|lvr_start|>"],
+                  end_id=ids["<|lvr_end|>"], hidden_size=0)
+        return lvr.decode_rule(mode or "steps", steps, threshold)
+    ids = _token_ids(tokenizer, HYLAR_TOKENS)
+    if ids is None:
+        missing = [t for t in HYLAR_TOKENS if t not in tokenizer.get_vocab()]
+        raise ValueError(f"this checkpoint has no HyLaR tokens: its tokenizer lacks {missing}; "
+                         "use a HyLaR-trained checkpoint, or latent method 'lvr' or 'none'")
+    if mode not in (None, "forced"):
+        raise ValueError(f"HyLaR decodes in latent mode 'forced' only, got {mode!r}")
+    return LatentRule(ids["<|canvas_start|>"], ids["<|canvas|>"], ids["<|canvas_end|>"],
+                      "forced", steps, threshold)
+
+
+def latent_runs(latent_positions: list[int]) -> list[tuple[int, int]]:
+    """Sorted positions -> [(start, length)] of consecutive runs."""
+    runs: list[list[int]] = []
+    for j in latent_positions:
+        if runs and j == runs[-1][0] + runs[-1][1]:
+            runs[-1][1] += 1
+        else:
+            runs.append([j, 1])
+    return [(s, n) for s, n in runs]
+
+
+def render_completion(tokenizer, completion) -> str:
+    """The completion's text with special tokens visible and each run of latent positions shown
+    as `[latent x N]`."""
+    pieces, j = [], 0
+    for start, n in latent_runs(completion.latent_positions):
+        if start > j:
+            pieces.append(tokenizer.decode(completion.tokens[j:start], skip_special_tokens=False))
+        pieces.append(f"[latent x {n}]")
+        j = start + n
+    if j < len(completion.tokens):
+        pieces.append(tokenizer.decode(completion.tokens[j:], skip_special_tokens=False))
+    return "".join(pieces)
+
+
+def answer_text(tokenizer, completion) -> str:
+    """The completion's text for scoring: latent positions dropped, special tokens skipped."""
+    latent = set(completion.latent_positions)
+    kept = [t for j, t in enumerate(completion.tokens) if j not in latent]
+    return tokenizer.decode(kept, skip_special_tokens=True).strip()
+
+
+# ---------------------------------------------------------------------- CLI helpers (tools/)
+def add_model_args(p) -> None:
+    """--ckpt, --tp, --pp, --spec, --dtype on an argparse parser."""
+    p.add_argument("--ckpt", required=True, help="HF Qwen2.5-VL dir or megatron_latent checkpoint")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel size")
+    p.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
+    p.add_argument("--spec", choices=["local", "te"], default="local", help="layer spec")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+                   help="parameter dtype (default: the checkpoint's)")
+
+
+def add_latent_args(p) -> None:
+    """Prompt and latent-decoding flags shared by tools/generate.py and tools/eval_vqa.py."""
+    p.add_argument("--system", default=None, help="system message (default: the template's)")
+    p.add_argument("--answer-prefix", default="",
+                   help="text appended after the assistant header, e.g. '<|lvr_start|>'")
+    p.add_argument("--latent-method", choices=LATENT_METHODS, default="none")
+    p.add_argument("--latent-mode", choices=MODES, default=None,
+                   help="default: 'steps' for lvr, 'forced' for hylar")
+    p.add_argument("--latent-steps", type=int, default=8,
+                   help="latent steps (mode 'steps') or their cap (other modes)")
+    p.add_argument("--latent-threshold", type=float, default=0.5,
+                   help="p(end) threshold of mode 'threshold'")
+
+
+def open_image(path):
+    """An RGB PIL image; ValueError naming the path when it is missing or unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"image not found: {p}")
+    try:
+        with Image.open(p) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"cannot read image {p}: {e}") from None
