@@ -29,12 +29,13 @@ class KVCache(BaseInferenceContext):
 
     def __init__(self, batch_size: int, max_len: int, device, dtype=None):
         super().__init__(InferenceConfig(materialize_only_last_token_logits=False))
-        self.batch_size, self.max_len = batch_size, max_len
+        # slots rounded up to 16: aligned masks keep SDPA on its fused kernels
+        self.batch_size, self.max_len = batch_size, -(-max_len // 16) * 16
         self.device, self.dtype = torch.device(device), dtype
         self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=self.device)
+        self.valid = torch.zeros(batch_size, -(-max_len // 16) * 16, dtype=torch.bool, device=self.device)
         self.write_index = torch.zeros((), dtype=torch.long, device=self.device)
-        self.slots = torch.arange(max_len, device=self.device)
+        self.slots = torch.arange(self.max_len, device=self.device)
         self.decode_mode = False
         self._rope = (None, None)
 
@@ -56,9 +57,9 @@ class KVCache(BaseInferenceContext):
         causal = self.slots.unsqueeze(0) <= self.index.unsqueeze(1)  # [s, L]
         itself = self.slots.unsqueeze(0) == self.index.unsqueeze(1)
         self.mask = ((causal.unsqueeze(0) & self.valid.unsqueeze(1)) | itself).unsqueeze(1)
-        if s == 1:  # decode: an additive fp32 mask for the grouped-matmul attention
-            self.bias = torch.zeros(self.mask.shape, device=self.device).masked_fill(
-                ~self.mask, float("-inf"))
+        if s == 1:  # decode: an additive mask in the compute dtype, shared by all layers
+            self.bias = torch.zeros(self.mask.shape, dtype=self.dtype or torch.float32,
+                                    device=self.device).masked_fill(~self.mask, float("-inf"))
 
     def advance(self, n: int) -> None:
         self.write_index.add_(n)
@@ -70,30 +71,32 @@ class KVCache(BaseInferenceContext):
 
     # ---- used by CachedSelfAttention
     def rope_cos_sin(self, freqs: torch.Tensor, dtype):
-        """cos/sin of this forward's RoPE angles, computed by the first layer only."""
+        """cos/sin [s, b, 1, 1, d] of this forward's RoPE angles [s, b, 1, d], computed by the
+        first layer only (megatron computes them in every layer)."""
         if self._rope[0] is not freqs:
-            self._rope = (freqs, (freqs.cos().to(dtype), freqs.sin().to(dtype)))
+            f = freqs.unsqueeze(-2)
+            self._rope = (freqs, (f.cos().to(dtype), f.sin().to(dtype)))
         return self._rope[1]
 
     def attend(self, layer_number: int, query, key, value, softmax_scale: float) -> torch.Tensor:
-        """query [s, b, h, d], key/value [s, b, g, d] (rotated) -> context [s, b, h*d]."""
-        s, b, h, d = query.shape
+        """query [s, b, g, r, d] (r query heads per KV group), key/value [s, b, g, d] (rotated)
+        -> context [s, b, g*r*d] (megatron's head order)."""
+        s, b, g, r, d = query.shape
         if b != self.batch_size:
             raise ValueError(f"KV cache holds {self.batch_size} sequences, forward has {b}")
         k_buf, v_buf = self._buffers(layer_number, key)
         k_buf.index_copy_(2, self.index, key.permute(1, 2, 0, 3).to(k_buf.dtype))
         v_buf.index_copy_(2, self.index, value.permute(1, 2, 0, 3).to(v_buf.dtype))
-        g = k_buf.shape[1]
         if s == 1:
-            # decode: heads grouped by their KV head, so K and V are read once, never repeated
-            q = query[0].reshape(b, g, h // g, d)
-            scores = torch.matmul(q, k_buf.transpose(-1, -2)).float() * softmax_scale
-            probs = torch.softmax(scores + self.bias, dim=-1).to(v_buf.dtype)
-            return torch.matmul(probs, v_buf).reshape(1, b, h * d).to(query.dtype)
-        out = F.scaled_dot_product_attention(query.permute(1, 2, 0, 3), k_buf.to(query.dtype),
-                                             v_buf.to(query.dtype), attn_mask=self.mask,
-                                             scale=softmax_scale, enable_gqa=h != g)
-        return out.permute(2, 0, 1, 3).reshape(s, b, h * d)
+            # decode: a group's r query heads act as r queries against its one KV head, so
+            # K and V are read once (no GQA repeat) by one fused attention kernel
+            out = F.scaled_dot_product_attention(query[0], k_buf, v_buf, attn_mask=self.bias,
+                                                 scale=softmax_scale)
+            return out.reshape(1, b, g * r * d)
+        q = query.permute(1, 2, 3, 0, 4).reshape(b, g * r, s, d)
+        out = F.scaled_dot_product_attention(q, k_buf, v_buf, attn_mask=self.mask,
+                                             scale=softmax_scale, enable_gqa=r > 1)
+        return out.permute(2, 0, 1, 3).reshape(s, b, g * r * d)
 
     def _buffers(self, layer_number: int, key: torch.Tensor):
         if layer_number not in self.buffers:
