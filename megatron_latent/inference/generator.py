@@ -147,6 +147,11 @@ class Generator:
         cache.reset()
         return cache, graphed
 
+    def release(self) -> None:
+        """Drop the cached CUDA graphs and their KV caches (co-located RL: free the memory
+        before the training step)."""
+        self._graphs.clear()
+
     # ------------------------------------------------------------------ the loop
     @torch.no_grad()
     def generate(self, prompts: list[Prompt], params: SamplingParams,

@@ -136,3 +136,32 @@ def full_logits(model_chunks, batch: dict) -> torch.Tensor | None:
     for chunk in model_chunks:
         chunk.train()
     return captured[0] if captured else None
+
+
+@torch.no_grad()
+def forward_outputs(model_chunks, micro_batches: list[dict], method: LatentMethod) -> list:
+    """Forward-only through the schedule with `method`'s injection and head; the head outputs
+    of every micro-batch on the last pipeline stage (an empty list elsewhere)."""
+    captured = []
+
+    def step(data_iterator, model):
+        batch = _to_device(next(data_iterator))
+        latent = method.sft_step(batch)
+        out = model(**{k: batch.get(k) for k in MODEL_INPUTS}, labels=batch.get("labels"),
+                    latent=latent)
+
+        def keep(output):
+            captured.append(output.detach() if torch.is_tensor(output) else output)
+            return torch.zeros((), device=_device()), torch.tensor(1, dtype=torch.int), {}
+
+        return out, keep
+
+    modes = [chunk.training for chunk in model_chunks]
+    for chunk in model_chunks:
+        chunk.eval()
+    try:
+        _run_schedule(model_chunks, micro_batches, step, forward_only=True)
+    finally:
+        for chunk, mode in zip(model_chunks, modes):
+            chunk.train(mode)
+    return captured

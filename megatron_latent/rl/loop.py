@@ -1,0 +1,242 @@
+"""Co-located GRPO: one set of weights, one process group; per step the policy generates (KV
+cache freed after), rewards and group-normalised advantages are computed, the frozen reference
+scores the rollouts, and megatron-core's schedules train on them for `ppo_epochs` passes.
+
+Rollout and training share the model object: the generator reads the same parameter tensors the
+optimizer has just written, so there is no weight copy to go stale and nothing to reshard.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_latent import checkpointing, parallel
+from megatron_latent.rl.losses import GRPOLoss
+from megatron_latent.rl.objective import RLObjective, TokenScorer
+from megatron_latent.training import state
+from megatron_latent.training.build import (OptimSettings, build_model, build_optimizer,
+                                            build_scheduler, unwrap)
+from megatron_latent.training.run_logger import RunLogger
+from megatron_latent.training.step import forward_outputs, train_step
+from megatron_latent.training.trainer import (SampleOrder, _flat, _save, _start_checkpoint_writer,
+                                              _Stop)
+
+
+@dataclass
+class GRPOConfig:
+    data_path: str
+    hf_dir: str | None = None  # initial weights; also the reference model unless `reference`
+    reference: str | None = None  # HF dir or Megatron checkpoint for the frozen reference
+    load: str | None = None
+    save: str | None = None
+    save_interval: int = 0
+    keep_last: int | None = None
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    spec: str = "local"
+    bf16: bool = False
+    prompts_per_step: int = 4  # global, over data-parallel ranks
+    group_size: int = 8
+    micro_batch_size: int = 4  # rollouts per micro-batch
+    seq_length: int = 4096  # prompt + completion limit; longer prompts are skipped (counted)
+    max_new_tokens: int = 512
+    temperature: float = 0.9
+    top_p: float = 1.0
+    top_k: int = 50
+    latent_method: str = "lvr"
+    latent_mode: str = "steps"
+    latent_steps: int = 8
+    answer_prefix: str = ""
+    system_prompt: str | None = "You are a helpful assistant."
+    rewards: str = "accuracy:1.0,format:1.0"
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    kl_beta: float = 0.04
+    ppo_epochs: int = 1
+    train_iters: int = 100
+    lr_warmup_iters: int = 0
+    lr_decay_style: str = "constant"
+    optim: OptimSettings = field(default_factory=lambda: OptimSettings(lr=5e-6, weight_decay=0.1))
+    freeze_vision: bool = True
+    freeze_merger: bool = True
+    offload_reference: bool = False
+    cuda_graphs: bool = False
+    min_pixels: int = 128 * 28 * 28
+    max_pixels: int = 1280 * 28 * 28
+    seed: int = 1234
+    wandb_project: str = "megatron_latent"
+    wandb_exp_name: str | None = None
+    wandb_mode: str | None = None
+    log_dir: str | None = None
+
+    def check(self, dp: int) -> None:
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (advantages are group-relative), got "
+                             f"{self.group_size}")
+        if self.prompts_per_step % dp:
+            raise ValueError(f"prompts_per_step {self.prompts_per_step} is not a multiple of "
+                             f"data parallel {dp}")
+        if (self.prompts_per_step // dp * self.group_size) % self.micro_batch_size:
+            raise ValueError(f"{self.prompts_per_step // dp} prompts x group {self.group_size} "
+                             f"per rank do not fill micro-batches of {self.micro_batch_size}")
+
+
+def _device():
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
+class _Reference:
+    """The frozen reference policy; kept on the host between uses when offloaded."""
+
+    def __init__(self, mcfg, source: str, offload: bool):
+        self.chunks = build_model(mcfg, None, wrap_ddp=False)
+        model = self.chunks[0]
+        if checkpointing.is_checkpoint(source):
+            checkpointing.load_model(source, model)
+        else:
+            from megatron_latent.conversion.hf_load import load_hf_weights
+
+            load_hf_weights(model, source)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.offload = offload and torch.cuda.is_available()
+        if self.offload:
+            model.cpu()
+
+    def score(self, micro_batches, temperature: float) -> list:
+        if self.offload:
+            self.chunks[0].to(_device())
+        try:
+            return forward_outputs(self.chunks, micro_batches, TokenScorer(temperature))
+        finally:
+            if self.offload:
+                self.chunks[0].cpu()
+
+
+def _dp_mean(values: dict) -> dict:
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=_device())
+    dist.all_reduce(t, group=ps.get_data_parallel_group())
+    return {k: v / ps.get_data_parallel_world_size() for k, v in zip(keys, t.tolist())}
+
+
+def run_grpo(cfg: GRPOConfig) -> list[dict]:
+    from megatron_latent.inference.generator import Generator
+    from megatron_latent.inference.loading import latent_rule_from_args
+    from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
+    from megatron_latent.rl.data import load_rl_prompts
+    from megatron_latent.rl.rewards import group_advantages, parse_reward_spec, score_completions
+    from megatron_latent.rl.rollout import rollout_micro_batches
+    from megatron_latent.rl.step_data import PromptBuilder
+
+    tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
+    parallel.initialize(parallel.ParallelConfig(tp, pp), seed=cfg.seed)
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    cfg.check(dp)
+    resume = cfg.load is not None and checkpointing.is_checkpoint(cfg.load)
+    ref_source = cfg.reference or cfg.hf_dir
+    if ref_source is None:
+        raise ValueError("GRPO needs --hf-dir (initial weights) or --reference for the frozen "
+                         "reference model")
+    if not resume and cfg.hf_dir is None:
+        raise ValueError(f"give --hf-dir, or --load with a checkpoint ({cfg.load!r} has none)")
+    tok_dir = str(Path(cfg.load) / "hf") if resume else cfg.hf_dir
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    over = dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, spec=cfg.spec,
+                params_dtype=dtype)
+    mcfg = (checkpointing.config_from_checkpoint(cfg.load, **over) if resume
+            else Qwen25VLConfig.from_hf(cfg.hf_dir, **over))
+    builder = PromptBuilder(tok_dir, mcfg, cfg)
+    rule = latent_rule_from_args(builder.tokenizer, cfg.latent_method, cfg.latent_mode,
+                                 cfg.latent_steps)
+    reward_spec = parse_reward_spec(cfg.rewards)
+    records = load_rl_prompts(cfg.data_path)
+
+    model = build_model(mcfg, None if resume else cfg.hf_dir,
+                        use_distributed_optimizer=cfg.optim.use_distributed_optimizer,
+                        freeze_vision=cfg.freeze_vision, freeze_merger=cfg.freeze_merger)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train_iters, cfg.lr_warmup_iters,
+                                cfg.lr_decay_style)
+    iteration, consumed = 0, 0
+    if resume:
+        if state.saved_train_state(cfg.load) is not None:
+            ts = state.load(cfg.load, model, optimizer, scheduler)
+            iteration, consumed = ts["iteration"], ts["consumed_samples"]
+        else:
+            checkpointing.load_model(cfg.load, unwrap(model[0]))
+    reference = _Reference(mcfg, ref_source, cfg.offload_reference) if cfg.kl_beta else None
+    policy = unwrap(model[0])
+    generator = Generator(policy, rule=rule, pad_id=builder.pad_id, cuda_graphs=cfg.cuda_graphs,
+                          max_context=cfg.seq_length)
+    objective = RLObjective(GRPOLoss(cfg.eps_low, cfg.eps_high, cfg.kl_beta), cfg.temperature)
+    exclude = (rule.start_id,) if rule is not None else ()
+    order = SampleOrder(len(records), cfg.seed)
+    log = RunLogger(cfg.train_iters, project=cfg.wandb_project, run_name=cfg.wandb_exp_name,
+                    config=_flat(cfg), wandb_mode=cfg.wandb_mode, log_dir=cfg.log_dir,
+                    start_step=iteration)
+    if cfg.save:
+        _start_checkpoint_writer()
+    stop, history, per_rank = _Stop(), [], cfg.prompts_per_step // dp
+    while iteration < cfg.train_iters:
+        idx = order.take(consumed, cfg.prompts_per_step)[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+        prompts, refs, ids, skipped = builder.build([records[i] for i in idx])
+        rollouts = [p for p in prompts for _ in range(cfg.group_size)]
+        t0 = time.perf_counter()
+        policy.eval()
+        comps = generator.generate(rollouts, builder.sampling(iteration, dp_rank))
+        generator.release()
+        policy.train()
+        t_rollout = time.perf_counter() - t0
+        texts = [builder.completion_text(c) for c in comps]
+        g_refs = [r for r in refs for _ in range(cfg.group_size)]
+        g_ids = [f"{i}/{k}" for i in ids for k in range(cfg.group_size)]
+        rewards, parts = score_completions(texts, g_refs, reward_spec, g_ids)
+        adv = group_advantages(rewards, cfg.group_size)
+        longest = max(len(p.input_ids) + len(c.tokens) for p, c in zip(rollouts, comps))
+        pad_to = -(-longest // (8 * tp)) * (8 * tp)
+        mbs = rollout_micro_batches(rollouts, comps, adv, cfg=mcfg, pad_id=builder.pad_id,
+                                    micro_batch_size=cfg.micro_batch_size, pad_to=pad_to,
+                                    exclude_ids=exclude)
+        t1 = time.perf_counter()
+        if reference is not None:
+            for mb, ref_lp in zip(mbs, reference.score(mbs, cfg.temperature)):
+                mb["ref_logprobs"] = ref_lp
+            if not ps.is_pipeline_last_stage():  # only the last stage computes the loss
+                for mb in mbs:
+                    mb["ref_logprobs"] = None
+        for _ in range(cfg.ppo_epochs):
+            out = train_step(model, optimizer, mbs, objective)
+        scheduler.step(increment=1)
+        t_train = time.perf_counter() - t1
+        iteration += 1
+        consumed += cfg.prompts_per_step
+        n_tok = sum(len(c.tokens) for c in comps)
+        stats = _dp_mean({"reward": rewards.mean().item(),
+                          **{f"reward/{k}": v.mean().item() for k, v in parts.items()},
+                          "response length": n_tok / len(comps),
+                          "latent-span rate": sum(bool(c.latent_positions) for c in comps)
+                          / len(comps),
+                          "skipped prompts": float(skipped)})
+        out.update(stats, lr=scheduler.get_lr(optimizer.param_groups[0]),
+                   rollout_s=t_rollout, train_s=t_train,
+                   rollout_tok_s=n_tok / max(t_rollout, 1e-9))
+        history.append({"iteration": iteration, **out})
+        log.log(iteration, {k: v for k, v in out.items() if k != "update_ok"})
+        last = iteration == cfg.train_iters
+        stop.agree()
+        if cfg.save and (stop.requested or last or
+                         (cfg.save_interval and iteration % cfg.save_interval == 0)):
+            _save(cfg, mcfg, model, optimizer, scheduler, iteration, consumed,
+                  builder.tokenizer, tok_dir)
+        if stop.requested:
+            break
+    log.finish()
+    return history

@@ -1,0 +1,61 @@
+"""Policy-gradient losses over per-token log-probabilities.
+
+`PolicyLoss` is the plug-in point: the objective (objective.py) hands it the training forward's
+token log-probs and the rollout batch; it returns a per-token loss (summed over `loss_mask` and
+divided by the global token count, megatron's per-token loss contract) and per-token log terms.
+`latent_terms` is where a method adds terms over latent positions: HyLaR's decoupled latent PPO
+term, or DeepLatent's Gaussian modulation actions. GRPO (LVR stage 2) has none: latent spans get
+no policy or KL term there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(policy || reference): exp(q - l) - (q - l) - 1 >= 0."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def clipped_surrogate(logp, old_logp, advantages, eps_low: float, eps_high: float):
+    """-min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) per token, and where the clip binds."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - eps_low, 1 + eps_high) * advantages
+    return -torch.minimum(unclipped, clipped), (clipped < unclipped).float(), ratio
+
+
+@dataclass
+class PolicyLoss:
+    def token_terms(self, logp: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def latent_terms(self, hidden: torch.Tensor, batch: dict) -> dict:
+        """{name: (loss_sum, count)} over latent positions; none by default."""
+        return {}
+
+
+@dataclass
+class GRPOLoss(PolicyLoss):
+    """Clipped surrogate with group-normalised advantages + beta * k3 KL to the reference.
+    Defaults follow LVR stage 2 (TRL 0.17 GRPO): eps 0.2, beta 0.04."""
+
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    beta: float = 0.04
+
+    def token_terms(self, logp, batch):
+        adv = batch["advantages"].to(logp.dtype).unsqueeze(1)  # per sample -> per token
+        pg, clipped, ratio = clipped_surrogate(logp, batch["old_logprobs"], adv,
+                                               self.eps_low, self.eps_high)
+        loss = pg
+        logs = {"pg loss": pg, "clip fraction": clipped, "ratio": ratio}
+        if self.beta:
+            kl = k3_kl(logp, batch["ref_logprobs"])
+            loss = loss + self.beta * kl
+            logs["kl"] = kl
+        return loss, logs

@@ -1,0 +1,84 @@
+"""The RL training forward as a latent method: the same model injection points as SFT.
+
+`RLObjective` plugs into training.step.train_step (megatron-core schedules, DDP, optimizer):
+for each rollout micro-batch it makes an `RLStep` that injects the *recorded* rollout latents at
+their positions (one parallel forward, no token-by-token replay), and whose head turns the
+final-norm hidden states into per-token log-probs of the sampled tokens at the rollout
+temperature. The policy loss (losses.py) is token-mean over the whole global batch.
+`TokenScorer` is the same forward without a loss: reference log-probs, and checks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_latent.latent.base import LatentMethod, LatentStep
+from megatron_latent.rl.losses import PolicyLoss
+
+
+def token_logprobs(model, hidden_states, output_layer, output_weight, labels, temperature):
+    """[b, s] log p(labels) under softmax(logits / T); vocab-parallel under TP."""
+    logits = model.logits(hidden_states, output_layer, output_weight)
+    if temperature != 1.0:
+        logits = logits / temperature
+    return -model.language_model.compute_language_model_loss(labels, logits)
+
+
+class RLStep(LatentStep):
+    def __init__(self, batch: dict, temperature: float, loss: PolicyLoss | None):
+        self.batch, self.temperature, self.policy_loss = batch, temperature, loss
+
+    def inject(self, embeddings, image_features):
+        mask, vectors = self.batch["latent_mask"], self.batch["latent_vectors"]
+        if int(mask.sum()) != vectors.shape[0]:
+            raise ValueError(f"{int(mask.sum())} latent positions but {vectors.shape[0]} "
+                             "recorded latent vectors")
+        return embeddings.masked_scatter(mask.unsqueeze(-1), vectors.to(embeddings.dtype))
+
+    def head(self, model, *, hidden_states, output_layer, output_weight, labels=None, **_):
+        logp = token_logprobs(model, hidden_states, output_layer, output_weight, labels,
+                              self.temperature)
+        if self.policy_loss is None:
+            return logp
+        return {"logp": logp, "latent": self.policy_loss.latent_terms(hidden_states, self.batch)}
+
+    def loss(self, output):
+        mask = self.batch["loss_mask"].float()
+        n = mask.sum()
+        per_token, logs = self.policy_loss.token_terms(output["logp"].float(), self.batch)
+        total = (per_token * mask).sum()
+        out_logs = {"policy loss": torch.stack([total.detach(), n])}
+        for k, v in logs.items():
+            out_logs[k] = torch.stack([(v.detach().float() * mask).sum(), n])
+        for k, (s, c) in output["latent"].items():
+            total = total + s
+            out_logs[k] = torch.stack([s.detach(), torch.as_tensor(c, dtype=s.dtype)])
+        return total, n.to(torch.int), out_logs
+
+
+class RLObjective(LatentMethod):
+    name = "rl"
+
+    def __init__(self, loss: PolicyLoss, temperature: float = 1.0):
+        self.policy_loss, self.temperature = loss, temperature
+
+    def sft_step(self, micro_batch: dict) -> RLStep:
+        return RLStep(micro_batch, self.temperature, self.policy_loss)
+
+    def count(self, mb: dict) -> dict[str, float]:
+        return {"policy": float(mb["loss_mask"].sum())}
+
+    def total_loss(self, means: dict) -> float:
+        return means["policy loss"]
+
+
+class TokenScorer(LatentMethod):
+    """Forward-only: per-token log-probs [b, s] of the labels (no loss)."""
+
+    name = "score"
+
+    def __init__(self, temperature: float = 1.0):
+        self.temperature = temperature
+
+    def sft_step(self, micro_batch: dict) -> RLStep:
+        return RLStep(micro_batch, self.temperature, None)

@@ -1,0 +1,71 @@
+"""Rollouts -> training micro-batches: prompt + completion, the sampled tokens as labels, the
+recorded latents at their positions, the rollout's log-probs as the PPO "old" policy.
+
+Trained tokens (loss_mask): every completion token except latent positions and the method's
+excluded ids (LVR: <|lvr_start|>); so for LVR, from <|lvr_start|> up to <|lvr_end|> (exclusive)
+nothing gets a policy or KL term, while <|lvr_end|> and the text do (seed-methods.md 2.7).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_latent.inference.generator import Completion, Prompt
+from megatron_latent.models.qwen25vl.rope_index import rope_index
+
+
+def rollout_micro_batches(prompts: list[Prompt], completions: list[Completion],
+                          advantages: torch.Tensor, *, cfg, pad_id: int, micro_batch_size: int,
+                          pad_to: int, exclude_ids: tuple[int, ...] = ()) -> list[dict]:
+    if len(prompts) != len(completions) or len(prompts) != advantages.numel():
+        raise ValueError(f"{len(prompts)} prompts, {len(completions)} completions, "
+                         f"{advantages.numel()} advantages: they must match")
+    if len(prompts) % micro_batch_size:
+        raise ValueError(f"{len(prompts)} rollouts do not fill micro-batches of "
+                         f"{micro_batch_size}")
+    out = []
+    for k in range(0, len(prompts), micro_batch_size):
+        rows = range(k, k + micro_batch_size)
+        out.append(_micro_batch([prompts[i] for i in rows], [completions[i] for i in rows],
+                                advantages[k:k + micro_batch_size], cfg, pad_id, pad_to,
+                                exclude_ids))
+    return out
+
+
+def _micro_batch(prompts, comps, adv, cfg, pad_id, pad_to, exclude_ids) -> dict:
+    b = len(prompts)
+    longest = max(len(p.input_ids) + len(c.tokens) for p, c in zip(prompts, comps))
+    if longest > pad_to:
+        raise ValueError(f"a rollout of {longest} tokens does not fit the training length "
+                         f"{pad_to}")
+    ids = torch.full((b, pad_to), pad_id, dtype=torch.long)
+    labels = torch.zeros(b, pad_to, dtype=torch.long)
+    loss_mask = torch.zeros(b, pad_to)
+    old = torch.zeros(b, pad_to)
+    real = torch.zeros(b, pad_to, dtype=torch.bool)
+    latent_mask = torch.zeros(b, pad_to, dtype=torch.bool)
+    vectors, pixels, grids = [], [], []
+    for i, (p, c) in enumerate(zip(prompts, comps)):
+        n_p, n = len(p.input_ids), len(p.input_ids) + len(c.tokens)
+        full = torch.tensor(list(p.input_ids) + list(c.tokens))
+        ids[i, :n] = full
+        labels[i, : n - 1] = full[1:]
+        real[i, :n] = True
+        latent = set(c.latent_positions)
+        for j, tok in enumerate(c.tokens):
+            if j in latent:
+                latent_mask[i, n_p + j] = True
+            elif tok not in exclude_ids:
+                loss_mask[i, n_p - 1 + j] = 1.0
+        old[i, n_p - 1: n - 1] = torch.tensor(c.logprobs)
+        vectors.append(c.latents)
+        if p.pixel_values is not None:
+            pixels.append(p.pixel_values)
+            grids.append(p.image_grid_thw)
+    grid = torch.cat(grids) if grids else None
+    positions, _ = rope_index(ids, grid, image_token_id=cfg.image_token_id,
+                              spatial_merge_size=cfg.spatial_merge_size, attention_mask=real)
+    return {"input_ids": ids, "labels": labels, "loss_mask": loss_mask, "position_ids": positions,
+            "pixel_values": torch.cat(pixels) if pixels else None, "image_grid_thw": grid,
+            "latent_mask": latent_mask, "latent_vectors": torch.cat(vectors),
+            "old_logprobs": old, "advantages": adv.float()}

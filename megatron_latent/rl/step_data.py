@@ -1,0 +1,62 @@
+"""Per-step prompt preparation for GRPO: records -> chat prompts with images (over-length ones
+skipped and counted), sampling settings, and completion text for the rewards."""
+
+from __future__ import annotations
+
+from PIL import Image
+
+from megatron_latent.data.lvr_records import LvrDataError
+from megatron_latent.data.lvr_tokens import add_lvr_tokens
+from megatron_latent.inference.prompts import build_prompt
+from megatron_latent.inference.sampling import SamplingParams
+
+
+class PromptBuilder:
+    def __init__(self, tok_dir: str, mcfg, cfg):
+        from transformers import AutoProcessor
+
+        self.cfg = cfg
+        self.processor = AutoProcessor.from_pretrained(tok_dir)
+        self.processor.image_processor.size = {"shortest_edge": cfg.min_pixels,
+                                               "longest_edge": cfg.max_pixels}
+        self.tokenizer = self.processor.tokenizer
+        add_lvr_tokens(self.tokenizer, mcfg.vocab_size)
+        self.pad_id = self.tokenizer.pad_token_id
+        vocab = self.tokenizer.get_vocab()
+        self.stop_ids = tuple(vocab[t] for t in ("<|im_end|>", "<|endoftext|>") if t in vocab)
+
+    def build(self, records):
+        """-> (prompts, references, record ids, number skipped for length)."""
+        limit = self.cfg.seq_length - self.cfg.max_new_tokens
+        prompts, refs, ids, skipped = [], [], [], 0
+        for rec in records:
+            try:
+                images = [Image.open(p).convert("RGB") for p in rec.images]
+            except OSError as e:
+                raise LvrDataError(rec.images[0], None, "image", f"unreadable image: {e}") from e
+            p = build_prompt(self.processor, rec.question, images, system=self.cfg.system_prompt,
+                             answer_prefix=self.cfg.answer_prefix)
+            if len(p.input_ids) > limit:
+                skipped += 1
+                continue
+            prompts.append(p)
+            refs.append(rec.reference)
+            ids.append(rec.id)
+        if not prompts:
+            raise ValueError(f"no prompt of this step fits seq_length {self.cfg.seq_length} - "
+                             f"max_new_tokens {self.cfg.max_new_tokens} = {limit} tokens "
+                             f"({skipped} skipped); raise --seq-length or shrink images")
+        return prompts, refs, ids, skipped
+
+    def sampling(self, iteration: int, dp_rank: int) -> SamplingParams:
+        # the same seed on every TP/PP rank of a model replica: identical samples everywhere
+        return SamplingParams(max_new_tokens=self.cfg.max_new_tokens,
+                              temperature=self.cfg.temperature, top_p=self.cfg.top_p,
+                              top_k=self.cfg.top_k, stop_ids=self.stop_ids,
+                              seed=self.cfg.seed * 1_000_003 + iteration * 1_009 + dp_rank)
+
+    def completion_text(self, completion) -> str:
+        """What the rewards see: the answer prefix (it opened the answer) + the decoded
+        completion with special tokens kept (latent positions show as <|lvr|>)."""
+        return self.cfg.answer_prefix + self.tokenizer.decode(completion.tokens,
+                                                              skip_special_tokens=False)

@@ -1,0 +1,66 @@
+"""Command-line flags shared by the training scripts (Megatron-LM's names)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_common_args(p: argparse.ArgumentParser, *, lr: float, decay: str) -> None:
+    a = p.add_argument
+    a("--data-path", required=True, help="records JSON list or meta JSON")
+    a("--hf-dir", help="HF Qwen2.5-VL checkpoint for the initial weights and tokenizer")
+    a("--load", help="megatron_latent checkpoint dir to resume or start from")
+    a("--save", help="checkpoint dir")
+    a("--save-interval", type=int, default=0)
+    a("--keep-last", type=int, default=None, help="keep only the newest N iterations")
+    a("--tensor-model-parallel-size", type=int, default=1)
+    a("--pipeline-model-parallel-size", type=int, default=1)
+    a("--transformer-impl", choices=["transformer_engine", "local"], default="local")
+    a("--bf16", action="store_true")
+    a("--seq-length", type=int, default=4096)
+    a("--train-iters", type=int, required=True)
+    a("--lr", type=float, default=lr)
+    a("--min-lr", type=float, default=0.0)
+    a("--vision-lr", type=float, default=None, help="LR of the vision tower (if trained)")
+    a("--merger-lr", type=float, default=None, help="LR of the patch merger (if trained)")
+    a("--lr-warmup-iters", type=int, default=0)
+    a("--lr-decay-style", choices=["cosine", "linear", "constant"], default=decay)
+    a("--weight-decay", type=float, default=0.0)
+    a("--adam-beta1", type=float, default=0.9)
+    a("--adam-beta2", type=float, default=0.95)
+    a("--clip-grad", type=float, default=1.0)
+    a("--use-distributed-optimizer", action="store_true")
+    a("--train-vision", action="store_true", help="train the vision tower (frozen by default)")
+    a("--train-merger", action="store_true", help="train the patch merger (frozen by default)")
+    a("--min-pixels", type=int, default=128 * 28 * 28)
+    a("--seed", type=int, default=1234)
+    a("--wandb-project", default="megatron_latent")
+    a("--wandb-exp-name", default=None)
+    a("--wandb-mode", default=None, help="offline (default), online or disabled")
+    a("--log-dir", default=None)
+
+
+def optim_from_args(args):
+    from megatron_latent.training.build import OptimSettings
+
+    return OptimSettings(lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+                         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
+                         clip_grad=args.clip_grad, vision_lr=args.vision_lr,
+                         merger_lr=args.merger_lr,
+                         use_distributed_optimizer=args.use_distributed_optimizer)
+
+
+def common_config(args) -> dict:
+    """The config fields every training loop takes, from the common flags."""
+    return dict(
+        data_path=args.data_path, hf_dir=args.hf_dir, load=args.load, save=args.save,
+        save_interval=args.save_interval, keep_last=args.keep_last,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        spec="te" if args.transformer_impl == "transformer_engine" else "local", bf16=args.bf16,
+        seq_length=args.seq_length, train_iters=args.train_iters,
+        lr_warmup_iters=args.lr_warmup_iters, lr_decay_style=args.lr_decay_style,
+        optim=optim_from_args(args), freeze_vision=not args.train_vision,
+        freeze_merger=not args.train_merger, min_pixels=args.min_pixels, seed=args.seed,
+        wandb_project=args.wandb_project, wandb_exp_name=args.wandb_exp_name,
+        wandb_mode=args.wandb_mode, log_dir=args.log_dir)

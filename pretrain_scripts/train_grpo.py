@@ -1,0 +1,80 @@
+"""LVR stage 2: co-located GRPO on megatron-core (rollout and training share the GPUs and the
+weights).
+
+    torchrun --nproc-per-node 8 pretrain_scripts/train_grpo.py \\
+        --hf-dir ckpt/lvr7b-sft-hf --data-path data/meta_rl.json \\
+        --tensor-model-parallel-size 2 --prompts-per-step 32 --group-size 8 \\
+        --micro-batch-size 8 --max-new-tokens 512 --seq-length 4096 --bf16 \\
+        --train-iters 500 --lr 5e-6 --save ckpt/lvr7b-grpo --load ckpt/lvr7b-grpo
+
+Same checkpoint, resume and logging flags as pretrain_lvr.py. Per step it logs reward (and each
+reward term), KL, clip fraction, response length, latent-span rate, rollout and train seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def parse_args(argv=None):
+    from megatron_latent.training.cli import add_common_args
+
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p, lr=5e-6, decay="constant")
+    a = p.add_argument
+    a("--reference", default=None, help="frozen reference (HF dir or checkpoint); default --hf-dir")
+    a("--prompts-per-step", type=int, default=4, help="prompts per step over all DP ranks")
+    a("--group-size", type=int, default=8, help="rollouts per prompt")
+    a("--micro-batch-size", type=int, default=4, help="rollouts per micro-batch")
+    a("--max-new-tokens", type=int, default=512)
+    a("--temperature", type=float, default=0.9)
+    a("--top-p", type=float, default=1.0)
+    a("--top-k", type=int, default=50)
+    a("--latent-method", choices=["lvr", "none"], default="lvr")
+    a("--latent-mode", default="steps")
+    a("--latent-steps", type=int, default=8)
+    a("--answer-prefix", default="", help='text after the assistant header, e.g. "<|lvr_start|>"')
+    a("--system-prompt", default="You are a helpful assistant.")
+    a("--rewards", default="accuracy:1.0,format:1.0", help="name:weight,...")
+    a("--eps-clip", type=float, default=0.2)
+    a("--eps-clip-high", type=float, default=None, help="upper clip (default: --eps-clip)")
+    a("--kl-beta", type=float, default=0.04)
+    a("--ppo-epochs", type=int, default=1)
+    a("--offload-reference", action="store_true", help="keep the reference on the host")
+    a("--cuda-graphs", action="store_true", help="replay decode steps as CUDA graphs")
+    a("--max-pixels", type=int, default=1280 * 28 * 28)
+    return p.parse_args(argv)
+
+
+def config_from_args(args):
+    from megatron_latent.rl.loop import GRPOConfig
+    from megatron_latent.training.cli import common_config
+
+    return GRPOConfig(
+        **common_config(args), reference=args.reference, prompts_per_step=args.prompts_per_step,
+        group_size=args.group_size, micro_batch_size=args.micro_batch_size,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, latent_method=args.latent_method, latent_mode=args.latent_mode,
+        latent_steps=args.latent_steps, answer_prefix=args.answer_prefix,
+        system_prompt=args.system_prompt or None, rewards=args.rewards,
+        eps_low=args.eps_clip, eps_high=args.eps_clip_high or args.eps_clip,
+        kl_beta=args.kl_beta, ppo_epochs=args.ppo_epochs,
+        offload_reference=args.offload_reference, cuda_graphs=args.cuda_graphs,
+        max_pixels=args.max_pixels)
+
+
+def main(argv=None):
+    from megatron_latent import parallel
+    from megatron_latent.rl.loop import run_grpo
+
+    run_grpo(config_from_args(parse_args(argv)))
+    parallel.destroy()
+
+
+if __name__ == "__main__":
+    main()
