@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--latent-steps", type=int, default=8)
     ap.add_argument("--spec", choices=["te", "local"], default="te")
     ap.add_argument("--cuda-graphs", action="store_true")
+    ap.add_argument("--steps", type=int, default=2, help="timings are those of the last step")
     args = ap.parse_args()
 
     import torch
@@ -73,7 +74,6 @@ def main() -> None:
     dev = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     prompts = make_prompts(shape, args.prompts, 64, 448, dev)
     rollouts = [p for p in prompts for _ in range(args.group)]
-    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.9, seed=1)
     objective = RLObjective(GRPOLoss(), temperature=0.9)
 
     def sync_time():
@@ -81,39 +81,49 @@ def main() -> None:
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    policy.eval()
-    gen.generate(rollouts[: args.micro_batch], SamplingParams(max_new_tokens=4))  # warm-up
-    t0 = sync_time()
-    comps = gen.generate(rollouts, params)
-    gen.release()
-    t1 = sync_time()
-    policy.train()
-    adv = torch.randn(len(rollouts), generator=torch.Generator().manual_seed(0))
-    longest = max(len(p.input_ids) + len(c.tokens) for p, c in zip(rollouts, comps))
-    mbs = rollout_micro_batches(rollouts, comps, adv, cfg=cfg, pad_id=0,
-                                micro_batch_size=args.micro_batch,
-                                pad_to=-(-longest // (8 * args.tp)) * 8 * args.tp,
-                                exclude_ids=(rule.start_id,))
-    t2 = sync_time()
-    for mb, lp in zip(mbs, forward_outputs(reference, mbs, TokenScorer(0.9))):
-        mb["ref_logprobs"] = lp
-    t3 = sync_time()
-    scored = forward_outputs(model, mbs, TokenScorer(0.9))
-    diffs = torch.cat([(lp.float().cpu() - mb["old_logprobs"])[mb["loss_mask"].bool()]
-                       for mb, lp in zip(mbs, scored)])
-    t4 = sync_time()
-    out = train_step(model, optimizer, mbs, objective)
-    t5 = sync_time()
-    policy.eval()
-    gen.generate(rollouts, SamplingParams(max_new_tokens=1))
-    t6 = sync_time()
-    n_gen = sum(len(c.tokens) for c in comps)
-    n_train = sum(len(p.input_ids) + len(c.tokens) for p, c in zip(rollouts, comps))
+    def one_step(step: int) -> dict:
+        t = {"t0": sync_time()}
+        policy.eval()
+        comps = gen.generate(rollouts, SamplingParams(max_new_tokens=args.new_tokens,
+                                                      temperature=0.9, seed=step))
+        gen.release()
+        t["rollout"] = sync_time()
+        policy.train()
+        adv = torch.randn(len(rollouts), generator=torch.Generator().manual_seed(step))
+        longest = max(len(p.input_ids) + len(c.tokens) for p, c in zip(rollouts, comps))
+        mbs = rollout_micro_batches(rollouts, comps, adv, cfg=cfg, pad_id=0,
+                                    micro_batch_size=args.micro_batch,
+                                    pad_to=-(-longest // (8 * args.tp)) * 8 * args.tp,
+                                    exclude_ids=(rule.start_id,))
+        t["built"] = sync_time()
+        for mb, lp in zip(mbs, forward_outputs(reference, mbs, TokenScorer(0.9))):
+            mb["ref_logprobs"] = lp
+        t["reference"] = sync_time()
+        if step == 0:  # the policy is still the reference: rollout vs train log-probs
+            scored = forward_outputs(model, mbs, TokenScorer(0.9))
+            t["diffs"] = torch.cat([(lp.float().cpu() - mb["old_logprobs"])
+                                    [mb["loss_mask"].bool()] for mb, lp in zip(mbs, scored)])
+        t["t4"] = sync_time()
+        t["out"] = train_step(model, optimizer, mbs, objective)
+        t["train"] = sync_time()
+        policy.eval()
+        gen.generate(rollouts, SamplingParams(max_new_tokens=1))
+        t["first_token"] = sync_time()
+        t["n_gen"] = sum(len(c.tokens) for c in comps)
+        t["n_train"] = sum(len(p.input_ids) + len(c.tokens) for p, c in zip(rollouts, comps))
+        return t
+
+    runs = [one_step(k) for k in range(args.steps)]
+    t, diffs, out = runs[-1], runs[0]["diffs"], runs[-1]["out"]
+    t0, t1, t2, t3, t4, t5, t6 = (t["t0"], t["rollout"], t["built"], t["reference"], t["t4"],
+                                  t["train"], t["first_token"])
+    n_gen, n_train = t["n_gen"], t["n_train"]
     if rank0:
         print(f"# {torch.cuda.get_device_name() if cuda else 'cpu'} x{dist.get_world_size()}, TP={args.tp}, "
               f"shape {args.shape}, spec {args.spec}, {len(rollouts)} rollouts "
               f"({args.prompts} prompts x {args.group}), {args.new_tokens} new tokens "
-              f"({args.latent_steps} latent), cuda graphs {args.cuda_graphs}")
+              f"({args.latent_steps} latent), cuda graphs {args.cuda_graphs}; "
+              f"timings of step {args.steps} of {args.steps}")
         print(f"rollout: {t1 - t0:.2f} s, {n_gen / (t1 - t0):,.0f} generated tokens/s")
         print(f"reference scoring: {t3 - t2:.2f} s")
         print(f"train step: {t5 - t4:.2f} s, {n_train / (t5 - t4):,.0f} tokens/s "

@@ -106,6 +106,7 @@ class Generator:
 
     def _prefill(self, batch: dict, cache: KVCache):
         cache.mark(batch["mask"])
+        cache.dense_prefill = bool(batch["mask"].all())
         out = self.link.forward(
             lambda: self.model(input_ids=batch["ids"], position_ids=batch["positions"],
                                pixel_values=batch["pixel_values"],
@@ -113,6 +114,7 @@ class Generator:
                                head=self._head),
             seq_len=batch["ids"].shape[1], batch=batch["ids"].shape[0])
         cache.advance(batch["ids"].shape[1])
+        cache.dense_prefill = False
         return out
 
     def _decode(self, cache: KVCache, ids, feed, latent, positions):

@@ -37,6 +37,7 @@ class KVCache(BaseInferenceContext):
         self.write_index = torch.zeros((), dtype=torch.long, device=self.device)
         self.slots = torch.arange(self.max_len, device=self.device)
         self.decode_mode = False
+        self.dense_prefill = False  # set by the generator: a prefill without padding
         self._rope = (None, None)
 
     # ---- megatron-core's context protocol
@@ -94,8 +95,13 @@ class KVCache(BaseInferenceContext):
                                                  scale=softmax_scale)
             return out.reshape(1, b, g * r * d)
         q = query.permute(1, 2, 3, 0, 4).reshape(b, g * r, s, d)
-        out = F.scaled_dot_product_attention(q, k_buf, v_buf, attn_mask=self.mask,
-                                             scale=softmax_scale, enable_gqa=r > 1)
+        if self.dense_prefill:  # no padding, empty cache before: plain causal (flash kernels)
+            out = F.scaled_dot_product_attention(q, k_buf[:, :, :s], v_buf[:, :, :s],
+                                                 is_causal=True, scale=softmax_scale,
+                                                 enable_gqa=r > 1)
+        else:
+            out = F.scaled_dot_product_attention(q, k_buf, v_buf, attn_mask=self.mask,
+                                                 scale=softmax_scale, enable_gqa=r > 1)
         return out.permute(2, 0, 1, 3).reshape(s, b, g * r * d)
 
     def _buffers(self, layer_number: int, key: torch.Tensor):

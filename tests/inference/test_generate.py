@@ -183,3 +183,16 @@ def test_latent_generation_equals_seed_hf_loop(setup):
     theirs = hf_latent_generate(hf, prompts, lvr_rule(ids, steps=3), 10, pad_id=pad)
     assert [c.tokens for c in ours] == theirs
     assert ours[0].latent_positions == [0, 1, 2]
+
+
+def test_unpadded_prefill_equals_padded(setup):
+    """A batch without padding takes the plain causal prefill; it must match the masked path
+    (the same prompt generated next to a longer one, i.e. left-padded)."""
+    path, cfg, model, proc, ids = setup
+    prompts = demo_prompts(proc)
+    gen = Generator(model, rule=lvr_rule(ids), pad_id=proc.tokenizer.pad_token_id)
+    params = SamplingParams(max_new_tokens=6)
+    alone = gen.generate([prompts[1]], params, record_logits=True)[0]
+    padded = gen.generate(prompts, params, record_logits=True)[1]
+    assert alone.tokens == padded.tokens
+    assert (alone.logits - padded.logits).abs().max() <= 1e-4
