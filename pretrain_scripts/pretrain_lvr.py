@@ -35,6 +35,8 @@ def parse_args(argv=None):
     a("--lvr-loss-lambda", type=float, default=0.1)
     a("--max-pixels", type=int, default=5120 * 28 * 28)
     a("--skip-bad-samples", action="store_true", help="skip (and count) bad records instead of failing")
+    a("--pack-sequences", action="store_true",
+      help="THD packing: each micro-batch's samples in one row, no padding (TE spec)")
     return p.parse_args(argv)
 
 
@@ -47,7 +49,8 @@ def config_from_args(args):
         eval_interval=args.eval_interval, eval_iters=args.eval_iters,
         sequence_parallel=args.sequence_parallel, micro_batch_size=args.micro_batch_size,
         global_batch_size=args.global_batch_size, lvr_lambda=args.lvr_loss_lambda,
-        max_pixels=args.max_pixels, skip_bad_samples=args.skip_bad_samples)
+        max_pixels=args.max_pixels, skip_bad_samples=args.skip_bad_samples,
+        pack_sequences=args.pack_sequences)
 
 
 def main(argv=None):

@@ -74,6 +74,7 @@ class GRPOConfig:
     wandb_exp_name: str | None = None
     wandb_mode: str | None = None
     log_dir: str | None = None
+    model_overrides: dict = field(default_factory=dict)  # Qwen25VLConfig fields (fp8, recompute)
 
     def check(self, dp: int) -> None:
         if self.group_size < 2:
@@ -150,7 +151,7 @@ def run_grpo(cfg: GRPOConfig) -> list[dict]:
     tok_dir = str(Path(cfg.load) / "hf") if resume else cfg.hf_dir
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     over = dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, spec=cfg.spec,
-                params_dtype=dtype)
+                params_dtype=dtype, **cfg.model_overrides)
     mcfg = (checkpointing.config_from_checkpoint(cfg.load, **over) if resume
             else Qwen25VLConfig.from_hf(cfg.hf_dir, **over))
     builder = PromptBuilder(tok_dir, mcfg, cfg)

@@ -33,6 +33,14 @@ def add_common_args(p: argparse.ArgumentParser, *, lr: float, decay: str) -> Non
     a("--train-vision", action="store_true", help="train the vision tower (frozen by default)")
     a("--train-merger", action="store_true", help="train the patch merger (frozen by default)")
     a("--min-pixels", type=int, default=128 * 28 * 28)
+    a("--fp8-format", choices=["hybrid", "e4m3"], default=None, help="FP8 LLM linears (TE)")
+    a("--fp8-recipe", choices=["delayed", "tensorwise", "blockwise", "mxfp8"],
+      default="tensorwise")
+    a("--vision-fp8", action="store_true", help="the vision tower in FP8 too (default bf16)")
+    a("--recompute-granularity", choices=["selective", "full"], default=None)
+    a("--recompute-method", choices=["uniform", "block"], default=None)
+    a("--recompute-num-layers", type=int, default=None)
+    a("--no-fused-kernels", action="store_true", help="turn TE-path kernel fusions off")
     a("--seed", type=int, default=1234)
     a("--wandb-project", default="megatron_latent")
     a("--wandb-exp-name", default=None)
@@ -63,4 +71,15 @@ def common_config(args) -> dict:
         optim=optim_from_args(args), freeze_vision=not args.train_vision,
         freeze_merger=not args.train_merger, min_pixels=args.min_pixels, seed=args.seed,
         wandb_project=args.wandb_project, wandb_exp_name=args.wandb_exp_name,
-        wandb_mode=args.wandb_mode, log_dir=args.log_dir)
+        wandb_mode=args.wandb_mode, log_dir=args.log_dir, model_overrides=perf_overrides(args))
+
+
+def perf_overrides(args) -> dict:
+    """Qwen25VLConfig fields for precision, recompute and fusions (docs/performance.md)."""
+    out = dict(fp8=args.fp8_format, fp8_recipe=args.fp8_recipe, vision_fp8=args.vision_fp8,
+               recompute_granularity=args.recompute_granularity,
+               recompute_method=args.recompute_method,
+               recompute_num_layers=args.recompute_num_layers)
+    if args.no_fused_kernels:
+        out["fused_kernels"] = False
+    return out

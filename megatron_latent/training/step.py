@@ -13,6 +13,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_latent.data.packing import packed_seq_params
 from megatron_latent.latent import pipeline_channel
 from megatron_latent.latent.base import LatentMethod, PlainLM
 
@@ -33,7 +34,7 @@ def make_forward_step(method: LatentMethod):
         batch = _to_device(next(data_iterator))
         step = method.sft_step(batch)
         out = model(**{k: batch.get(k) for k in MODEL_INPUTS}, labels=batch["labels"],
-                    latent=step)
+                    latent=step, packed_seq_params=packed_seq_params(batch))
         return out, step.loss
 
     return forward_step

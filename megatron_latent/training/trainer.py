@@ -53,11 +53,13 @@ class TrainConfig:
     min_pixels: int = 128 * 28 * 28
     max_pixels: int = 5120 * 28 * 28
     skip_bad_samples: bool = False
+    pack_sequences: bool = False  # THD: a micro-batch's samples in one row (TE spec)
     seed: int = 1234
     wandb_project: str = "megatron_latent"
     wandb_exp_name: str | None = None
     wandb_mode: str | None = None
     log_dir: str | None = None
+    model_overrides: dict = field(default_factory=dict)  # Qwen25VLConfig fields (fp8, recompute)
 
 
 class SampleOrder:
@@ -91,6 +93,13 @@ def _micro_batches(ds, collate, order: SampleOrder, consumed: int, cfg: TrainCon
         multiple = 8 * cfg.tensor_model_parallel_size
         pad = int(-(-int(longest) // multiple) * multiple)
     m = cfg.micro_batch_size
+    if cfg.pack_sequences:  # one row per micro-batch; PP needs one fixed length for all
+        from megatron_latent.data.packing import pack
+
+        multiple = m * cfg.seq_length if cfg.pipeline_model_parallel_size > 1 else \
+            8 * cfg.tensor_model_parallel_size
+        return [pack(samples[k * m:(k + 1) * m], pad_to_multiple=multiple, **ds.collate_kwargs)
+                for k in range(num_micro)]
     return [collate(samples[k * m:(k + 1) * m], pad_to=pad) for k in range(num_micro)]
 
 
@@ -119,6 +128,9 @@ def train(cfg: TrainConfig) -> list[dict]:
     from megatron_latent.latent.lvr import LVR
 
     tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
+    if cfg.pack_sequences and cfg.spec != "te":
+        raise ValueError("--pack-sequences needs the TE spec (THD attention): "
+                         "--transformer-impl transformer_engine")
     parallel.initialize(parallel.ParallelConfig(tp, pp, sequence_parallel=cfg.sequence_parallel),
                         seed=cfg.seed)
     resume = cfg.load is not None and checkpointing.is_checkpoint(cfg.load)
@@ -128,7 +140,8 @@ def train(cfg: TrainConfig) -> list[dict]:
     tok_dir = str(Path(cfg.load) / "hf") if resume else cfg.hf_dir
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     overrides = dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                     sequence_parallel=cfg.sequence_parallel, spec=cfg.spec, params_dtype=dtype)
+                     sequence_parallel=cfg.sequence_parallel, spec=cfg.spec, params_dtype=dtype,
+                     **cfg.model_overrides)
     if resume:
         mcfg = checkpointing.config_from_checkpoint(cfg.load, **overrides)
     else:

@@ -60,6 +60,14 @@ class Qwen25VLConfig:
     make_vocab_size_divisible_by: int = 128
     spec: Spec = "local"
     params_dtype: torch.dtype = torch.float32
+    # GPU speed (docs/performance.md)
+    fused_kernels: bool | None = None  # bias-act/bias-dropout/softmax/wgrad fusions; None: on for TE
+    fp8: str | None = None  # "hybrid" or "e4m3": the LLM's linears in FP8 through TE
+    fp8_recipe: str = "tensorwise"  # delayed | tensorwise | blockwise | mxfp8
+    vision_fp8: bool = False  # the vision tower's precision is its own choice (default bf16)
+    recompute_granularity: str | None = None  # None | "selective" | "full" (LLM layers)
+    recompute_method: str | None = None  # "uniform" | "block" (with "full")
+    recompute_num_layers: int | None = None
 
     # ---------------------------------------------------------------- derived facts
     @property
@@ -160,6 +168,21 @@ class Qwen25VLConfig:
             raise ValueError(f"num_layers={self.num_layers} cannot be split over "
                              f"pipeline_model_parallel_size={pp} "
                              f"(num_layers_in_first_pipeline_stage={first})")
+        if self.fp8 is not None:
+            if self.fp8 not in ("hybrid", "e4m3"):
+                raise ValueError(f"fp8={self.fp8!r}: expected 'hybrid' or 'e4m3'")
+            if self.fp8_recipe not in ("delayed", "tensorwise", "blockwise", "mxfp8"):
+                raise ValueError(f"fp8_recipe={self.fp8_recipe!r}: expected delayed, "
+                                 "tensorwise, blockwise or mxfp8")
+            if self.spec != "te":
+                raise ValueError("fp8 runs through Transformer Engine: use spec='te'")
+        if self.recompute_granularity not in (None, "selective", "full"):
+            raise ValueError(f"recompute_granularity={self.recompute_granularity!r}: expected "
+                             "None, 'selective' or 'full'")
+        if self.recompute_granularity == "full" and (self.recompute_method is None
+                                                     or not self.recompute_num_layers):
+            raise ValueError("recompute_granularity='full' needs recompute_method ('uniform' or "
+                             "'block') and recompute_num_layers")
         bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.vision_depth]
         if bad:
             raise ValueError(f"fullatt_block_indexes {bad} outside vision depth {self.vision_depth}")
@@ -171,6 +194,7 @@ class Qwen25VLConfig:
     # ---------------------------------------------------------------- megatron-core configs
     def _common(self) -> dict:
         bf16 = self.params_dtype == torch.bfloat16
+        fuse = self.spec == "te" if self.fused_kernels is None else self.fused_kernels
         return dict(
             tensor_model_parallel_size=self.tensor_model_parallel_size,
             params_dtype=self.params_dtype, bf16=bf16, fp16=self.params_dtype == torch.float16,
@@ -178,8 +202,11 @@ class Qwen25VLConfig:
             normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
             hidden_dropout=0.0, attention_dropout=0.0,
             use_cpu_initialization=not torch.cuda.is_available(),
-            apply_rope_fusion=False, bias_activation_fusion=False, masked_softmax_fusion=False,
-            bias_dropout_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
+            # RoPE fusion stays off: TE's fused RoPE takes one position row, mRoPE has one per
+            # sample. Weight-gradient accumulation fusion needs TE and DDP's main_grad buffers.
+            apply_rope_fusion=False, bias_activation_fusion=fuse, masked_softmax_fusion=fuse,
+            bias_dropout_fusion=fuse, persist_layer_norm=False,
+            gradient_accumulation_fusion=fuse and self.spec == "te",
             # losses are token sums; grads are divided by the global token count once
             calculate_per_token_loss=True,
         )
@@ -197,6 +224,10 @@ class Qwen25VLConfig:
             pipeline_model_parallel_size=self.pipeline_model_parallel_size,
             num_layers_in_first_pipeline_stage=self.num_layers_in_first_pipeline_stage,
             sequence_parallel=self.sequence_parallel,
+            fp8=self.fp8, fp8_recipe=self.fp8_recipe if self.fp8 else "delayed",
+            recompute_granularity=self.recompute_granularity,
+            recompute_method=self.recompute_method,
+            recompute_num_layers=self.recompute_num_layers,
         )
 
     def vision_transformer_config(self):
@@ -205,6 +236,8 @@ class Qwen25VLConfig:
 
         common = self._common()
         common["activation_func"] = _activation(self.vision_hidden_act)
+        # megatron fuses only gelu (tanh-approximated) and swiglu
+        common["bias_activation_fusion"] &= common["activation_func"] is F.silu
         return TransformerConfig(
             **common,
             num_layers=self.vision_depth, hidden_size=self.vision_hidden_size,
@@ -212,6 +245,8 @@ class Qwen25VLConfig:
             kv_channels=self.vision_hidden_size // self.vision_num_heads,
             ffn_hidden_size=self.vision_ffn_hidden_size, layernorm_epsilon=1e-6,
             add_bias_linear=True, add_qkv_bias=True, pipeline_model_parallel_size=1,
+            fp8=self.fp8 if self.vision_fp8 else None,
+            fp8_recipe=self.fp8_recipe if self.fp8 and self.vision_fp8 else "delayed",
         )
 
     def merger_transformer_config(self):
@@ -219,7 +254,9 @@ class Qwen25VLConfig:
         from megatron.core.transformer import TransformerConfig
 
         common = self._common()
-        common.update(gated_linear_unit=False, activation_func=F.gelu)
+        # exact GELU: megatron's fused bias-GELU is the tanh approximation
+        common.update(gated_linear_unit=False, activation_func=F.gelu,
+                      bias_activation_fusion=False)
         return TransformerConfig(
             **common,
             num_layers=1, hidden_size=self.hidden_size,

@@ -102,13 +102,14 @@ class Qwen25VLModel(MegatronModule):
                 labels: Optional[torch.Tensor] = None,
                 decoder_input: Optional[torch.Tensor] = None,
                 latent=None, head: Optional[Callable] = None, inference_context=None,
-                runtime_gather_output: Optional[bool] = None):
+                runtime_gather_output: Optional[bool] = None, packed_seq_params=None):
         """input_ids [b, s] (right-padded; causal attention makes masks unnecessary).
 
         Last stage returns, by default, per-token CE loss [b, s] when `labels` is given, else
         logits [b, s, vocab] (vocab-parallel unless runtime_gather_output). `latent` (a
         latent.base.LatentStep) injects at latent positions and supplies the last-stage head;
         `head` replaces the output processor directly. Other stages return hidden states.
+        Packed (THD) micro-batches: b = 1 and `packed_seq_params` (data/packing.py).
         """
         if position_ids is None:
             position_ids = self.position_ids(input_ids, image_grid_thw)
@@ -121,7 +122,7 @@ class Qwen25VLModel(MegatronModule):
         return self.language_model(
             input_ids=input_ids, position_ids=position_ids, attention_mask=None,
             decoder_input=decoder_input, labels=labels, inference_context=inference_context,
-            runtime_gather_output=runtime_gather_output,
+            runtime_gather_output=runtime_gather_output, packed_seq_params=packed_seq_params,
             output_processor=head or self.lm_head)
 
     def lm_head(self, *, hidden_states, output_layer, output_weight, labels=None,
