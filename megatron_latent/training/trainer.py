@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -90,14 +91,14 @@ def _micro_batches(ds, collate, order: SampleOrder, consumed: int, cfg: TrainCon
         longest = torch.tensor(max(len(x["input_ids"]) for x in samples),
                                device="cuda" if torch.cuda.is_available() else "cpu")
         dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=ps.get_model_parallel_group())
-        multiple = 8 * cfg.tensor_model_parallel_size
+        multiple = 16 * cfg.tensor_model_parallel_size  # FP8 GEMMs want multiples of 16
         pad = int(-(-int(longest) // multiple) * multiple)
     m = cfg.micro_batch_size
     if cfg.pack_sequences:  # one row per micro-batch; PP needs one fixed length for all
         from megatron_latent.data.packing import pack
 
         multiple = m * cfg.seq_length if cfg.pipeline_model_parallel_size > 1 else \
-            8 * cfg.tensor_model_parallel_size
+            16 * cfg.tensor_model_parallel_size
         return [pack(samples[k * m:(k + 1) * m], pad_to_multiple=multiple, **ds.collate_kwargs)
                 for k in range(num_micro)]
     return [collate(samples[k * m:(k + 1) * m], pad_to=pad) for k in range(num_micro)]
@@ -187,7 +188,10 @@ def train(cfg: TrainConfig) -> list[dict]:
     stop, history = _Stop(), []
     while iteration < cfg.train_iters:
         mbs = _micro_batches(train_ds, coll, order, consumed, cfg, num_micro)
+        t0 = time.perf_counter()
         out = train_step(model, optimizer, mbs, method)
+        out["step_s"] = time.perf_counter() - t0
+        out["tokens"] = sum(int(mb["input_ids"].numel()) for mb in mbs)
         scheduler.step(increment=1)
         iteration += 1
         consumed += cfg.global_batch_size

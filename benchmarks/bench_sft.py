@@ -1,0 +1,502 @@
+"""LVR SFT training-step throughput: our Megatron model vs the seeds' HF-transformers path, same
+GPU, same random weights, same batch, one run.
+
+    python benchmarks/bench_sft.py [--shape 7b-4l] [--spec te] [--precision bf16|fp8]
+    torchrun --nproc-per-node 2 benchmarks/bench_sft.py --shape 7b --tp 2   # ours only
+    python benchmarks/bench_sft.py --shape tiny --spec local --steps 1 --warmup 0 \\
+        --seq-length 512 --image 112                                         # CPU smoke run
+
+Shapes: `7b-4l` (default): Qwen2.5-VL-7B text dims with 4 LLM layers and the full 32-block
+vision tower; `7b`: all 28 layers (ours only unless `--hf`; for 2-4 GPUs with `--tp`);
+`tiny`: for a CPU smoke run.
+
+One step = `--num-micro-batches` micro-batches of `--micro-batch-size` samples of
+`--seq-length` tokens (gradient accumulation), then the optimizer step. Each sample: one
+`--image` x `--image` image (448: 1024 patches, 256 merged tokens) right after the start, random
+text, and in the middle `<|lvr_start|>`, `--latent-tokens` `<|lvr|>` positions (teacher-forced
+with 8 of the image's merged tokens), `<|lvr_end|>`, then more random text. Loss (both paths):
+CE over the second half of the sequence (targets `<|lvr|>` excluded) + lambda * MSE(final-norm
+hidden state at t, visual token injected at t+1), each a mean over the whole step.
+
+Ours: megatron-core DDP (fp32 grad buffers) + megatron's Float16 optimizer (Adam, fp32 main
+params) on bf16 params, `train_step` through the megatron-core schedule, LVR latent method.
+HF: `Qwen2_5_VLForConditionalGeneration` (sdpa attention, bf16 params) with the LVR injection
+written against its modules (as the seeds do), plain `torch.optim.AdamW(fused=True)` on the bf16
+weights and bf16 grads (the seeds' DeepSpeed bf16 path keeps fp32 master weights: HF's optimizer
+step here is if anything cheaper than theirs and ours). Both clip the grad norm at 1.0. The
+vision tower and merger are frozen in both (the LVR default) unless `--train-vision`.
+
+Metrics, per path, from the mean wall time of `--steps` steps after `--warmup` steps
+(torch.cuda.synchronize around each):
+  tokens/s = dp * mbs * num_micro * seq_length / step_time   (ALL tokens: text, image, latent)
+  model TFLOP/s per GPU = F / step_time / n_gpus, with
+    F = 6 * N_llm * T  +  6 * L * h * s * T                                      (LLM)
+      + c * (N_vit * P + N_merger * P / 4)  +  (c / 2) * 4 * h_v * sum_layers sum_windows w^2   (ViT)
+    T = tokens of the step, s = seq_length, L/h = LLM layers/hidden size (h = heads * head_dim),
+    N_llm = LLM parameters without the input embedding (decoder layers + final norm + output
+    layer), 6 * L * h * s * T = causal attention (12 * L * h * s * T halved);
+    P = image patches of the step, N_vit = patch embedding + vision blocks, N_merger = the patch
+    merger (it runs on P / 4 merged tokens), w = tokens of an attention window (64 patches for
+    a 112-pixel window, all P_img patches of an image in the full-attention blocks), h_v = the
+    vision hidden size; c = 6 when the vision tower trains; c = 2 when it is frozen: then nothing
+    in it or upstream of it needs a gradient (pixels are data, the latent targets are detached),
+    so it runs forward only — no activation-gradient (2NP) nor weight-gradient (2NP) backward.
+    Activation recompute is not counted (model FLOPs, not hardware FLOPs).
+  peak GiB = torch.cuda.max_memory_allocated() over the timed steps (reset before each path;
+    weights, grads and optimizer state included); max over ranks.
+  ratio vs HF = per-GPU tokens/s of the path / HF's (one GPU) = HF step time / our step time
+    at tp = 1.
+
+Correctness (untimed): the loss of both paths at the shared initial weights (forward only) is
+printed as "loss ours X / HF Y"; with `--dtype fp32` they must agree to 1e-4 relative (the
+script exits 1 otherwise); in bf16 they differ at ~1e-2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+LAMBDA = 0.1
+FP32_RTOL = 1e-4
+FLOPS_FORMULA = ("F = 6*N_llm*T + 6*L*h*s*T + c*(N_vit*P + N_merger*P/4) + (c/2)*4*h_v*sum(w^2); "
+                 "c = 2 (frozen ViT: forward only) or 6 (trained ViT)")
+
+
+def sft_shapes() -> dict:
+    from bench_generate import SHAPES
+
+    seven = SHAPES["7b"]
+    return {"7b-4l": {**seven, "text": {**seven["text"], "num_hidden_layers": 4}},
+            "7b": seven, "tiny": SHAPES["tiny"]}
+
+
+# ------------------------------------------------------------------------------------ batch
+def make_micro_batches(shape: dict, *, seq_length: int, mbs: int, num_micro: int, image: int,
+                       latent_tokens: int, dtype, device) -> list[dict]:
+    """Deterministic synthetic LVR micro-batches in the layout of data/collate.py (no padding)."""
+    import torch
+
+    from megatron_latent.models.qwen25vl.rope_index import rope_index
+
+    ids = shape["ids"]
+    if image % 28:
+        raise SystemExit(f"--image {image} must be a multiple of 28 (patch 14 x merge 2)")
+    side = image // 14
+    n_patch, n_img = side * side, side * side // 4
+    if latent_tokens > n_img:
+        raise SystemExit(f"--latent-tokens {latent_tokens} > the image's {n_img} merged tokens")
+    s = seq_length
+    a = max(s // 2, n_img + 3)  # <|lvr_start|> here: after the image, starts the answer part
+    if a + latent_tokens + 2 >= s:
+        raise SystemExit(f"--seq-length {s} too short for a {n_img}-token image and "
+                         f"{latent_tokens} latent tokens")
+    high = min(ids.values()) - 16  # random text stays clear of the special ids
+    out = []
+    for m in range(num_micro):
+        g = torch.Generator().manual_seed(1000 + m)
+        rows, labels, masks, lat = [], [], [], []
+        for r in range(mbs):
+            seq = torch.randint(0, high, (s,), generator=g)
+            seq[0], seq[1 + n_img] = ids["vision_start"], ids["vision_end"]
+            seq[1:1 + n_img] = ids["image"]
+            seq[a], seq[a + 1 + latent_tokens] = ids["lvr_start"], ids["lvr_end"]
+            seq[a + 1:a + 1 + latent_tokens] = ids["lvr"]
+            lab = torch.cat([seq[1:], seq[:1]])  # labels[t] = token t+1 (last one unsupervised)
+            mask = torch.zeros(s)
+            mask[a - 1:s - 1] = 1.0
+            mask[lab == ids["lvr"]] = 0.0
+            rows.append(seq), labels.append(lab), masks.append(mask)
+            pick = torch.randperm(n_img, generator=g)[:latent_tokens].sort().values
+            lat.append(pick + r * n_img)
+        input_ids = torch.stack(rows)
+        grid = torch.tensor([[1, side, side]] * mbs)
+        position_ids, _ = rope_index(input_ids, grid, image_token_id=ids["image"],
+                                     spatial_merge_size=2)
+        mb = {"input_ids": input_ids, "labels": torch.stack(labels),
+              "loss_mask": torch.stack(masks), "position_ids": position_ids,
+              "pixel_values": torch.randn(mbs * n_patch, 3 * 2 * 14 * 14, generator=g).to(dtype),
+              "image_grid_thw": grid, "latent_mask": input_ids == ids["lvr"],
+              "latent_index": torch.cat(lat)}
+        out.append({k: v.to(device) for k, v in mb.items()})
+    return out
+
+
+# ------------------------------------------------------------------------------------ FLOPs
+def count_params(cfg_hf) -> dict:
+    """Parameter counts by part, from a meta-device HF model (no memory, exact)."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    with torch.device("meta"):
+        m = Qwen2_5_VLForConditionalGeneration._from_config(cfg_hf)
+    n = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
+    lm = m.model.language_model
+    llm = n(lm) - n(lm.embed_tokens) + (0 if cfg_hf.tie_word_embeddings else n(m.lm_head))
+    if cfg_hf.tie_word_embeddings:  # the output layer still costs 2*V*h per token
+        llm += n(lm.embed_tokens)
+    merger = n(m.model.visual.merger)
+    return {"llm": llm, "embedding": n(lm.embed_tokens), "vit": n(m.model.visual) - merger,
+            "merger": merger}
+
+
+def window_sum_sq(side: int, window_size: int) -> int:
+    """sum over the attention windows of one image of (patches in the window)^2."""
+    grid, unit = side // 2, window_size // 14 // 2  # merged units
+    sizes = [min(unit, grid - i) for i in range(0, grid, unit)]
+    return sum((a * b * 4) ** 2 for a in sizes for b in sizes)
+
+
+def step_flops(shape: dict, params: dict, *, tokens: int, seq_length: int, images: int,
+               image: int, train_vision: bool) -> dict:
+    text, vis = shape["text"], shape["vision"]
+    L, h = text["num_hidden_layers"], text["hidden_size"]
+    side = image // 14
+    p_img = side * side
+    P = images * p_img
+    llm = 6 * params["llm"] * tokens + 6 * L * h * seq_length * tokens
+    c = 6 if train_vision else 2
+    n_full = len(vis["fullatt_block_indexes"])
+    per_image = (n_full * p_img ** 2
+                 + (vis["depth"] - n_full) * window_sum_sq(side, vis["window_size"]))
+    vit = c * (params["vit"] * P + params["merger"] * P / 4) + (c / 2) * 4 * vis["hidden_size"] \
+        * per_image * images
+    return {"llm": llm, "vision": vit, "total": llm + vit}
+
+
+# ------------------------------------------------------------------------------------ HF path
+def hf_loss_terms(hf, mb: dict, ids: dict):
+    """(CE sum over loss_mask, squared-error sum at latent predictor positions) of one
+    micro-batch, written against transformers' modules: image features and the detached latent
+    targets scattered into inputs_embeds, our mRoPE positions, post-norm hidden states."""
+    import torch
+    import torch.nn.functional as F
+
+    from megatron_latent.latent.lvr import predictor_mask
+
+    input_ids = mb["input_ids"]
+    feats = torch.cat(hf.model.get_image_features(mb["pixel_values"],
+                                                  mb["image_grid_thw"]).pooler_output)
+    emb = hf.model.get_input_embeddings()(input_ids)
+    emb = emb.masked_scatter((input_ids == ids["image"]).unsqueeze(-1), feats.to(emb.dtype))
+    targets = feats[mb["latent_index"]].detach().to(emb.dtype)
+    emb = emb.masked_scatter(mb["latent_mask"].unsqueeze(-1), targets)
+    h = hf.model(inputs_embeds=emb, position_ids=mb["position_ids"], attention_mask=None,
+                 use_cache=False).last_hidden_state  # after the final RMSNorm
+    logits = hf.lm_head(h)
+    labels = mb["labels"].masked_fill(mb["loss_mask"] == 0, -100)
+    ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                         reduction="sum")
+    pred = h[predictor_mask(mb["latent_mask"])]
+    sq = (pred.float() - targets.float()).pow(2).sum()
+    return ce, sq
+
+
+def hf_step_totals(micro_batches, hidden: int) -> tuple[float, float]:
+    n_ce = sum(float(mb["loss_mask"].sum()) for mb in micro_batches)
+    n_lat = sum(float(mb["latent_mask"].sum()) for mb in micro_batches) * hidden
+    return n_ce, n_lat
+
+
+def hf_loss(hf, micro_batches, ids, hidden) -> dict:
+    """{"lm loss", "latent mse", "loss"} of the step, forward only (the keys of eval_losses)."""
+    import torch
+
+    n_ce, n_lat = hf_step_totals(micro_batches, hidden)
+    with torch.no_grad():
+        parts = [hf_loss_terms(hf, mb, ids) for mb in micro_batches]
+    ce = sum(c.item() for c, _ in parts) / n_ce
+    mse = sum(sq.item() for _, sq in parts) / n_lat
+    return {"lm loss": ce, "latent mse": mse, "loss": ce + LAMBDA * mse}
+
+
+def hf_train_step(hf, optimizer, params, micro_batches, ids, hidden) -> None:
+    import torch
+
+    n_ce, n_lat = hf_step_totals(micro_batches, hidden)
+    optimizer.zero_grad(set_to_none=True)
+    for mb in micro_batches:  # gradient accumulation: each term a mean over the step
+        ce, sq = hf_loss_terms(hf, mb, ids)
+        (ce / n_ce + LAMBDA * sq / n_lat).backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+    optimizer.step()
+
+
+# ------------------------------------------------------------------------------------ timing
+def time_steps(step, warmup: int, steps: int, cuda: bool) -> dict:
+    import torch
+
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for _ in range(warmup):
+        step()
+    if cuda:
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        sync()
+        t = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t)
+    out = {"step_s": sum(times) / len(times), "step_s_all": times}
+    if cuda:
+        out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def free_memory(cuda: bool) -> None:
+    import torch
+
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+
+
+def config_overrides(args) -> dict:
+    """Our config's overrides for --precision/--recompute; a clear error where Qwen25VLConfig
+    does not have the fields yet."""
+    from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
+
+    over = {}
+    if args.precision == "fp8":
+        over.update(fp8="hybrid", fp8_recipe=args.fp8_recipe)
+    if args.recompute == "selective":
+        over.update(recompute_granularity="selective")
+    elif args.recompute == "full":
+        over.update(recompute_granularity="full", recompute_method="uniform",
+                    recompute_num_layers=1)
+    known = {f.name for f in dataclasses.fields(Qwen25VLConfig)}
+    missing = sorted(set(over) - known)
+    if missing:
+        raise SystemExit(f"--precision {args.precision} / --recompute {args.recompute} need "
+                         f"Qwen25VLConfig fields {missing} (passed as from_hf overrides), "
+                         "which this checkout's config does not have yet")
+    return over
+
+
+# ------------------------------------------------------------------------------------ main
+def main() -> None:
+    shapes = sft_shapes()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(shapes), default="7b-4l")
+    ap.add_argument("--seq-length", type=int, default=4096)
+    ap.add_argument("--micro-batch-size", type=int, default=1)
+    ap.add_argument("--num-micro-batches", type=int, default=2)
+    ap.add_argument("--image", type=int, default=448, help="image side in pixels (one a sample)")
+    ap.add_argument("--latent-tokens", type=int, default=8)
+    ap.add_argument("--spec", choices=["te", "local"], default="te")
+    ap.add_argument("--precision", choices=["bf16", "fp8"], default="bf16",
+                    help="ours: fp8 = fp8='hybrid' + --fp8-recipe (TE spec, bf16 params)")
+    ap.add_argument("--fp8-recipe", choices=["delayed", "tensorwise", "blockwise"],
+                    default="tensorwise")
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
+                    help="parameter dtype of both paths (default: bf16 on GPU, fp32 on CPU)")
+    ap.add_argument("--recompute", choices=["none", "selective", "full"], default="none",
+                    help="ours; with 'full' HF gets gradient checkpointing of its layers too")
+    ap.add_argument("--tp", type=int, default=1, help="ours; run with torchrun for tp > 1")
+    ap.add_argument("--sp", action="store_true", help="ours: sequence parallel (tp > 1)")
+    ap.add_argument("--train-vision", action="store_true",
+                    help="train the vision tower and merger (default: frozen, the LVR default)")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--hf", action="store_true",
+                    help="force the HF path where it is skipped by default (--shape 7b, tp > 1)")
+    ap.add_argument("--json-out", default=None)
+    args = ap.parse_args()
+    if args.steps < 1:
+        ap.error("--steps must be >= 1")
+
+    import torch
+    import torch.distributed as dist
+
+    from bench_generate import hf_config
+    from megatron_latent import parallel
+    from megatron_latent.conversion.hf_load import StateDictReader, load_hf_weights
+    from megatron_latent.latent.lvr import LVR
+    from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
+    from megatron_latent.training.build import (OptimSettings, build_model, build_optimizer,
+                                                unwrap)
+    from megatron_latent.training.step import eval_losses, train_step
+
+    cuda = torch.cuda.is_available()  # CPU: a smoke run of the script only (--shape tiny)
+    dtype_name = args.dtype or ("bf16" if cuda else "fp32")
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    if args.precision == "fp8" and (dtype != torch.bfloat16 or args.spec != "te"):
+        ap.error("--precision fp8 needs --spec te and bf16 params")
+    if args.sp and args.tp == 1:
+        ap.error("--sp needs --tp > 1")
+    overrides = config_overrides(args)
+    if dtype == torch.float32 and cuda:  # the fp32 check means fp32 GEMMs
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+
+    parallel.initialize(parallel.ParallelConfig(args.tp, sequence_parallel=args.sp), seed=0)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dp = world // args.tp
+    rank0 = rank == 0
+    dev = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    shape = shapes[args.shape]
+    ids = shape["ids"]
+    cfg_hf = hf_config(shape)
+    hidden = shape["text"]["hidden_size"]
+    run_hf = not args.skip_hf and (args.hf or (args.shape != "7b" and args.tp == 1))
+    hf_note = ("" if run_hf else " (skipped: --skip-hf)" if args.skip_hf else
+               " (skipped by default for this shape/tp; --hf forces it)")
+
+    def log(*a):
+        if rank0:
+            print(*a, flush=True)
+
+    with tempfile.TemporaryDirectory() as d:
+        cfg_hf.save_pretrained(d)
+        cfg = Qwen25VLConfig.from_hf(d, spec=args.spec, params_dtype=dtype,
+                                     tensor_model_parallel_size=args.tp,
+                                     sequence_parallel=args.sp, **overrides)
+    if args.sp and args.seq_length % args.tp:
+        ap.error("--seq-length must be a multiple of --tp with --sp")
+    micro_batches = make_micro_batches(shape, seq_length=args.seq_length,
+                                       mbs=args.micro_batch_size,
+                                       num_micro=args.num_micro_batches, image=args.image,
+                                       latent_tokens=args.latent_tokens, dtype=dtype, device=dev)
+    tokens = dp * args.micro_batch_size * args.num_micro_batches * args.seq_length
+    images = dp * args.micro_batch_size * args.num_micro_batches
+    params = count_params(cfg_hf)
+    flops = step_flops(shape, params, tokens=tokens, seq_length=args.seq_length, images=images,
+                       image=args.image, train_vision=args.train_vision)
+    gpu = torch.cuda.get_device_name() if cuda else "cpu"
+    log(f"# {gpu}; shape {args.shape} ({shape['text']['num_hidden_layers']} LLM layers, "
+        f"{shape['vision']['depth']} vision blocks); spec {args.spec}; params {dtype_name}; "
+        f"precision {args.precision}{f' ({args.fp8_recipe})' if args.precision == 'fp8' else ''}; "
+        f"recompute {args.recompute}; tp {args.tp}{' +sp' if args.sp else ''}, dp {dp}; "
+        f"vision {'trained' if args.train_vision else 'frozen'}")
+    log(f"# step: {args.num_micro_batches} micro-batches x {args.micro_batch_size} x "
+        f"{args.seq_length} tokens (x dp {dp}) = {tokens} tokens, all counted (text, "
+        f"{images} images of {(args.image // 14) ** 2} patches / {(args.image // 28) ** 2} "
+        f"merged tokens, {args.latent_tokens} latent tokens each); {args.warmup} warm-up + "
+        f"{args.steps} timed steps")
+    log(f"# params: LLM without input embedding {params['llm'] / 1e9:.3f} B, input embedding "
+        f"{params['embedding'] / 1e9:.3f} B, ViT {params['vit'] / 1e9:.3f} B, merger "
+        f"{params['merger'] / 1e9:.3f} B; model FLOPs/step {flops['total'] / 1e12:.2f} T "
+        f"(LLM {flops['llm'] / 1e12:.2f}, vision {flops['vision'] / 1e12:.2f})")
+    log(f"# model FLOPs: {FLOPS_FORMULA}; TFLOP/s = F / step time / GPUs (recompute not counted)")
+    log(f"# ours: megatron DDP (fp32 grads) + Float16 Adam with fp32 main params"
+        f"{' (fp32: plain Adam)' if dtype == torch.float32 else ''}; HF: sdpa, AdamW(fused) on "
+        f"{dtype_name} weights and grads (the seeds' DeepSpeed bf16 keeps fp32 master weights: "
+        f"HF's optimizer step here is if anything cheaper than ours){hf_note}")
+
+    results, losses = {}, {}
+    # ---- HF first: its random init is the shared weights (kept on CPU for ours)
+    sd_cpu = None
+    if run_hf:
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        torch.manual_seed(0)
+        with dev:
+            hf = Qwen2_5_VLForConditionalGeneration._from_config(
+                cfg_hf, dtype=dtype, attn_implementation="sdpa")
+        sd_cpu = {k: v.detach().to("cpu", copy=True) for k, v in hf.state_dict().items()}
+        if rank0:
+            if not args.train_vision:
+                hf.model.visual.requires_grad_(False)
+            if args.recompute == "full":
+                hf.gradient_checkpointing_enable({"use_reentrant": False})
+            hf.train()
+            losses["HF"] = hf_loss(hf, micro_batches, ids, hidden)
+            trainable = [p for p in hf.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(trainable, lr=1e-5, betas=(0.9, 0.95), eps=1e-8,
+                                    weight_decay=0.0, fused=cuda)
+            free_memory(cuda)
+            results["HF"] = time_steps(
+                lambda: hf_train_step(hf, opt, trainable, micro_batches, ids, hidden),
+                args.warmup, args.steps, cuda)
+            results["HF"]["gpus"] = 1
+            del opt, trainable
+        del hf
+        free_memory(cuda)
+        dist.barrier()
+
+    # ---- ours
+    if cuda:
+        log(f"# memory still allocated before ours: {torch.cuda.memory_allocated() / 2**30:.2f} "
+            "GiB")
+    model = build_model(cfg, None, freeze_vision=not args.train_vision,
+                        freeze_merger=not args.train_vision)
+    if sd_cpu is not None:  # the same weights as HF (before the optimizer copies them)
+        load_hf_weights(unwrap(model[0]), StateDictReader(sd_cpu, "HF random init"))
+        del sd_cpu
+    optimizer = build_optimizer(model, OptimSettings(lr=1e-5))
+    method = LVR(lvr_id=ids["lvr"], start_id=ids["lvr_start"], end_id=ids["lvr_end"],
+                 hidden_size=hidden, loss_lambda=LAMBDA)
+    losses["ours"] = eval_losses(model, micro_batches, method)
+    free_memory(cuda)
+    results["ours"] = time_steps(lambda: train_step(model, optimizer, micro_batches, method),
+                                 args.warmup, args.steps, cuda)
+    results["ours"]["gpus"] = world
+    if cuda:
+        peak = torch.tensor([results["ours"]["peak_gib"]], device=dev)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        results["ours"]["peak_gib"] = peak.item()
+
+    # ---- report
+    ok = True
+    if "HF" in losses:
+        lo, lh = losses["ours"], losses["HF"]
+        rel = abs(lo["loss"] - lh["loss"]) / abs(lh["loss"])
+        log(f"loss ours {lo['loss']:.7f} / HF {lh['loss']:.7f} ({dtype_name}, initial weights, "
+            f"forward only; rel diff {rel:.2e}; CE {lo['lm loss']:.7f} / {lh['lm loss']:.7f}, "
+            f"latent MSE {lo['latent mse']:.7f} / {lh['latent mse']:.7f}, lambda {LAMBDA})")
+        if dtype == torch.float32 and rel > FP32_RTOL:
+            ok = False
+            log(f"ERROR: fp32 losses differ by {rel:.2e} > {FP32_RTOL:.0e} relative")
+    else:
+        log(f"loss ours {losses['ours']['loss']:.7f} / HF n/a ({dtype_name}, initial weights; "
+            f"CE {losses['ours']['lm loss']:.7f}, latent MSE {losses['ours']['latent mse']:.7f})")
+    rows = []
+    for name in ("ours", "HF"):
+        if name not in results:
+            continue
+        r = results[name]
+        r.update(path=name, tokens_s=tokens / r["step_s"] if name == "ours" else
+                 args.micro_batch_size * args.num_micro_batches * args.seq_length / r["step_s"])
+        path_flops = flops["total"] if name == "ours" else flops["total"] / dp
+        r["tflops_per_gpu"] = path_flops / r["step_s"] / r["gpus"] / 1e12
+        r["tokens_s_per_gpu"] = r["tokens_s"] / r["gpus"]
+        r["loss0"] = losses.get(name, {}).get("loss")
+        rows.append(r)
+    if "HF" in results:
+        for r in rows:
+            r["ratio_vs_hf"] = r["tokens_s_per_gpu"] / results["HF"]["tokens_s_per_gpu"]
+    log("\n| path | tokens/s | TFLOP/s | step ms | peak GiB | ratio vs HF |")
+    log("|---|---|---|---|---|---|")
+    for r in rows:
+        peak = f"{r['peak_gib']:.2f}" if "peak_gib" in r else "n/a"
+        ratio = f"{r['ratio_vs_hf']:.2f}x" if "ratio_vs_hf" in r else "n/a"
+        log(f"| {r['path']} | {r['tokens_s']:,.0f} | {r['tflops_per_gpu']:.4g} "
+            f"| {1e3 * r['step_s']:.1f} | {peak} | {ratio} |")
+    log(f"\n# tokens/s: all tokens of the step (text + image + latent) / mean step time; "
+        f"TFLOP/s: model FLOPs per GPU, {FLOPS_FORMULA}; peak: torch.cuda.max_memory_allocated "
+        f"(max over ranks; n/a on CPU); ratio vs HF: per-GPU tokens/s over HF's (HF on 1 GPU)")
+    if rank0 and args.json_out:
+        Path(args.json_out).write_text(json.dumps(
+            {"gpu": gpu, "args": vars(args), "dtype": dtype_name, "tokens_per_step": tokens,
+             "model_flops_per_step": flops, "params": params, "formula": FLOPS_FORMULA,
+             "losses": losses, "rows": rows}, indent=1))
+    parallel.destroy()
+    if not ok:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
