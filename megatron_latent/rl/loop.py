@@ -19,13 +19,11 @@ from megatron.core import parallel_state as ps
 from megatron_latent import checkpointing, parallel
 from megatron_latent.rl.losses import GRPOLoss
 from megatron_latent.rl.objective import RLObjective, TokenScorer
-from megatron_latent.training import state
-from megatron_latent.training.build import (OptimSettings, build_model, build_optimizer,
-                                            build_scheduler, unwrap)
+from megatron_latent.training.build import OptimSettings, build_model, unwrap
 from megatron_latent.training.run_logger import RunLogger
 from megatron_latent.training.step import forward_outputs, train_step
 from megatron_latent.training.trainer import (SampleOrder, _flat, _save, _start_checkpoint_writer,
-                                              _Stop)
+                                              _Stop, setup_training)
 
 
 @dataclass
@@ -160,19 +158,7 @@ def run_grpo(cfg: GRPOConfig) -> list[dict]:
     reward_spec = parse_reward_spec(cfg.rewards)
     records = load_rl_prompts(cfg.data_path)
 
-    model = build_model(mcfg, None if resume else cfg.hf_dir,
-                        use_distributed_optimizer=cfg.optim.use_distributed_optimizer,
-                        freeze_vision=cfg.freeze_vision, freeze_merger=cfg.freeze_merger)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train_iters, cfg.lr_warmup_iters,
-                                cfg.lr_decay_style)
-    iteration, consumed = 0, 0
-    if resume:
-        if state.saved_train_state(cfg.load) is not None:
-            ts = state.load(cfg.load, model, optimizer, scheduler)
-            iteration, consumed = ts["iteration"], ts["consumed_samples"]
-        else:
-            checkpointing.load_model(cfg.load, unwrap(model[0]))
+    model, optimizer, scheduler, iteration, consumed = setup_training(cfg, mcfg, resume)
     reference = _Reference(mcfg, ref_source, cfg.offload_reference) if cfg.kl_beta else None
     policy = unwrap(model[0])
     generator = Generator(policy, rule=rule, pad_id=builder.pad_id, cuda_graphs=cfg.cuda_graphs,

@@ -81,7 +81,7 @@ class SampleOrder:
 def _micro_batches(ds, collate, order: SampleOrder, consumed: int, cfg: TrainConfig,
                    num_micro: int) -> list[dict]:
     """This data-parallel rank's micro-batches for one global batch, all padded to one length."""
-    dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    r = ps.get_data_parallel_rank()
     idx = order.take(consumed, cfg.global_batch_size)
     mine = idx[r * num_micro * cfg.micro_batch_size:(r + 1) * num_micro * cfg.micro_batch_size]
     samples = [ds[i] for i in mine]
@@ -159,19 +159,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     method = LVR(lvr_id=ids.lvr, start_id=ids.lvr_start, end_id=ids.lvr_end,
                  hidden_size=mcfg.hidden_size, loss_lambda=cfg.lvr_lambda)
 
-    model = build_model(mcfg, None if resume else cfg.hf_dir,
-                        use_distributed_optimizer=cfg.optim.use_distributed_optimizer,
-                        freeze_vision=cfg.freeze_vision, freeze_merger=cfg.freeze_merger)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train_iters, cfg.lr_warmup_iters,
-                                cfg.lr_decay_style)
-    iteration, consumed = 0, 0
-    if resume:
-        if state.saved_train_state(cfg.load) is not None:
-            ts = state.load(cfg.load, model, optimizer, scheduler)
-            iteration, consumed = ts["iteration"], ts["consumed_samples"]
-        else:  # a converted (model-only) checkpoint: start training from its weights
-            checkpointing.load_model(cfg.load, unwrap(model[0]))
+    model, optimizer, scheduler, iteration, consumed = setup_training(cfg, mcfg, resume)
 
     dp = ps.get_data_parallel_world_size()
     if cfg.global_batch_size % (cfg.micro_batch_size * dp):
@@ -214,6 +202,26 @@ def train(cfg: TrainConfig) -> list[dict]:
             break
     log.finish()
     return history
+
+
+def setup_training(cfg, mcfg, resume: bool):
+    """Model (DDP), optimizer and scheduler from a loop config (SFT or RL); on resume, the exact
+    train state, or just the weights of a converted checkpoint.
+    -> (model chunks, optimizer, scheduler, iteration, consumed samples)."""
+    model = build_model(mcfg, None if resume else cfg.hf_dir,
+                        use_distributed_optimizer=cfg.optim.use_distributed_optimizer,
+                        freeze_vision=cfg.freeze_vision, freeze_merger=cfg.freeze_merger)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train_iters, cfg.lr_warmup_iters,
+                                cfg.lr_decay_style)
+    iteration, consumed = 0, 0
+    if resume:
+        if state.saved_train_state(cfg.load) is not None:
+            ts = state.load(cfg.load, model, optimizer, scheduler)
+            iteration, consumed = ts["iteration"], ts["consumed_samples"]
+        else:  # a converted (model-only) checkpoint: start training from its weights
+            checkpointing.load_model(cfg.load, unwrap(model[0]))
+    return model, optimizer, scheduler, iteration, consumed
 
 
 def _start_checkpoint_writer() -> None:

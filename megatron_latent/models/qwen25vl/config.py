@@ -206,7 +206,7 @@ class Qwen25VLConfig:
             # sample. Weight-gradient accumulation fusion needs TE and DDP's main_grad buffers.
             apply_rope_fusion=False, bias_activation_fusion=fuse, masked_softmax_fusion=fuse,
             bias_dropout_fusion=fuse, persist_layer_norm=False,
-            gradient_accumulation_fusion=fuse and self.spec == "te",
+            gradient_accumulation_fusion=fuse and self.spec == "te" and _has_fused_wgrad(),
             # losses are token sums; grads are divided by the global token count once
             calculate_per_token_loss=True,
         )
@@ -264,6 +264,13 @@ class Qwen25VLConfig:
             ffn_hidden_size=self.vision_hidden_size * self.merge_unit, add_bias_linear=True,
             pipeline_model_parallel_size=1,
         )
+
+
+def _has_fused_wgrad() -> bool:
+    """megatron's non-TE linears (the output layer) need Apex's fused wgrad kernel for it."""
+    import importlib.util
+
+    return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
 
 
 def _activation(name: str):
