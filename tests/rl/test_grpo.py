@@ -135,14 +135,16 @@ def test_nan_reward_is_a_named_error(rl_setup, synthetic_lvr):
     from megatron_latent.testing.rl_workers import grpo_run
 
     path, cfg, proc, ids = rl_setup
-    if "nan_reward" not in REWARDS:
-        register_reward("nan_reward", lambda c, r: float("nan"))
+    register_reward("loop_nan", lambda c, r: float("nan"))
     kw = dict(data_path=str(synthetic_lvr / "meta_rl.json"), hf_dir=path, prompts_per_step=1,
               group_size=2, micro_batch_size=2, seq_length=1024, max_new_tokens=4,
-              rewards="nan_reward:1.0", train_iters=1, max_pixels=112 * 112,
+              rewards="loop_nan:1.0", train_iters=1, max_pixels=112 * 112,
               wandb_mode="disabled")
-    with pytest.raises(RewardError, match="nan_reward.*sample 0"):
-        grpo_run(kw, "/dev/null")
+    try:
+        with pytest.raises(RewardError, match="loop_nan.*sample 0"):
+            grpo_run(kw, "/dev/null")
+    finally:
+        REWARDS.pop("loop_nan")
 
 
 @pytest.mark.slow
