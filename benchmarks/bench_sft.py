@@ -255,6 +255,22 @@ def time_steps(step, warmup: int, steps: int, cuda: bool) -> dict:
     return out
 
 
+def profile_step(name: str, step, show: bool = True) -> None:
+    """Top kernels (by GPU time) of one step, to see where a path spends its time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    if not show:
+        return
+    print(f"# profile of one {name} step")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25,
+                                    max_name_column_width=70))
+
+
 def free_memory(cuda: bool) -> None:
     import torch
 
@@ -315,6 +331,8 @@ def main() -> None:
     ap.add_argument("--hf", action="store_true",
                     help="force the HF path where it is skipped by default (--shape 7b, tp > 1)")
     ap.add_argument("--json-out", default=None)
+    ap.add_argument("--profile", action="store_true",
+                    help="after timing, print the top CUDA kernels of one step of each path")
     args = ap.parse_args()
     if args.steps < 1:
         ap.error("--steps must be >= 1")
@@ -422,6 +440,9 @@ def main() -> None:
                 lambda: hf_train_step(hf, opt, trainable, micro_batches, ids, hidden),
                 args.warmup, args.steps, cuda)
             results["HF"]["gpus"] = 1
+            if args.profile and cuda:
+                profile_step("HF", lambda: hf_train_step(hf, opt, trainable, micro_batches, ids,
+                                                         hidden))
             del opt, trainable
         del hf
         free_memory(cuda)
@@ -444,6 +465,8 @@ def main() -> None:
     results["ours"] = time_steps(lambda: train_step(model, optimizer, micro_batches, method),
                                  args.warmup, args.steps, cuda)
     results["ours"]["gpus"] = world
+    if args.profile and cuda:  # every rank steps (collectives); rank 0 prints
+        profile_step("ours", lambda: train_step(model, optimizer, micro_batches, method), rank0)
     if cuda:
         peak = torch.tensor([results["ours"]["peak_gib"]], device=dev)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)

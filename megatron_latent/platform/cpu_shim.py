@@ -156,9 +156,30 @@ def install() -> bool:
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.current_stream = lambda *a, **k: _DummyStream()
     patch_torch_norm_for_sequence_parallel()
+    _patch_recompute_rng()
     _CudaToCpuMode().__enter__()  # stays active for the life of the process
     _INSTALLED = True
     return True
+
+
+def _patch_recompute_rng() -> None:
+    """Activation recompute saves and restores "the CUDA RNG state": on CPU, the CPU one."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    # recomputed forwards run inside autograd's backward, where our torch-function mode does not
+    # reach: the causal-mask helper must not ask for a CUDA tensor itself
+    from functools import lru_cache
+
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils
+
+    @lru_cache(maxsize=32)
+    def causal_mask(sq: int):
+        return torch.triu(torch.ones(sq, sq), diagonal=1).bool()
+
+    utils.get_default_causal_mask = fused_softmax.get_default_causal_mask = causal_mask
 
 
 def seed_cpu_rng_tracker(seed: int, tp_rank: int, ep_rank: int = 0, etp_rank: int = 0) -> None:
