@@ -22,28 +22,17 @@ from megatron_latent.rl.objective import RLObjective, TokenScorer
 from megatron_latent.training.build import OptimSettings, build_model, unwrap
 from megatron_latent.training.run_logger import RunLogger
 from megatron_latent.training.step import forward_outputs, train_step
-from megatron_latent.training.trainer import (SampleOrder, _flat, _save, _start_checkpoint_writer,
-                                              _Stop, setup_training)
+from megatron_latent.training.trainer import (LoopConfig, SampleOrder, _flat, _save,
+                                              _start_checkpoint_writer, _Stop, setup_training)
 
 
 @dataclass
-class GRPOConfig:
-    data_path: str
-    hf_dir: str | None = None  # initial weights; also the reference model unless `reference`
+class GRPOConfig(LoopConfig):
     reference: str | None = None  # HF dir or Megatron checkpoint for the frozen reference
-    load: str | None = None
-    save: str | None = None
-    save_interval: int = 0
-    keep_last: int | None = None
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    spec: str = "local"
-    bf16: bool = False
     prompts_per_step: int = 4  # global, over data-parallel ranks
     group_size: int = 8
     micro_batch_size: int = 4  # rollouts per micro-batch
-    seq_length: int = 4096  # prompt + completion limit; longer prompts are skipped (counted)
-    max_new_tokens: int = 512
+    max_new_tokens: int = 512  # seq_length limits prompt + completion; longer prompts skipped
     temperature: float = 0.9
     top_p: float = 1.0
     top_k: int = 50
@@ -57,22 +46,12 @@ class GRPOConfig:
     eps_high: float = 0.2
     kl_beta: float = 0.04
     ppo_epochs: int = 1
-    train_iters: int = 100
-    lr_warmup_iters: int = 0
-    lr_decay_style: str = "constant"
-    optim: OptimSettings = field(default_factory=lambda: OptimSettings(lr=5e-6, weight_decay=0.1))
-    freeze_vision: bool = True
-    freeze_merger: bool = True
     offload_reference: bool = False
     cuda_graphs: bool = False
-    min_pixels: int = 128 * 28 * 28
+    # RL defaults that differ from SFT's (LVR stage 2)
+    lr_decay_style: str = "constant"
+    optim: OptimSettings = field(default_factory=lambda: OptimSettings(lr=5e-6, weight_decay=0.1))
     max_pixels: int = 1280 * 28 * 28
-    seed: int = 1234
-    wandb_project: str = "megatron_latent"
-    wandb_exp_name: str | None = None
-    wandb_mode: str | None = None
-    log_dir: str | None = None
-    model_overrides: dict = field(default_factory=dict)  # Qwen25VLConfig fields (fp8, recompute)
 
     def check(self, dp: int) -> None:
         if self.group_size < 2:

@@ -7,6 +7,7 @@ from PIL import Image
 
 from megatron_latent.data.lvr_records import LvrDataError
 from megatron_latent.data.lvr_tokens import add_lvr_tokens
+from megatron_latent.inference.loading import stop_ids
 from megatron_latent.inference.prompts import build_prompt
 from megatron_latent.inference.sampling import SamplingParams
 
@@ -22,8 +23,7 @@ class PromptBuilder:
         self.tokenizer = self.processor.tokenizer
         add_lvr_tokens(self.tokenizer, mcfg.vocab_size)
         self.pad_id = self.tokenizer.pad_token_id
-        vocab = self.tokenizer.get_vocab()
-        self.stop_ids = tuple(vocab[t] for t in ("<|im_end|>", "<|endoftext|>") if t in vocab)
+        self.stop_ids = stop_ids(self.tokenizer)
 
     def build(self, records):
         """-> (prompts, references, record ids, number skipped for length)."""

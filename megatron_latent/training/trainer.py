@@ -26,23 +26,20 @@ from megatron_latent.training.step import eval_losses, train_step
 
 
 @dataclass
-class TrainConfig:
+class LoopConfig:
+    """What every training loop (SFT, RL) takes: data, weights, checkpoints, layout, schedule,
+    logging. The loops' configs extend it."""
+
     data_path: str
     hf_dir: str | None = None  # initial weights (HF); or a Megatron checkpoint via `load`
     load: str | None = None
     save: str | None = None
     save_interval: int = 0
     keep_last: int | None = None
-    valid_data_path: str | None = None
-    eval_interval: int = 0
-    eval_iters: int = 1
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
-    sequence_parallel: bool = False
     spec: str = "local"
     bf16: bool = False
-    micro_batch_size: int = 1
-    global_batch_size: int = 1
     seq_length: int = 4096
     train_iters: int = 100
     lr_warmup_iters: int = 0
@@ -50,17 +47,27 @@ class TrainConfig:
     optim: OptimSettings = field(default_factory=OptimSettings)
     freeze_vision: bool = True
     freeze_merger: bool = True
-    lvr_lambda: float = 0.1
     min_pixels: int = 128 * 28 * 28
     max_pixels: int = 5120 * 28 * 28
-    skip_bad_samples: bool = False
-    pack_sequences: bool = False  # THD: a micro-batch's samples in one row (TE spec)
     seed: int = 1234
     wandb_project: str = "megatron_latent"
     wandb_exp_name: str | None = None
     wandb_mode: str | None = None
     log_dir: str | None = None
     model_overrides: dict = field(default_factory=dict)  # Qwen25VLConfig fields (fp8, recompute)
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    valid_data_path: str | None = None
+    eval_interval: int = 0
+    eval_iters: int = 1
+    sequence_parallel: bool = False
+    micro_batch_size: int = 1
+    global_batch_size: int = 1
+    lvr_lambda: float = 0.1
+    skip_bad_samples: bool = False
+    pack_sequences: bool = False  # THD: a micro-batch's samples in one row (TE spec)
 
 
 class SampleOrder:
