@@ -25,6 +25,16 @@ def segments_to_cu_seqlens(seg: torch.Tensor) -> tuple[torch.Tensor, int]:
     return cu, int(counts.max())
 
 
+def cached_cu_seqlens(segments: torch.Tensor, row: int) -> tuple[torch.Tensor, int]:
+    """cu_seqlens of one row of the [2, s] segment tensor, computed once per forward: all layers
+    receive the same tensor object, and each computation synchronises with the host (32 layers
+    would otherwise stall the GPU 32 times)."""
+    cache = segments.__dict__.setdefault("_cu_seqlens", {})
+    if row not in cache:
+        cache[row] = segments_to_cu_seqlens(segments[row])
+    return cache[row]
+
+
 class VisionLocalAttention(MegatronModule):
     """torch SDPA with a block-diagonal mask; the reference path (CPU, tests, no TE)."""
 
@@ -68,7 +78,7 @@ class VisionTEAttention(TEDotProductAttention):  # raises at construction when T
 
         s, b = query.shape[0], query.shape[1]
         assert b == 1, "vision tokens of all images form one packed sequence"
-        cu, max_len = segments_to_cu_seqlens(attention_mask[self.row])
+        cu, max_len = cached_cu_seqlens(attention_mask, self.row)
         psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                               max_seqlen_q=max_len, max_seqlen_kv=max_len)
         out = super().forward(query.squeeze(1), key.squeeze(1), value.squeeze(1), None,
