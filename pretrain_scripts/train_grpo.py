@@ -41,6 +41,8 @@ def parse_args(argv=None):
     a("--answer-prefix", default="", help='text after the assistant header, e.g. "<|lvr_start|>"')
     a("--system-prompt", default="You are a helpful assistant.")
     a("--rewards", default="accuracy:1.0,format:1.0", help="name:weight,...")
+    a("--reward-module", default=None,
+      help="module or .py file imported first; it registers your rewards (register_reward)")
     a("--eps-clip", type=float, default=0.2)
     a("--eps-clip-high", type=float, default=None, help="upper clip (default: --eps-clip)")
     a("--kl-beta", type=float, default=0.04)
@@ -62,6 +64,7 @@ def config_from_args(args):
         top_k=args.top_k, latent_method=args.latent_method, latent_mode=args.latent_mode,
         latent_steps=args.latent_steps, answer_prefix=args.answer_prefix,
         system_prompt=args.system_prompt or None, rewards=args.rewards,
+        reward_module=args.reward_module,
         eps_low=args.eps_clip, eps_high=args.eps_clip_high or args.eps_clip,
         kl_beta=args.kl_beta, ppo_epochs=args.ppo_epochs,
         offload_reference=args.offload_reference, cuda_graphs=args.cuda_graphs,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -23,7 +22,8 @@ from megatron_latent.training.build import OptimSettings, build_model, unwrap
 from megatron_latent.training.run_logger import RunLogger
 from megatron_latent.training.step import forward_outputs, train_step
 from megatron_latent.training.trainer import (LoopConfig, SampleOrder, _flat, _save,
-                                              _start_checkpoint_writer, _Stop, setup_training)
+                                              _start_checkpoint_writer, _Stop, resolve_start,
+                                              setup_training)
 
 
 @dataclass
@@ -42,6 +42,7 @@ class GRPOConfig(LoopConfig):
     answer_prefix: str = ""
     system_prompt: str | None = "You are a helpful assistant."
     rewards: str = "accuracy:1.0,format:1.0"
+    reward_module: str | None = None  # imported first: a module or .py file registering rewards
     eps_low: float = 0.2
     eps_high: float = 0.2
     kl_beta: float = 0.04
@@ -108,9 +109,9 @@ def _dp_mean(values: dict) -> dict:
 def run_grpo(cfg: GRPOConfig) -> list[dict]:
     from megatron_latent.inference.generator import Generator
     from megatron_latent.inference.loading import latent_rule_from_args
-    from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
     from megatron_latent.rl.data import load_rl_prompts
-    from megatron_latent.rl.rewards import group_advantages, parse_reward_spec, score_completions
+    from megatron_latent.rl.rewards import (group_advantages, import_reward_module,
+                                            parse_reward_spec, score_completions)
     from megatron_latent.rl.rollout import rollout_micro_batches
     from megatron_latent.rl.step_data import PromptBuilder
 
@@ -118,22 +119,19 @@ def run_grpo(cfg: GRPOConfig) -> list[dict]:
     parallel.initialize(parallel.ParallelConfig(tp, pp), seed=cfg.seed)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     cfg.check(dp)
-    resume = cfg.load is not None and checkpointing.is_checkpoint(cfg.load)
-    ref_source = cfg.reference or cfg.hf_dir
-    if ref_source is None:
-        raise ValueError("GRPO needs --hf-dir (initial weights) or --reference for the frozen "
-                         "reference model")
-    if not resume and cfg.hf_dir is None:
-        raise ValueError(f"give --hf-dir, or --load with a checkpoint ({cfg.load!r} has none)")
-    tok_dir = str(Path(cfg.load) / "hf") if resume else cfg.hf_dir
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     over = dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, spec=cfg.spec,
                 params_dtype=dtype, **cfg.model_overrides)
-    mcfg = (checkpointing.config_from_checkpoint(cfg.load, **over) if resume
-            else Qwen25VLConfig.from_hf(cfg.hf_dir, **over))
+    resume, mcfg, tok_dir = resolve_start(cfg, over)
+    ref_source = cfg.reference or cfg.pretrained_checkpoint or cfg.hf_dir
+    if ref_source is None and cfg.kl_beta:
+        raise ValueError("the KL term needs a frozen reference: give --reference (or the initial "
+                         "weights, --pretrained-checkpoint / --hf-dir)")
     builder = PromptBuilder(tok_dir, mcfg, cfg)
     rule = latent_rule_from_args(builder.tokenizer, cfg.latent_method, cfg.latent_mode,
                                  cfg.latent_steps)
+    if cfg.reward_module:
+        import_reward_module(cfg.reward_module)
     reward_spec = parse_reward_spec(cfg.rewards)
     records = load_rl_prompts(cfg.data_path)
 

@@ -162,3 +162,21 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4,
     if scale:
         adv = adv / (r.std(dim=1, keepdim=True) + eps)
     return adv.reshape(rewards.shape)
+
+
+def import_reward_module(name: str) -> None:
+    """Import a module (dotted name) or a .py file whose import registers rewards with
+    `register_reward` (how users add their own, e.g. `--reward-module my_rewards.py`)."""
+    import importlib
+    import importlib.util
+    from pathlib import Path
+
+    if name.endswith(".py"):
+        path = Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"--reward-module {name}: no such file")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        importlib.import_module(name)

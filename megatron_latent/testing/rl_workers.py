@@ -18,13 +18,20 @@ def vowel_reward(completion: str, reference: str) -> float:
     return sum(c in "aeiou" for c in letters) / len(letters) if letters else 0.0
 
 
-def grpo_run(cfg_kwargs: dict, out_path: str) -> None:
-    from megatron_latent.rl.loop import GRPOConfig, run_grpo
+def _register() -> None:
     from megatron_latent.rl.rewards import REWARDS, register_reward
-    from megatron_latent.training.build import OptimSettings
 
     if "vowels" not in REWARDS:
         register_reward("vowels", vowel_reward)
+
+
+_register()  # importing this module (e.g. --reward-module) makes "vowels" available
+
+
+def grpo_run(cfg_kwargs: dict, out_path: str) -> None:
+    from megatron_latent.rl.loop import GRPOConfig, run_grpo
+    from megatron_latent.training.build import OptimSettings
+
     kw = dict(cfg_kwargs)
     kw["optim"] = OptimSettings(**kw.pop("optim", {}))
     history = run_grpo(GRPOConfig(**kw))

@@ -9,7 +9,9 @@ def add_common_args(p: argparse.ArgumentParser, *, lr: float, decay: str) -> Non
     a = p.add_argument
     a("--data-path", required=True, help="records JSON list or meta JSON")
     a("--hf-dir", help="HF Qwen2.5-VL checkpoint for the initial weights and tokenizer")
-    a("--load", help="megatron_latent checkpoint dir to resume or start from")
+    a("--pretrained-checkpoint", help="megatron_latent checkpoint whose weights start a fresh run "
+      "(e.g. the SFT run for RL) when --load holds no checkpoint")
+    a("--load", help="checkpoint dir to resume (usually the same as --save)")
     a("--save", help="checkpoint dir")
     a("--save-interval", type=int, default=0)
     a("--keep-last", type=int, default=None, help="keep only the newest N iterations")
@@ -61,7 +63,8 @@ def optim_from_args(args):
 def common_config(args) -> dict:
     """The config fields every training loop takes, from the common flags."""
     return dict(
-        data_path=args.data_path, hf_dir=args.hf_dir, load=args.load, save=args.save,
+        data_path=args.data_path, hf_dir=args.hf_dir,
+        pretrained_checkpoint=args.pretrained_checkpoint, load=args.load, save=args.save,
         save_interval=args.save_interval, keep_last=args.keep_last,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,

@@ -32,6 +32,7 @@ class LoopConfig:
 
     data_path: str
     hf_dir: str | None = None  # initial weights (HF); or a Megatron checkpoint via `load`
+    pretrained_checkpoint: str | None = None  # initial weights from a megatron_latent checkpoint
     load: str | None = None
     save: str | None = None
     save_interval: int = 0
@@ -141,21 +142,11 @@ def train(cfg: TrainConfig) -> list[dict]:
                          "--transformer-impl transformer_engine")
     parallel.initialize(parallel.ParallelConfig(tp, pp, sequence_parallel=cfg.sequence_parallel),
                         seed=cfg.seed)
-    resume = cfg.load is not None and checkpointing.is_checkpoint(cfg.load)
-    if not resume and cfg.hf_dir is None:
-        raise ValueError("give --hf-dir (initial HF weights) or --load (a megatron_latent "
-                         f"checkpoint); --load {cfg.load!r} holds no checkpoint")
-    tok_dir = str(Path(cfg.load) / "hf") if resume else cfg.hf_dir
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     overrides = dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                      sequence_parallel=cfg.sequence_parallel, spec=cfg.spec, params_dtype=dtype,
                      **cfg.model_overrides)
-    if resume:
-        mcfg = checkpointing.config_from_checkpoint(cfg.load, **overrides)
-    else:
-        from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
-
-        mcfg = Qwen25VLConfig.from_hf(cfg.hf_dir, **overrides)
+    resume, mcfg, tok_dir = resolve_start(cfg, overrides)
     tokenizer, image_processor, vocab = load_hf_processing(tok_dir)
     ds_kw = dict(tokenizer=tokenizer, image_processor=image_processor, vocab_size=vocab,
                  seq_length=cfg.seq_length, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
@@ -211,13 +202,37 @@ def train(cfg: TrainConfig) -> list[dict]:
     return history
 
 
+def resolve_start(cfg: LoopConfig, overrides: dict):
+    """Where a run starts. `--load` holding a checkpoint: resume it (a requeued job finds its
+    own saves there). Otherwise a fresh run from `--pretrained-checkpoint` (a megatron_latent
+    checkpoint, e.g. the SFT run for RL) or `--hf-dir`. -> (resume, model config, tokenizer dir)."""
+    from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
+
+    if cfg.load is not None and checkpointing.is_checkpoint(cfg.load):
+        src, resume = cfg.load, True
+    elif cfg.pretrained_checkpoint is not None:
+        if not checkpointing.is_checkpoint(cfg.pretrained_checkpoint):
+            raise ValueError(f"--pretrained-checkpoint {cfg.pretrained_checkpoint}: not a "
+                             "megatron_latent checkpoint (no complete iteration)")
+        src, resume = cfg.pretrained_checkpoint, False
+    elif cfg.hf_dir is not None:
+        return False, Qwen25VLConfig.from_hf(cfg.hf_dir, **overrides), cfg.hf_dir
+    else:
+        raise ValueError("give --hf-dir or --pretrained-checkpoint (initial weights), or --load "
+                         f"with a checkpoint to resume (--load {cfg.load!r} holds none)")
+    return resume, checkpointing.config_from_checkpoint(src, **overrides), str(Path(src) / "hf")
+
+
 def setup_training(cfg, mcfg, resume: bool):
     """Model (DDP), optimizer and scheduler from a loop config (SFT or RL); on resume, the exact
     train state, or just the weights of a converted checkpoint.
     -> (model chunks, optimizer, scheduler, iteration, consumed samples)."""
-    model = build_model(mcfg, None if resume else cfg.hf_dir,
+    fresh_from_ckpt = not resume and cfg.pretrained_checkpoint is not None
+    model = build_model(mcfg, None if resume or fresh_from_ckpt else cfg.hf_dir,
                         use_distributed_optimizer=cfg.optim.use_distributed_optimizer,
                         freeze_vision=cfg.freeze_vision, freeze_merger=cfg.freeze_merger)
+    if fresh_from_ckpt:
+        checkpointing.load_model(cfg.pretrained_checkpoint, unwrap(model[0]))
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train_iters, cfg.lr_warmup_iters,
                                 cfg.lr_decay_style)

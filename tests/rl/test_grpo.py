@@ -217,3 +217,38 @@ def test_grpo_under_model_parallelism(tiny_ckpts, synthetic_lvr, tmp_path, tp, p
     ref = tmp_path / "ref.pt"
     run_distributed(grpo_run, 1, {**kw, "train_iters": 1}, str(ref))
     assert hist[0]["reward"] == pytest.approx(torch.load(ref)[0]["reward"], abs=1e-6)
+
+
+def test_start_from_a_megatron_checkpoint(tiny_ckpts, synthetic_lvr, tmp_path, megatron_single_rank):
+    """--pretrained-checkpoint (e.g. the SFT run) starts a fresh run from its weights: the first
+    step equals the run started from the same weights in HF form; --load of the new run's own
+    save dir then resumes it instead."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from megatron_latent import parallel
+    from megatron_latent.testing.rl_workers import grpo_run
+
+    repo = Path(__file__).resolve().parents[2]
+    ckpt = tmp_path / "sft"
+    subprocess.run([sys.executable, str(repo / "tools/convert_hf_to_megatron.py"), "--hf-dir",
+                    tiny_ckpts["tiny-a"], "--out", str(ckpt)], check=True, capture_output=True)
+    base = dict(data_path=str(synthetic_lvr / "meta_rl.json"), prompts_per_step=2,
+                group_size=4, micro_batch_size=4, seq_length=1024, max_new_tokens=6,
+                temperature=1.0, top_k=0, latent_steps=2, answer_prefix="<|lvr_start|>",
+                rewards="vowels:1.0", optim={"lr": 1e-2}, train_iters=1, max_pixels=112 * 112,
+                wandb_mode="disabled")
+    hist = {}
+    for name, extra in [("hf", dict(hf_dir=tiny_ckpts["tiny-a"])),
+                        ("ckpt", dict(pretrained_checkpoint=str(ckpt), load=str(tmp_path / "g"),
+                                      save=str(tmp_path / "g")))]:
+        grpo_run({**base, **extra}, str(tmp_path / f"{name}.pt"))
+        hist[name] = torch.load(tmp_path / f"{name}.pt")
+    parallel.initialize(parallel.ParallelConfig(), seed=1234)
+    for key in ("reward", "policy loss", "kl"):
+        assert hist["ckpt"][0][key] == pytest.approx(hist["hf"][0][key], abs=1e-6), key
+    grpo_run({**base, "pretrained_checkpoint": str(ckpt), "load": str(tmp_path / "g"),
+              "train_iters": 2}, str(tmp_path / "again.pt"))
+    parallel.initialize(parallel.ParallelConfig(), seed=1234)
+    assert [h["iteration"] for h in torch.load(tmp_path / "again.pt")] == [2]
