@@ -51,7 +51,6 @@ def _env_from_slurm() -> None:
 def initialize(parallel: ParallelConfig = ParallelConfig(), seed: int = 1234) -> None:
     """Initialise torch.distributed (if needed), megatron's parallel state and the RNGs."""
     from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     on_cpu = cpu_shim.install()
     cpu_shim.patch_torch_norm_for_sequence_parallel()
