@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -143,9 +142,7 @@ def main() -> None:
     with dev:
         hf = Qwen2_5_VLForConditionalGeneration._from_config(
             cfg_hf, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
-    with tempfile.TemporaryDirectory() as d:
-        cfg_hf.save_pretrained(d)
-        cfg = Qwen25VLConfig.from_hf(d, spec=args.spec, params_dtype=torch.bfloat16)
+    cfg = Qwen25VLConfig.from_hf(cfg_hf.to_dict(), spec=args.spec, params_dtype=torch.bfloat16)
     ours = Qwen25VLModel(cfg).to(dev).eval()
     load_hf_weights(ours, StateDictReader(hf.state_dict(), "random HF model"))
     ids = shape["ids"]

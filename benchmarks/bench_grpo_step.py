@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", default="7b")
+    ap.add_argument("--shape", default="7b", choices=["7b", "tiny"])
     ap.add_argument("--tp", type=int, default=2)
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--group", type=int, default=8)
@@ -56,10 +55,8 @@ def main() -> None:
     parallel.initialize(parallel.ParallelConfig(args.tp), seed=0)
     rank0 = dist.get_rank() == 0
     shape = SHAPES[args.shape]
-    with tempfile.TemporaryDirectory() as d:
-        hf_config(shape).save_pretrained(d)
-        cfg = Qwen25VLConfig.from_hf(d, tensor_model_parallel_size=args.tp, spec=args.spec,
-                                     params_dtype=torch.bfloat16)
+    cfg = Qwen25VLConfig.from_hf(hf_config(shape).to_dict(), tensor_model_parallel_size=args.tp,
+                                 spec=args.spec, params_dtype=torch.bfloat16)
     model = build_model(cfg, None)  # random init: timing only
     optimizer = build_optimizer(model, OptimSettings(lr=1e-6))
     reference = build_model(cfg, None, wrap_ddp=False)

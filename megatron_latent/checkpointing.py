@@ -22,13 +22,21 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_latent.fsutil import replace_dir
+
 META = "megatron_latent.json"
 LATEST = "latest_checkpointed_iteration.txt"
 HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                  "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
                  "preprocessor_config.json", "video_preprocessor_config.json",
                  "processor_config.json", "chat_template.json", "chat_template.jinja")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def hf_dtype(hf_config: dict) -> torch.dtype:
+    """The dtype an HF config declares (bf16 when it names none we know)."""
+    name = hf_config.get("dtype") or hf_config.get("torch_dtype") or "bfloat16"
+    return DTYPES.get(name, torch.bfloat16)
 
 
 def iter_dir(ckpt: str | Path, iteration: int) -> Path:
@@ -70,7 +78,7 @@ def read_metadata(ckpt: str | Path) -> dict:
     if not f.is_file():
         raise FileNotFoundError(f"{ckpt}: not a megatron_latent checkpoint (no {META})")
     meta = json.loads(f.read_text())
-    meta["params_dtype"] = _DTYPES[meta["params_dtype"]]
+    meta["params_dtype"] = DTYPES[meta["params_dtype"]]
     return meta
 
 
@@ -120,9 +128,7 @@ def save_state(ckpt: str | Path, iteration: int, sharded_state_dict: dict,
     if dist.is_initialized():
         dist.barrier()
     if _rank() == 0:
-        if final.exists():  # re-saving an iteration (e.g. after a resume): replace it
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        replace_dir(Path(tmp), final)  # re-saving an iteration (after a resume) replaces it
         _atomic_write_text(ckpt / LATEST, str(iteration))
         if keep_last:
             _prune(ckpt, keep_last)

@@ -48,6 +48,13 @@ def _env_from_slurm() -> None:
     os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ["SLURM_JOB_ID"]) % 12000))
 
 
+def device() -> torch.device:
+    """This rank's compute device: its GPU, or the CPU (the CPU shim's world)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def initialize(parallel: ParallelConfig = ParallelConfig(), seed: int = 1234) -> None:
     """Initialise torch.distributed (if needed), megatron's parallel state and the RNGs."""
     from megatron.core import parallel_state

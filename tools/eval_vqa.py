@@ -19,9 +19,7 @@ table). Bad data: the VqaDataError message and exit code 2.
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -44,17 +42,9 @@ def predictions_path(out: Path, steps: int | None, sweep: bool) -> Path:
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    from megatron_latent.fsutil import write_text_atomic
+
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _accuracy_line(correct: int, total: int) -> str:

@@ -69,7 +69,7 @@ def hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int 
 
     hf_dir = Path(hf_dir)
     hf_config = json.loads(_config_path(hf_dir).read_text())
-    dtype = params_dtype or _hf_dtype(hf_config)
+    dtype = params_dtype or checkpointing.hf_dtype(hf_config)
     # validate everything before starting processes groups or writing anything
     Qwen25VLConfig.from_hf(_config_path(hf_dir), tensor_model_parallel_size=tp,
                            pipeline_model_parallel_size=pp, spec=spec)
@@ -161,7 +161,3 @@ def _config_path(hf_dir: Path) -> Path:
     return p
 
 
-def _hf_dtype(hf_config: dict) -> torch.dtype:
-    name = hf_config.get("dtype") or hf_config.get("torch_dtype") or "bfloat16"
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16,
-            "float16": torch.float16}.get(name, torch.bfloat16)

@@ -26,8 +26,7 @@ from torch.utils.data import Dataset
 
 from megatron_latent.data.lvr_records import (IMAGE_PLACEHOLDER, LVR_PLACEHOLDER, LvrDataError,
                                               Record, bbox_token_indices, load_records)
-from megatron_latent.data.lvr_tokens import (LVR_TOKENS, TokenIds, add_lvr_tokens,  # noqa: F401
-                                             load_hf_processing)  # (re-exported)
+from megatron_latent.data.lvr_tokens import TokenIds, load_hf_processing
 
 logger = logging.getLogger(__name__)
 

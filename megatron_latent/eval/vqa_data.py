@@ -9,12 +9,11 @@ default: the line number). Other fields are ignored, so benchmark metadata may s
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_latent.eval.answers import MAX_CHOICES, choice_letter, reference_letter
+from megatron_latent.fsutil import write_text_atomic
 
 CHOICE_SUFFIX = "Answer with the option's letter from the given choices directly."
 
@@ -136,19 +135,7 @@ def format_question(item: VqaItem) -> str:
 def write_predictions_jsonl(path: str | Path, rows: list[dict]) -> None:
     """One JSON object per row; written to a temp file beside `path` and renamed over it, so a
     crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for i, row in enumerate(rows):
-                if not isinstance(row, dict):
-                    raise TypeError(f"{path}: row {i} is a {type(row).__name__}, not a dict")
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise TypeError(f"{path}: row {i} is a {type(row).__name__}, not a dict")
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

@@ -20,22 +20,18 @@ from megatron_latent.latent.decoding import MODES, LatentRule
 
 LATENT_METHODS = ("none", "lvr", "hylar")
 HYLAR_TOKENS = ("<|canvas_start|>", "<|canvas|>", "<|canvas_end|>")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _as_dtype(dtype) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    if str(dtype) not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
-    return _DTYPES[str(dtype)]
+    if str(dtype) not in checkpointing.DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(checkpointing.DTYPES)}")
+    return checkpointing.DTYPES[str(dtype)]
 
 
 def _hf_dtype(hf_dir: Path) -> torch.dtype:
-    """The dtype an HF config declares (same rule as the HF -> Megatron converter)."""
-    cfg = json.loads((hf_dir / "config.json").read_text())
-    name = cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"
-    return _DTYPES.get(name, torch.bfloat16)
+    return checkpointing.hf_dtype(json.loads((hf_dir / "config.json").read_text()))
 
 
 def _check_parallel(tp: int, pp: int) -> None:
@@ -85,8 +81,9 @@ def load_for_generation(path, *, tp: int = 1, pp: int = 1, spec: str = "local", 
         cfg = Qwen25VLConfig.from_hf(path, **layout, params_dtype=dtype or _hf_dtype(path))
         proc_dir = path
 
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-        else torch.device("cpu")
+    from megatron_latent.parallel import device
+
+    device = device()
     model = Qwen25VLModel(cfg).to(device)
     if megatron:
         checkpointing.load_model(path, model)
@@ -195,7 +192,7 @@ def add_model_args(p) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
     p.add_argument("--spec", choices=["local", "te"], default="local", help="layer spec")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+    p.add_argument("--dtype", choices=sorted(checkpointing.DTYPES), default=None,
                    help="parameter dtype (default: the checkpoint's)")
 
 

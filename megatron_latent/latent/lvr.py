@@ -13,11 +13,10 @@ from dataclasses import dataclass
 import torch
 from megatron.core import tensor_parallel
 
+from megatron_latent.data.lvr_tokens import LVR_TOKENS as TOKENS
 from megatron_latent.latent import pipeline_channel
 from megatron_latent.latent.base import LatentMethod, LatentStep
 from megatron_latent.latent.decoding import LatentRule
-
-TOKENS = ("<|lvr_start|>", "<|lvr|>", "<|lvr_end|>")
 
 
 @dataclass

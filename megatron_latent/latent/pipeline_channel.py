@@ -35,7 +35,9 @@ def setup() -> None:
     if _group is not None:
         # NCCL makes a separate communicator for point-to-point traffic on first use; make it
         # now with one send/recv while both ranks are here (an all_reduce would not)
-        dev = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        from megatron_latent.parallel import device
+
+        dev = device()
         buf = torch.zeros(1, device=dev)
         first, last = (ps.get_pipeline_model_parallel_first_rank(),
                        ps.get_pipeline_model_parallel_last_rank())

@@ -155,7 +155,6 @@ def install() -> bool:
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.current_stream = lambda *a, **k: _DummyStream()
-    patch_torch_norm_for_sequence_parallel()
     _patch_recompute_rng()
     _CudaToCpuMode().__enter__()  # stays active for the life of the process
     _INSTALLED = True

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_latent.data.lvr_records import LvrDataError, _read_json, _sources
+from megatron_latent.data.lvr_records import RESERVED, LvrDataError, _read_json, _sources
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,9 @@ def _record(raw, file, i: int, folder: Path) -> RLPrompt:
              "first in the user turn)")
     if not human["value"].strip() or not gpt["value"].strip():
         fail("conversations", "empty question or reference")
+    for k, turn in enumerate((human, gpt)):  # they would break the chat template
+        if bad := [t for t in RESERVED if t in turn["value"]]:
+            fail(f"conversations[{k}].value", f"contains reserved special tokens {bad}")
     return RLPrompt(str(raw.get("id", f"{Path(file).name}#{i}")), tuple(paths),
                     human["value"].strip(), gpt["value"].strip())
 

@@ -22,7 +22,8 @@ from megatron_latent.training.build import OptimSettings, build_model, unwrap
 from megatron_latent.training.run_logger import RunLogger
 from megatron_latent.training.step import forward_outputs, train_step
 from megatron_latent.training.trainer import (LoopConfig, SampleOrder, _flat, _save,
-                                              _start_checkpoint_writer, _Stop, resolve_start,
+                                              _start_checkpoint_writer, _Stop, pad_length,
+                                              resolve_start,
                                               setup_training)
 
 
@@ -67,8 +68,7 @@ class GRPOConfig(LoopConfig):
 
 
 def _device():
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-        else torch.device("cpu")
+    return parallel.device()
 
 
 class _Reference:
@@ -165,7 +165,7 @@ def run_grpo(cfg: GRPOConfig) -> list[dict]:
         rewards, parts = score_completions(texts, g_refs, reward_spec, g_ids)
         adv = group_advantages(rewards, cfg.group_size)
         longest = max(len(p.input_ids) + len(c.tokens) for p, c in zip(rollouts, comps))
-        pad_to = -(-longest // (8 * tp)) * (8 * tp)
+        pad_to = pad_length(longest, tp)
         mbs = rollout_micro_batches(rollouts, comps, adv, cfg=mcfg, pad_id=builder.pad_id,
                                     micro_batch_size=cfg.micro_batch_size, pad_to=pad_to,
                                     exclude_ids=exclude)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_latent.latent.base import LatentMethod, LatentStep
+from megatron_latent.latent.base import InjectLatents, LatentMethod, LatentStep
 from megatron_latent.rl.losses import PolicyLoss
 
 
@@ -29,11 +29,8 @@ class RLStep(LatentStep):
         self.batch, self.temperature, self.policy_loss = batch, temperature, loss
 
     def inject(self, embeddings, image_features):
-        mask, vectors = self.batch["latent_mask"], self.batch["latent_vectors"]
-        if int(mask.sum()) != vectors.shape[0]:
-            raise ValueError(f"{int(mask.sum())} latent positions but {vectors.shape[0]} "
-                             "recorded latent vectors")
-        return embeddings.masked_scatter(mask.unsqueeze(-1), vectors.to(embeddings.dtype))
+        recorded = InjectLatents(self.batch["latent_mask"], self.batch["latent_vectors"])
+        return recorded.inject(embeddings, image_features)
 
     def head(self, model, *, hidden_states, output_layer, output_weight, labels=None, **_):
         logp = token_logprobs(model, hidden_states, output_layer, output_weight, labels,
@@ -64,9 +61,6 @@ class RLObjective(LatentMethod):
 
     def sft_step(self, micro_batch: dict) -> RLStep:
         return RLStep(micro_batch, self.temperature, self.policy_loss)
-
-    def count(self, mb: dict) -> dict[str, float]:
-        return {"policy": float(mb["loss_mask"].sum())}
 
     def total_loss(self, means: dict) -> float:
         return means["policy loss"]

@@ -3,11 +3,9 @@ skipped and counted), sampling settings, and completion text for the rewards."""
 
 from __future__ import annotations
 
-from PIL import Image
-
 from megatron_latent.data.lvr_records import LvrDataError
 from megatron_latent.data.lvr_tokens import add_lvr_tokens
-from megatron_latent.inference.loading import stop_ids
+from megatron_latent.inference.loading import open_image, stop_ids
 from megatron_latent.inference.prompts import build_prompt
 from megatron_latent.inference.sampling import SamplingParams
 
@@ -30,10 +28,12 @@ class PromptBuilder:
         limit = self.cfg.seq_length - self.cfg.max_new_tokens
         prompts, refs, ids, skipped = [], [], [], 0
         for rec in records:
-            try:
-                images = [Image.open(p).convert("RGB") for p in rec.images]
-            except OSError as e:
-                raise LvrDataError(rec.images[0], None, "image", f"unreadable image: {e}") from e
+            images = []
+            for k, path in enumerate(rec.images):
+                try:
+                    images.append(open_image(path))
+                except ValueError as e:
+                    raise LvrDataError(path, None, f"image[{k}]", f"{rec.id}: {e}") from e
             p = build_prompt(self.processor, rec.question, images, system=self.cfg.system_prompt,
                              answer_prefix=self.cfg.answer_prefix)
             if len(p.input_ids) > limit:

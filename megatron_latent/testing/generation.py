@@ -66,7 +66,7 @@ def generate_run(hf_dir: str, out_path: str, tp: int, pp: int, max_new: int = 10
     parallel.initialize(parallel.ParallelConfig(tp, pp), seed=1)
     cfg = Qwen25VLConfig.from_hf(hf_dir, tensor_model_parallel_size=tp,
                                  pipeline_model_parallel_size=pp, spec="local")
-    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    dev = parallel.device()
     model = Qwen25VLModel(cfg).to(dev)
     load_hf_weights(model, hf_dir)
     model.eval()

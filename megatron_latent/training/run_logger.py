@@ -31,7 +31,9 @@ class RunLogger:
         eta = (now - self.t0) / max(done, 1) * (self.total - step)
         if self.rank0:
             parts = [f"step {step}/{self.total}"]
-            parts += [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+            # losses in full (a resumed run is compared with an uninterrupted one to 1e-6)
+            parts += [f"{k} {v:.9g}" if isinstance(v, float) and "loss" in k else
+                      f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                       for k, v in metrics.items() if v is not None]
             parts += [f"{step_time:.2f} s/step", f"ETA {timedelta(seconds=int(eta))}"]
             print(" | ".join(parts), flush=True)

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_latent import parallel
 from megatron_latent.data.packing import packed_seq_params
 from megatron_latent.latent import pipeline_channel
 from megatron_latent.latent.base import LatentMethod, PlainLM
@@ -21,7 +22,7 @@ MODEL_INPUTS = ("input_ids", "position_ids", "pixel_values", "image_grid_thw")
 
 
 def _device():
-    return torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    return parallel.device()
 
 
 def _to_device(batch: dict) -> dict:
@@ -55,7 +56,9 @@ def attach_step_totals(method: LatentMethod, micro_batches: list[dict]) -> None:
 def _run_schedule(model_chunks, micro_batches: list[dict], forward_step, forward_only: bool):
     seq = micro_batches[0]["input_ids"].shape[1]
     mbs = micro_batches[0]["input_ids"].shape[0]
-    if any(mb["input_ids"].shape != (mbs, seq) for mb in micro_batches):
+    # the pipeline sends fixed-shape activations; without one, lengths may differ (packing)
+    if (parallel_state.get_pipeline_model_parallel_world_size() > 1
+            and any(mb["input_ids"].shape != (mbs, seq) for mb in micro_batches)):
         raise ValueError("all micro-batches of a step must have the same [batch, seq] shape; "
                          f"got {[tuple(mb['input_ids'].shape) for mb in micro_batches]}")
     try:
@@ -149,7 +152,7 @@ def forward_outputs(model_chunks, micro_batches: list[dict], method: LatentMetho
         batch = _to_device(next(data_iterator))
         latent = method.sft_step(batch)
         out = model(**{k: batch.get(k) for k in MODEL_INPUTS}, labels=batch.get("labels"),
-                    latent=latent)
+                    latent=latent, packed_seq_params=packed_seq_params(batch))
 
         def keep(output):
             captured.append(output.detach() if torch.is_tensor(output) else output)

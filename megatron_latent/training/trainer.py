@@ -97,10 +97,9 @@ def _micro_batches(ds, collate, order: SampleOrder, consumed: int, cfg: TrainCon
         pad = cfg.seq_length  # the pipeline sends fixed-shape activations
     else:
         longest = torch.tensor(max(len(x["input_ids"]) for x in samples),
-                               device="cuda" if torch.cuda.is_available() else "cpu")
+                               device=parallel.device())
         dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=ps.get_model_parallel_group())
-        multiple = 16 * cfg.tensor_model_parallel_size  # FP8 GEMMs want multiples of 16
-        pad = int(-(-int(longest) // multiple) * multiple)
+        pad = pad_length(int(longest), cfg.tensor_model_parallel_size)
     m = cfg.micro_batch_size
     if cfg.pack_sequences:  # one row per micro-batch; PP needs one fixed length for all
         from megatron_latent.data.packing import pack
@@ -110,6 +109,13 @@ def _micro_batches(ds, collate, order: SampleOrder, consumed: int, cfg: TrainCon
         return [pack(samples[k * m:(k + 1) * m], pad_to_multiple=multiple, **ds.collate_kwargs)
                 for k in range(num_micro)]
     return [collate(samples[k * m:(k + 1) * m], pad_to=pad) for k in range(num_micro)]
+
+
+def pad_length(longest: int, tp: int) -> int:
+    """Padded sequence length of a step: a multiple of 16 * TP (FP8 GEMMs want multiples of
+    16; sequence parallelism splits the sequence over TP ranks)."""
+    multiple = 16 * tp
+    return -(-longest // multiple) * multiple
 
 
 class _Stop:
@@ -126,14 +132,15 @@ class _Stop:
     def agree(self) -> None:
         """All ranks stop at the same step (a signal may reach them a step apart)."""
         flag = torch.tensor([int(self.requested)],
-                            device="cuda" if torch.cuda.is_available() else "cpu")
+                            device=parallel.device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         self.requested = bool(flag.item())
 
 
 def train(cfg: TrainConfig) -> list[dict]:
     from megatron_latent.data.collate import collate
-    from megatron_latent.data.lvr_dataset import LvrSftDataset, load_hf_processing
+    from megatron_latent.data.lvr_dataset import LvrSftDataset
+    from megatron_latent.data.lvr_tokens import load_hf_processing
     from megatron_latent.latent.lvr import LVR
 
     tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size

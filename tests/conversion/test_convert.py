@@ -160,7 +160,21 @@ def test_crash_mid_write_leaves_nothing(converted, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == [], "neither the output nor a temp dir may remain"
 
 
-def test_reader_accepts_both_hf_layouts(converted):
-    hf, _, back = converted["tiny-b"]
-    # the export uses released-checkpoint names; the reader maps both to one canonical layout
-    assert HFCheckpointReader(hf).names() == HFCheckpointReader(back).names()
+def test_reader_accepts_both_hf_layouts(converted, tmp_path):
+    """A checkpoint saved with the nested (transformers 5) names reads like the released
+    (transformers 4) layout: the same canonical names and the same tensors."""
+    from safetensors.torch import load_file, save_file
+
+    from megatron_latent.conversion.hf_mapping import canonical_hf_name
+
+    hf, _, _ = converted["tiny-b"]
+    released = {}
+    for f in sorted(Path(hf).glob("*.safetensors")):
+        released.update(load_file(f))
+    nested = {canonical_hf_name(k): v for k, v in released.items()}
+    assert set(nested) != set(released)  # the two layouts really differ
+    save_file(nested, str(tmp_path / "model.safetensors"))
+    a, b = HFCheckpointReader(hf), HFCheckpointReader(tmp_path)
+    assert a.names() == b.names()
+    for name in sorted(a.names()):
+        assert torch.equal(a.get(name), b.get(name)), name

@@ -46,7 +46,7 @@ def test_cuda_graph_decode_equals_eager(spec, dtype, tiny_ckpts, megatron_single
         assert graphed.latent_positions == eager.latent_positions
         diff = (graphed.logits - eager.logits).abs().max().item()
         print(f"\n[{spec} {dtype}] graph vs eager logits max diff {diff:.2e}")
-        assert diff <= (1e-5 if dtype == torch.float32 else 2e-2)
+        assert diff == 0.0  # a replay runs the same kernels (measured 0 on an H200, both dtypes)
         if dtype == torch.float32:
             assert (recompute_logits(model, prompt, graphed) - graphed.logits).abs().max() <= 1e-4
 

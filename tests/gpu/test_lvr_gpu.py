@@ -32,5 +32,6 @@ def test_lvr_sft_te_bf16_on_two_gpus(tiny_ckpts, synthetic_lvr, tmp_path):
         losses = [r["loss"] for r in res[name]]
         print(f"\n[{name} TE bf16] step-1 loss {losses[0]:.4f} (TP=1: {res['tp1'][0]['loss']:.4f}),"
               f" mean of last 5 {sum(losses[-5:]) / 5:.4f}")
-        assert abs(losses[0] - res["tp1"][0]["loss"]) <= 2e-2 * res["tp1"][0]["loss"]
+        # measured on 2 x H200: PP=2 equal, TP=2+SP 8e-5 relative (TE bf16)
+        assert abs(losses[0] - res["tp1"][0]["loss"]) <= 1e-3 * res["tp1"][0]["loss"]
         assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5

@@ -15,7 +15,9 @@ import torch
 from megatron_latent.conversion.hf_load import load_hf_weights
 from megatron_latent.eval.answers import score_prediction
 from megatron_latent.inference.generator import Completion, Generator
-from megatron_latent.inference.loading import (latent_rule_from_args, load_for_generation,
+from megatron_latent.eval.vqa_data import format_question, read_vqa_jsonl
+from megatron_latent.inference.loading import (answer_text, latent_rule_from_args,
+                                               load_for_generation, open_image,
                                                render_completion)
 from megatron_latent.inference.prompts import build_prompt
 from megatron_latent.inference.sampling import SamplingParams
@@ -147,10 +149,21 @@ def test_eval_vqa_sweep(oracle, images, tmp_path):
                        "--batch-size", "2"))
     summary = json.loads((out.parent / "summary.json").read_text())
     assert set(summary["accuracy"]) == {"1", "2"}
+    _, model, proc, ids = oracle
+    tok = proc.tokenizer
+    items = read_vqa_jsonl(data)
+    prompts = [build_prompt(proc, format_question(it), [open_image(f) for f in it.images],
+                            answer_prefix="<|lvr_start|>") for it in items]
+    stops = tuple(tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>"))
     for k in (1, 2):
         rows = [json.loads(line) for line in
                 (out.parent / f"preds.steps{k}.jsonl").read_text().splitlines()]
         assert [r["id"] for r in rows] == ["mc1", "mc2", "open"]
+        # the oracle: the same prompts generated in-process, batched as the tool does (2 + 1)
+        gen = Generator(model, rule=lvr_rule(ids, steps=k), pad_id=tok.pad_token_id)
+        params = SamplingParams(max_new_tokens=6, stop_ids=stops)
+        ref = gen.generate(prompts[:2], params) + gen.generate(prompts[2:], params)
+        assert [r["output"] for r in rows] == [answer_text(tok, c) for c in ref]
         for r in rows:
             pred, correct = score_prediction(r["output"], r["answer"], r["choices"])
             assert r["correct"] == correct and r["prediction"] == pred

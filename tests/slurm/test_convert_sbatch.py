@@ -9,12 +9,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-TO_MEGATRON = REPO / "tools/convert_hf_to_megatron.py"
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.skipif(not TO_MEGATRON.is_file(), reason="tools/convert_hf_to_megatron.py does not exist yet")
 def test_convert_hf_to_megatron_job(slurm_cluster, tiny_hf_dir, tmp_path):
     # submit.sh asks for TP x PP = 2 tasks itself; TASKS_PER_NODE=1 spreads them over 2 nodes.
     env = {**slurm_cluster.env, "TASKS_PER_NODE": "1", "LOG_DIR": str(tmp_path)}

@@ -21,6 +21,7 @@ def test_frozen_vision_has_no_optimizer_state(tiny_ckpts, megatron_single_rank):
     optimizer = build_optimizer(model, OptimSettings(lr=1e-3))
     in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
     assert not any(id(p) in in_opt for n, p in model[0].named_parameters() if "vision" in n)
+    assert in_opt == {id(p) for p in model[0].parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize("warmup", [0, 2])
