@@ -23,6 +23,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from profiling import profile_call  # noqa: E402
 
 ROPE = {"rope_type": "default", "rope_theta": 1e6}
 SHAPES = {
@@ -89,22 +92,6 @@ def timed(fn):
     return time.perf_counter() - t, out
 
 
-def profile(gen, prompts, params) -> None:
-    """Kernel time and count for one generate call (after a warm-up that captures graphs)."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile as torch_profile
-
-    gen.generate(prompts, params)
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        gen.generate(prompts, params)
-        torch.cuda.synchronize()
-    events = prof.key_averages()
-    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-    print(f"# profile: {sum(e.count for e in kernels)} kernel launches in one generate "
-          f"({params.max_new_tokens} tokens)")
-    print(events.table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="7b")
@@ -119,6 +106,7 @@ def main() -> None:
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--profile", action="store_true",
                     help="print the top GPU kernels of our generate at the first batch size")
+    ap.add_argument("--profile-dir", default=None, help="with --profile: save a Chrome trace")
     args = ap.parse_args()
 
     import torch
@@ -162,9 +150,11 @@ def main() -> None:
     print(f"# {gpu}; shape {args.shape}; spec {args.spec}; cuda graphs {not args.no_graphs}; "
           f"prompt {prompt_len} tokens; {args.new_tokens} new ({args.latent_steps} latent); "
           f"LLM weights read per step {weight_bytes / 1e9:.2f} GB")
-    if args.profile:
-        profile(gen, make_prompts(shape, args.batch[0], args.text_tokens, args.image, dev),
-                SamplingParams(max_new_tokens=args.new_tokens))
+    if args.profile:  # one generate call at the first batch size (graphs captured in warm-up)
+        prompts = make_prompts(shape, args.batch[0], args.text_tokens, args.image, dev)
+        params = SamplingParams(max_new_tokens=args.new_tokens)
+        profile_call(f"generate_b{args.batch[0]}", lambda: gen.generate(prompts, params),
+                     trace_dir=args.profile_dir)
     rows = []
     for b in args.batch:
         prompts = make_prompts(shape, b, args.text_tokens, args.image, dev)

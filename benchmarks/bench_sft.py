@@ -65,6 +65,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from profiling import profile_call  # noqa: E402
+
 LAMBDA = 0.1
 FP32_RTOL = 1e-4
 FLOPS_FORMULA = ("F = 6*N_llm*T + 6*L*h*s*T + c*(N_vit*P + N_merger*P/4) + (c/2)*4*h_v*sum(w^2); "
@@ -253,20 +255,29 @@ def time_steps(step, warmup: int, steps: int, cuda: bool) -> dict:
     return out
 
 
-def profile_step(name: str, step, show: bool = True) -> None:
-    """Top kernels (by GPU time) of one step, to see where a path spends its time."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
+class PhaseTimer:
+    """Wraps optimizer.step with synchronised timers: the step splits into forward+backward
+    (everything before the optimizer) and the optimizer (grad copy, clip, Adam, param copy)."""
 
-    step()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    if not show:
-        return
-    print(f"# profile of one {name} step")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25,
-                                    max_name_column_width=70))
+    def __init__(self, optimizer, cuda: bool):
+        import torch
+
+        self.sync = torch.cuda.synchronize if cuda else (lambda: None)
+        self.opt_s: list[float] = []
+        inner = optimizer.step
+
+        def step(*a, **kw):
+            self.sync()
+            t = time.perf_counter()
+            out = inner(*a, **kw)
+            self.sync()
+            self.opt_s.append(time.perf_counter() - t)
+            return out
+
+        optimizer.step = step
+
+    def mean(self, last: int) -> float:
+        return sum(self.opt_s[-last:]) / max(1, len(self.opt_s[-last:]))
 
 
 def free_memory(cuda: bool) -> None:
@@ -277,10 +288,10 @@ def free_memory(cuda: bool) -> None:
         torch.cuda.empty_cache()
 
 
-def config_overrides(args) -> dict:
-    """Our config's overrides for --precision/--recompute."""
+def config_overrides(args, precision: str) -> dict:
+    """Our config's overrides for one --precision and --recompute."""
     over = {}
-    if args.precision == "fp8":
+    if precision == "fp8":
         over.update(fp8="hybrid", fp8_recipe=args.fp8_recipe)
     if args.recompute == "selective":
         over.update(recompute_granularity="selective")
@@ -302,8 +313,9 @@ def main() -> None:
     ap.add_argument("--image", type=int, default=448, help="image side in pixels (one a sample)")
     ap.add_argument("--latent-tokens", type=int, default=8)
     ap.add_argument("--spec", choices=["te", "local"], default="te")
-    ap.add_argument("--precision", choices=["bf16", "fp8"], default="bf16",
-                    help="ours: fp8 = fp8='hybrid' + --fp8-recipe (TE spec, bf16 params)")
+    ap.add_argument("--precision", choices=["bf16", "fp8"], nargs="+", default=["bf16"],
+                    help="ours, one row each in this run: fp8 = fp8='hybrid' + --fp8-recipe "
+                         "(TE spec, bf16 params)")
     ap.add_argument("--fp8-recipe", choices=["delayed", "tensorwise", "blockwise"],
                     default="tensorwise")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
@@ -320,6 +332,7 @@ def main() -> None:
     ap.add_argument("--hf", action="store_true",
                     help="force the HF path where it is skipped by default (--shape 7b, tp > 1)")
     ap.add_argument("--json-out", default=None)
+    ap.add_argument("--profile-dir", default=None, help="with --profile: save Chrome traces here")
     ap.add_argument("--profile", action="store_true",
                     help="after timing, print the top CUDA kernels of one step of each path")
     args = ap.parse_args()
@@ -341,11 +354,10 @@ def main() -> None:
     cuda = torch.cuda.is_available()  # CPU: a smoke run of the script only (--shape tiny)
     dtype_name = args.dtype or ("bf16" if cuda else "fp32")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-    if args.precision == "fp8" and (dtype != torch.bfloat16 or args.spec != "te"):
+    if "fp8" in args.precision and (dtype != torch.bfloat16 or args.spec != "te"):
         ap.error("--precision fp8 needs --spec te and bf16 params")
     if args.sp and args.tp == 1:
         ap.error("--sp needs --tp > 1")
-    overrides = config_overrides(args)
     if dtype == torch.float32 and cuda:  # the fp32 check means fp32 GEMMs
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 
@@ -366,9 +378,12 @@ def main() -> None:
         if rank0:
             print(*a, flush=True)
 
-    cfg = Qwen25VLConfig.from_hf(cfg_hf.to_dict(), spec=args.spec, params_dtype=dtype,
-                                 tensor_model_parallel_size=args.tp, sequence_parallel=args.sp,
-                                 **overrides)
+    def our_config(precision: str) -> Qwen25VLConfig:
+        return Qwen25VLConfig.from_hf(cfg_hf.to_dict(), spec=args.spec, params_dtype=dtype,
+                                      tensor_model_parallel_size=args.tp,
+                                      sequence_parallel=args.sp,
+                                      **config_overrides(args, precision))
+
     if args.sp and args.seq_length % args.tp:
         ap.error("--seq-length must be a multiple of --tp with --sp")
     micro_batches = make_micro_batches(shape, seq_length=args.seq_length,
@@ -383,7 +398,8 @@ def main() -> None:
     gpu = torch.cuda.get_device_name() if cuda else "cpu"
     log(f"# {gpu}; shape {args.shape} ({shape['text']['num_hidden_layers']} LLM layers, "
         f"{shape['vision']['depth']} vision blocks); spec {args.spec}; params {dtype_name}; "
-        f"precision {args.precision}{f' ({args.fp8_recipe})' if args.precision == 'fp8' else ''}; "
+        f"precision {'/'.join(args.precision)}"
+        f"{f' (fp8 recipe {args.fp8_recipe})' if 'fp8' in args.precision else ''}; "
         f"recompute {args.recompute}; tp {args.tp}{' +sp' if args.sp else ''}, dp {dp}; "
         f"vision {'trained' if args.train_vision else 'frozen'}")
     log(f"# step: {args.num_micro_batches} micro-batches x {args.micro_batch_size} x "
@@ -423,13 +439,15 @@ def main() -> None:
             opt = torch.optim.AdamW(trainable, lr=1e-5, betas=(0.9, 0.95), eps=1e-8,
                                     weight_decay=0.0, fused=cuda)
             free_memory(cuda)
+            hf_phases = PhaseTimer(opt, cuda)
             results["HF"] = time_steps(
                 lambda: hf_train_step(hf, opt, trainable, micro_batches, ids, hidden),
                 args.warmup, args.steps, cuda)
+            results["HF"]["optimizer_s"] = hf_phases.mean(args.steps)
             results["HF"]["gpus"] = 1
             if args.profile and cuda:
-                profile_step("HF", lambda: hf_train_step(hf, opt, trainable, micro_batches, ids,
-                                                         hidden))
+                profile_call("HF", lambda: hf_train_step(hf, opt, trainable, micro_batches, ids,
+                                                         hidden), trace_dir=args.profile_dir)
             del opt, trainable
         del hf
         free_memory(cuda)
@@ -439,48 +457,57 @@ def main() -> None:
     if cuda:
         log(f"# memory still allocated before ours: {torch.cuda.memory_allocated() / 2**30:.2f} "
             "GiB")
-    model = build_model(cfg, None, freeze_vision=not args.train_vision,
-                        freeze_merger=not args.train_vision)
-    if sd_cpu is not None:  # the same weights as HF (before the optimizer copies them)
-        load_hf_weights(unwrap(model[0]), StateDictReader(sd_cpu, "HF random init"))
-        del sd_cpu
-    optimizer = build_optimizer(model, OptimSettings(lr=1e-5))
     method = LVR(lvr_id=ids["lvr"], start_id=ids["lvr_start"], end_id=ids["lvr_end"],
                  hidden_size=hidden, loss_lambda=LAMBDA)
-    losses["ours"] = eval_losses(model, micro_batches, method)
-    free_memory(cuda)
-    results["ours"] = time_steps(lambda: train_step(model, optimizer, micro_batches, method),
-                                 args.warmup, args.steps, cuda)
-    results["ours"]["gpus"] = world
-    if args.profile and cuda:  # every rank steps (collectives); rank 0 prints
-        profile_step("ours", lambda: train_step(model, optimizer, micro_batches, method), rank0)
-    if cuda:
-        peak = torch.tensor([results["ours"]["peak_gib"]], device=dev)
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-        results["ours"]["peak_gib"] = peak.item()
+    for precision in args.precision:
+        name = "ours" if len(args.precision) == 1 else f"ours {precision}"
+        model = build_model(our_config(precision), None, freeze_vision=not args.train_vision,
+                            freeze_merger=not args.train_vision)
+        if sd_cpu is not None:  # the same weights as HF (before the optimizer copies them)
+            load_hf_weights(unwrap(model[0]), StateDictReader(sd_cpu, "HF random init"))
+        optimizer = build_optimizer(model, OptimSettings(lr=1e-5))
+        losses[name] = eval_losses(model, micro_batches, method)
+        free_memory(cuda)
+        phases = PhaseTimer(optimizer, cuda)
+        r = results[name] = time_steps(
+            lambda: train_step(model, optimizer, micro_batches, method), args.warmup, args.steps,
+            cuda)
+        r["optimizer_s"], r["gpus"], r["precision"] = phases.mean(args.steps), world, precision
+        if args.profile and cuda:  # every rank steps (collectives); rank 0 prints
+            profile_call(name.replace(" ", "_"),
+                         lambda: train_step(model, optimizer, micro_batches, method),
+                         trace_dir=args.profile_dir if rank0 else None, show=rank0)
+        if cuda:
+            peak = torch.tensor([r["peak_gib"]], device=dev)
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+            r["peak_gib"] = peak.item()
+        model = optimizer = phases = None  # free before the next precision
+        free_memory(cuda)
+    sd_cpu = None
 
     # ---- report
     ok = True
-    if "HF" in losses:
-        lo, lh = losses["ours"], losses["HF"]
+    ours = [n for n in results if n != "HF"]
+    for name in ours:
+        lo, lh = losses[name], losses.get("HF")
+        if lh is None:
+            log(f"loss {name} {lo['loss']:.7f} / HF n/a ({dtype_name}, initial weights; "
+                f"CE {lo['lm loss']:.7f}, latent MSE {lo['latent mse']:.7f})")
+            continue
         rel = abs(lo["loss"] - lh["loss"]) / abs(lh["loss"])
-        log(f"loss ours {lo['loss']:.7f} / HF {lh['loss']:.7f} ({dtype_name}, initial weights, "
+        log(f"loss {name} {lo['loss']:.7f} / HF {lh['loss']:.7f} ({dtype_name}, initial weights, "
             f"forward only; rel diff {rel:.2e}; CE {lo['lm loss']:.7f} / {lh['lm loss']:.7f}, "
             f"latent MSE {lo['latent mse']:.7f} / {lh['latent mse']:.7f}, lambda {LAMBDA})")
         if dtype == torch.float32 and rel > FP32_RTOL:
             ok = False
             log(f"ERROR: fp32 losses differ by {rel:.2e} > {FP32_RTOL:.0e} relative")
-    else:
-        log(f"loss ours {losses['ours']['loss']:.7f} / HF n/a ({dtype_name}, initial weights; "
-            f"CE {losses['ours']['lm loss']:.7f}, latent MSE {losses['ours']['latent mse']:.7f})")
     rows = []
-    for name in ("ours", "HF"):
-        if name not in results:
-            continue
+    for name in ours + ["HF"] * ("HF" in results):
         r = results[name]
-        r.update(path=name, tokens_s=tokens / r["step_s"] if name == "ours" else
+        mine = name != "HF"
+        r.update(path=name, tokens_s=tokens / r["step_s"] if mine else
                  args.micro_batch_size * args.num_micro_batches * args.seq_length / r["step_s"])
-        path_flops = flops["total"] if name == "ours" else flops["total"] / dp
+        path_flops = flops["total"] if mine else flops["total"] / dp
         r["tflops_per_gpu"] = path_flops / r["step_s"] / r["gpus"] / 1e12
         r["tokens_s_per_gpu"] = r["tokens_s"] / r["gpus"]
         r["loss0"] = losses.get(name, {}).get("loss")
@@ -488,13 +515,19 @@ def main() -> None:
     if "HF" in results:
         for r in rows:
             r["ratio_vs_hf"] = r["tokens_s_per_gpu"] / results["HF"]["tokens_s_per_gpu"]
-    log("\n| path | tokens/s | TFLOP/s | step ms | peak GiB | ratio vs HF |")
-    log("|---|---|---|---|---|---|")
+    if len(ours) > 1:
+        base = results[ours[0]]
+        for name in ours[1:]:
+            results[name]["ratio_vs_first"] = base["step_s"] / results[name]["step_s"]
+            log(f"# {name} vs {ours[0]}: {results[name]['ratio_vs_first']:.3f}x tokens/s")
+    log("\n| path | tokens/s | TFLOP/s | step ms | of which optimizer ms | peak GiB "
+        "| ratio vs HF |")
+    log("|---|---|---|---|---|---|---|")
     for r in rows:
         peak = f"{r['peak_gib']:.2f}" if "peak_gib" in r else "n/a"
         ratio = f"{r['ratio_vs_hf']:.2f}x" if "ratio_vs_hf" in r else "n/a"
         log(f"| {r['path']} | {r['tokens_s']:,.0f} | {r['tflops_per_gpu']:.4g} "
-            f"| {1e3 * r['step_s']:.1f} | {peak} | {ratio} |")
+            f"| {1e3 * r['step_s']:.1f} | {1e3 * r['optimizer_s']:.1f} | {peak} | {ratio} |")
     log(f"\n# tokens/s: all tokens of the step (text + image + latent) / mean step time; "
         f"TFLOP/s: model FLOPs per GPU, {FLOPS_FORMULA}; peak: torch.cuda.max_memory_allocated "
         f"(max over ranks; n/a on CPU); ratio vs HF: per-GPU tokens/s over HF's (HF on 1 GPU)")

@@ -96,7 +96,7 @@ class Generator:
         return {"ids": ids.to(dev), "mask": mask.to(dev), "positions": positions.to(dev),
                 "next_pos": (mask.sum(1) + deltas[:, 0]).to(dev),
                 "pixel_values": torch.cat(pixels).to(dev) if pixels else None,
-                "image_grid_thw": grid.to(dev) if grid is not None else None}
+                "image_grid_thw": grid}  # host bookkeeping (the vision tower reads it there)
 
     # ------------------------------------------------------------------ forwards
     def _head(self, *, hidden_states, output_layer, output_weight, **_):

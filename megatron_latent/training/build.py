@@ -35,7 +35,27 @@ def build_model(cfg: Qwen25VLConfig, hf_dir: str | Path | None = None, *, wrap_d
         check_for_nan_in_grad=True)
     ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
     ddp.broadcast_params()
+    if cfg.fused and cfg.spec == "te":
+        fuse_te_wgrad_accumulation(model)
     return [ddp]
+
+
+def fuse_te_wgrad_accumulation(model: torch.nn.Module) -> int:
+    """TE linears write weight gradients straight into DDP's fp32 `main_grad` (the wgrad GEMM
+    accumulates) instead of a bf16 grad that a hook then adds: one fewer pass over every grad
+    per micro-batch (~15 ms of a 7B-shaped 8k-token step on an H200). megatron's config switch
+    (gradient_accumulation_fusion) also covers its own output layer, which needs Apex, hence per
+    module here; returns how many modules were switched."""
+    from transformer_engine.pytorch.module.base import TransformerEngineBaseModule
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, TransformerEngineBaseModule) and hasattr(m, "fuse_wgrad_accumulation"):
+            weights = [p for name, p in m.named_parameters(recurse=False) if "weight" in name]
+            if weights and all(p.requires_grad and hasattr(p, "main_grad") for p in weights):
+                m.fuse_wgrad_accumulation = True
+                n += 1
+    return n
 
 
 @dataclass

@@ -19,6 +19,8 @@ from megatron_latent.latent import pipeline_channel
 from megatron_latent.latent.base import LatentMethod, PlainLM
 
 MODEL_INPUTS = ("input_ids", "position_ids", "pixel_values", "image_grid_thw")
+# host bookkeeping: the vision tower reads it on the host (a device copy costs a sync to read)
+HOST_KEYS = ("image_grid_thw",)
 
 
 def _device():
@@ -27,7 +29,8 @@ def _device():
 
 def _to_device(batch: dict) -> dict:
     dev = _device()
-    return {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) and k not in HOST_KEYS else v
+            for k, v in batch.items()}
 
 
 def make_forward_step(method: LatentMethod):

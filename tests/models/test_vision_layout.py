@@ -21,6 +21,9 @@ def test_matches_transformers(grids, window_merged):
     assert torch.equal(lay.window_index, ref_index)
     _, counts = torch.unique_consecutive(lay.segments[1], return_counts=True)
     assert torch.equal(torch.cat([torch.zeros(1), counts.cumsum(0)]).int(), ref_cu)
+    cu_window, longest = lay.cu_seqlens[1]  # host-computed, handed to TE attention
+    assert torch.equal(cu_window, ref_cu) and longest == int(ref_cu.diff().max())
+    assert torch.equal(lay.restore, torch.argsort(ref_index))
     ref_pos = get_vision_position_ids(g, 2).view(-1, 4, 2)[ref_index].view(-1, 2)
     assert torch.equal(lay.hw_positions, ref_pos)
     # full-attention segments: one per frame, each of t*h*w / t patches
@@ -34,3 +37,5 @@ def test_hand_worked_windows():
     assert lay.window_index.tolist() == [0, 1, 3, 4, 2, 5, 6, 7, 8]
     _, counts = torch.unique_consecutive(lay.segments[1], return_counts=True)
     assert (counts // 4).tolist() == [4, 2, 2, 1]
+    assert lay.cu_seqlens[1][0].tolist() == [0, 16, 24, 32, 36]  # patches: 4 per merged token
+    assert lay.cu_seqlens[0][0].tolist() == [0, 36] and lay.cu_seqlens[0][1] == 36

@@ -72,25 +72,27 @@ class Qwen25VLModel(MegatronModule):
         """Token embeddings with image features in the image-pad slots, then the latent method's
         injection: [s, b, h] (not SP-split)."""
         cfg = self.cfg
-        if (input_ids == cfg.video_token_id).any():
-            raise ValueError("video input is not supported yet: input_ids contain "
-                             f"video_token_id={cfg.video_token_id}")
+        # launch the vision tower before anything waits on the GPU, so the host can queue it
+        # while the GPU still runs earlier work (the previous micro-batch's backward)
+        feats = None if pixel_values is None else self.vision(pixel_values, image_grid_thw)
         emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)
         is_image = input_ids == cfg.image_token_id
-        n_tokens = int(is_image.sum())
+        n_tokens, n_video = torch.stack([is_image.sum(), (input_ids == cfg.video_token_id).sum()]
+                                        ).tolist()  # one host sync for both checks
+        if n_video:
+            raise ValueError("video input is not supported yet: input_ids contain "
+                             f"video_token_id={cfg.video_token_id}")
         emb = emb.transpose(0, 1)  # [b, s, h]: images and latents are listed sample by sample
-        feats = None
-        if pixel_values is None:
+        if feats is None:
             if n_tokens:
                 raise ValueError(f"input_ids hold {n_tokens} image tokens but no pixel_values")
         else:
-            feats = self.vision(pixel_values, image_grid_thw).to(emb.dtype)
             if feats.shape[0] != n_tokens:
                 raise ValueError(
                     f"input_ids hold {n_tokens} image tokens (id {cfg.image_token_id}) but "
                     f"image_grid_thw {image_grid_thw.tolist()} gives {feats.shape[0]} image "
                     "features")
-            emb = emb.masked_scatter(is_image.unsqueeze(-1), feats)
+            emb = emb.masked_scatter(is_image.unsqueeze(-1), feats.to(emb.dtype))
         if latent is not None:
             emb = latent.inject(emb, feats)
         return emb.transpose(0, 1).contiguous()

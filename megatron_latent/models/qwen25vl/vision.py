@@ -18,15 +18,29 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 
 from megatron_latent.models.qwen25vl import specs
 from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
+from megatron_latent.models.qwen25vl.vision_attention import segments_to_cu_seqlens, set_cu_seqlens
+from megatron_latent.models.qwen25vl.vision_graphs import VisionGraphs
 
 
 @dataclass
 class VisionLayout:
-    """Index bookkeeping for one micro-batch of images (computed on the host from grid_thw)."""
+    """Index bookkeeping for one micro-batch of images, computed on the host from grid_thw (no
+    device synchronisation), then moved to the device once with `to`."""
 
     window_index: torch.Tensor  # [n_merged] merged-token order that makes windows contiguous
     segments: torch.Tensor  # [2, n_patches] image id / window id, in windowed order
     hw_positions: torch.Tensor  # [n_patches, 2] (row, col) of each patch, in windowed order
+    restore: torch.Tensor = None  # [n_merged] inverse of window_index
+    cu_seqlens: tuple = ()  # per segments row: (cumulative lengths int32 [n+1], longest)
+
+    def to(self, device) -> "VisionLayout":
+        cu = tuple((c.to(device, non_blocking=True), m) for c, m in self.cu_seqlens)
+        lay = VisionLayout(*(t.to(device, non_blocking=True) for t in
+                             (self.window_index, self.segments, self.hw_positions, self.restore)),
+                           cu_seqlens=cu)
+        # the attention layers read the cu_seqlens off the segments tensor they all receive
+        set_cu_seqlens(lay.segments, cu)
+        return lay
 
 
 def vision_layout(grid_thw: torch.Tensor, merge: int, window_merged: int) -> VisionLayout:
@@ -63,7 +77,8 @@ def vision_layout(grid_thw: torch.Tensor, merge: int, window_merged: int) -> Vis
     # permuting by window_index keeps frames contiguous.
     frames = torch.cat(frame_ids).view(-1, unit)[window_index].view(-1)
     segments = torch.stack([frames, torch.cat(window_ids)])
-    return VisionLayout(window_index, segments, positions)
+    return VisionLayout(window_index, segments, positions, torch.argsort(window_index),
+                        tuple(segments_to_cu_seqlens(row) for row in segments))
 
 
 class VisionRotaryEmbedding(torch.nn.Module):
@@ -100,25 +115,34 @@ class Qwen25VisionModel(MegatronModule):
         self.merger = build_module(specs.merger_mlp_spec(cfg.spec),
                                    config=cfg.merger_transformer_config(),
                                    input_size=cfg.vision_hidden_size * cfg.merge_unit)
+        self.graphs = VisionGraphs(cfg.vision_graphs if not cfg.vision_fp8 else 0)
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """pixel_values [n_patches, C*T*P*P] (the HF processor's layout), grid_thw [n_images, 3]
         -> merged image features [n_patches / 4, LLM hidden]."""
         cfg = self.cfg
-        expected = int(grid_thw.prod(-1).sum())
+        grid = grid_thw.cpu()  # host bookkeeping: keep grid_thw on the host to avoid a sync
+        expected = int(grid.prod(-1).sum())
         if pixel_values.shape[0] != expected:
             raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches but image_grid_thw "
-                             f"{grid_thw.tolist()} implies {expected}")
+                             f"{grid.tolist()} implies {expected}")
         window = cfg.window_size // cfg.patch_size // cfg.spatial_merge_size
-        lay = vision_layout(grid_thw.cpu(), cfg.spatial_merge_size, window)
-        dev = pixel_values.device
-        unit = cfg.merge_unit
-        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))
-        x = x.view(-1, unit, x.shape[-1])[lay.window_index.to(dev)].view(-1, 1, x.shape[-1])
-        rotary = self.rotary(lay.hw_positions.to(dev))
-        x = self.decoder(hidden_states=x, attention_mask=lay.segments.to(dev),
-                         rotary_pos_emb=rotary)
+        key = tuple(map(tuple, grid.tolist()))
+        make_layout = lambda: vision_layout(grid, cfg.spatial_merge_size,  # noqa: E731
+                                            window).to(pixel_values.device)
+        dtype = self.patch_embed.weight.dtype
+        if self.graphs.usable(self, pixel_values, key):
+            return self.graphs.run(key, self.run, pixel_values, dtype, make_layout)
+        return self.run(pixel_values.to(dtype), make_layout())
+
+    def run(self, pixel_values: torch.Tensor, lay: VisionLayout) -> torch.Tensor:
+        """The device part of the forward: no host synchronisation (CUDA-graph capturable)."""
+        unit = self.cfg.merge_unit
+        x = self.patch_embed(pixel_values)
+        x = x.view(-1, unit, x.shape[-1])[lay.window_index].view(-1, 1, x.shape[-1])
+        x = self.decoder(hidden_states=x, attention_mask=lay.segments,
+                         rotary_pos_emb=self.rotary(lay.hw_positions))
         x, bias = self.merger(x.view(-1, unit * x.shape[-1]))
         if bias is not None:
             x = x + bias
-        return x[torch.argsort(lay.window_index).to(dev)]
+        return x[lay.restore]

@@ -25,10 +25,15 @@ def segments_to_cu_seqlens(seg: torch.Tensor) -> tuple[torch.Tensor, int]:
     return cu, int(counts.max())
 
 
+def set_cu_seqlens(segments: torch.Tensor, cu_seqlens: tuple) -> None:
+    """Attach the host-computed cu_seqlens of each row to the segments tensor every layer
+    receives (the stock TransformerBlock passes layers one `attention_mask` argument)."""
+    segments._cu_seqlens = dict(enumerate(cu_seqlens))
+
+
 def cached_cu_seqlens(segments: torch.Tensor, row: int) -> tuple[torch.Tensor, int]:
-    """cu_seqlens of one row of the [2, s] segment tensor, computed once per forward: all layers
-    receive the same tensor object, and each computation synchronises with the host (32 layers
-    would otherwise stall the GPU 32 times)."""
+    """cu_seqlens of one row of the [2, s] segment tensor: the host-computed ones when attached,
+    else computed here once per forward (each computation synchronises with the host)."""
     cache = segments.__dict__.setdefault("_cu_seqlens", {})
     if row not in cache:
         cache[row] = segments_to_cu_seqlens(segments[row])
