@@ -160,7 +160,8 @@ def main() -> None:
         prompts = make_prompts(shape, b, args.text_tokens, args.image, dev)
         full = SamplingParams(max_new_tokens=args.new_tokens)
         one = SamplingParams(max_new_tokens=1)
-        gen.generate(prompts, full)  # warm-up (and CUDA graph capture for this shape)
+        for _ in range(2):  # warm-up: decode graph captured on the first call, the vision
+            gen.generate(prompts, full)  # tower's on the second sighting of its image layout
         t_ours, out = timed(lambda: gen.generate(prompts, full))
         t_ours_pre, _ = timed(lambda: gen.generate(prompts, one))
         row = {"batch": b, "ours_tok_s": b * args.new_tokens / t_ours,
