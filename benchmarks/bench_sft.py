@@ -324,6 +324,8 @@ def main() -> None:
                     help="ours; with 'full' HF gets gradient checkpointing of its layers too")
     ap.add_argument("--tp", type=int, default=1, help="ours; run with torchrun for tp > 1")
     ap.add_argument("--sp", action="store_true", help="ours: sequence parallel (tp > 1)")
+    ap.add_argument("--vision-graphs", type=int, default=4,
+                    help="ours: CUDA graphs of the frozen vision tower (0: eager)")
     ap.add_argument("--train-vision", action="store_true",
                     help="train the vision tower and merger (default: frozen, the LVR default)")
     ap.add_argument("--steps", type=int, default=10)
@@ -382,6 +384,7 @@ def main() -> None:
         return Qwen25VLConfig.from_hf(cfg_hf.to_dict(), spec=args.spec, params_dtype=dtype,
                                       tensor_model_parallel_size=args.tp,
                                       sequence_parallel=args.sp,
+                                      vision_graphs=args.vision_graphs,
                                       **config_overrides(args, precision))
 
     if args.sp and args.seq_length % args.tp:

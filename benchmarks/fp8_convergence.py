@@ -64,7 +64,8 @@ def main() -> None:
         tail = hist[len(hist) // 2:]
         speed[name] = sum(h["tokens"] for h in tail) / sum(h["step_s"] for h in tail)
     names = list(curves)
-    print("\n| step | " + " | ".join(names) + " |\n|---" * (len(names) + 1) + "|")
+    print("\n| step | " + " | ".join(names) + " |")
+    print("|---" * (len(names) + 1) + "|")
     for s in sorted({1, 10, 25, 50, 100, 150, args.steps} & set(range(1, args.steps + 1))):
         print(f"| {s} | " + " | ".join(f"{curves[n][s - 1]:.4f}" for n in names) + " |")
 

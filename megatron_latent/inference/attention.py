@@ -2,9 +2,10 @@
 
 Only the cached path is overridden: the fused QKV projection and the output projection are
 megatron's own modules, so the state dict and the training path are unchanged. The cached path
-keeps the projection's [s, b, groups, (heads_per_group + 2) * d] layout, applies RoPE to the
-query and key heads in one go, and hands grouped heads to the cache (fewer, larger kernels: a
-decode step is launch-bound at small batch).
+keeps the projection's [s, b, groups, (heads_per_group + 2) * d] layout, applies RoPE to all
+heads of a group in one pass, and hands the grouped heads to the cache, which stores each group's
+key and value side by side with one write (fewer, larger kernels: a decode step is launch-bound
+at small batch).
 """
 
 from __future__ import annotations
@@ -30,18 +31,12 @@ class CachedSelfAttention(SelfAttention):
         s, b, g = mixed.shape[:3]
         d = self.hidden_size_per_attention_head
         heads = mixed.view(s, b, g, -1, d)  # per group: r query heads, then key, then value
-        qk, value = heads[:, :, :, :-1], heads[:, :, :, -1]
         if rotary_pos_emb is not None:
             freqs = rotary_pos_emb[0] if isinstance(rotary_pos_emb, tuple) else rotary_pos_emb
-            cos, sin = inference_context.rope_cos_sin(freqs, qk.dtype)
-            qk = _rope(qk, cos, sin)
+            cos, sin = inference_context.rope_tables(freqs, heads.dtype, heads.shape[3])
+            # megatron's non-interleaved RoPE, x * cos + rotate_half(x) * sin, as three kernels
+            # over all heads at once: rotate_half(x) = roll(x, d/2) * [-1.., +1..] (the sign is
+            # folded into `sin`); the value slot has cos 1, sin 0 and passes through exactly
+            heads = torch.addcmul(heads * cos, heads.roll(d // 2, dims=-1), sin)
         scale = self.config.softmax_scale or d ** -0.5
-        context = inference_context.attend(self.layer_number, qk[:, :, :, :-1],
-                                           qk[:, :, :, -1], value, scale)
-        return self.linear_proj(context)
-
-
-def _rope(x, cos, sin):
-    """megatron's non-interleaved RoPE: x * cos + rotate_half(x) * sin."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+        return self.linear_proj(inference_context.attend(self.layer_number, heads, scale))

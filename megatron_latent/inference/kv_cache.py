@@ -20,7 +20,8 @@ from megatron.core.inference.contexts.base_context import BaseInferenceContext
 
 
 class KVCache(BaseInferenceContext):
-    """Per layer: keys and values [b, kv_heads_local, max_len, head_dim] (attention-ready).
+    """Per layer: keys and values side by side, [b, kv_heads_local, max_len, 2, head_dim] (one
+    write per forward; attention reads strided views of each).
 
     `valid[b, j]` marks cache slots that hold a real token (prompt padding stays False).
     `write_index` (int64 scalar, on device) is where the next forward writes its first token.
@@ -32,7 +33,7 @@ class KVCache(BaseInferenceContext):
         # slots rounded up to 16: aligned masks keep SDPA on its fused kernels
         self.batch_size, self.max_len = batch_size, -(-max_len // 16) * 16
         self.device, self.dtype = torch.device(device), dtype
-        self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.buffers: dict[int, torch.Tensor] = {}
         self.valid = torch.zeros(batch_size, -(-max_len // 16) * 16, dtype=torch.bool, device=self.device)
         self.write_index = torch.zeros((), dtype=torch.long, device=self.device)
         self.slots = torch.arange(self.max_len, device=self.device)
@@ -71,30 +72,38 @@ class KVCache(BaseInferenceContext):
         self.decode_mode = False
 
     # ---- used by CachedSelfAttention
-    def rope_cos_sin(self, freqs: torch.Tensor, dtype):
-        """cos/sin [s, b, 1, 1, d] of this forward's RoPE angles [s, b, 1, d], computed by the
-        first layer only (megatron computes them in every layer)."""
+    def rope_tables(self, freqs: torch.Tensor, dtype, heads: int):
+        """(cos, signed sin), each [s, b, 1, heads, d], of this forward's RoPE angles
+        [s, b, 1, d] for a group of `heads` (queries, key, then the value: cos 1, sin 0);
+        computed by the first layer only (megatron computes them in every layer)."""
         if self._rope[0] is not freqs:
             f = freqs.unsqueeze(-2)
-            self._rope = (freqs, (f.cos().to(dtype), f.sin().to(dtype)))
+            half = f.shape[-1] // 2
+            cos, sin = f.cos(), f.sin()
+            sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+            shape = (*f.shape[:-2], heads - 1, f.shape[-1])
+            cos = torch.cat([cos.expand(shape), torch.ones_like(cos)], dim=-2).to(dtype)
+            sin = torch.cat([sin.expand(shape), torch.zeros_like(sin)], dim=-2).to(dtype)
+            self._rope = (freqs, (cos, sin))
         return self._rope[1]
 
-    def attend(self, layer_number: int, query, key, value, softmax_scale: float) -> torch.Tensor:
-        """query [s, b, g, r, d] (r query heads per KV group), key/value [s, b, g, d] (rotated)
-        -> context [s, b, g*r*d] (megatron's head order)."""
-        s, b, g, r, d = query.shape
+    def attend(self, layer_number: int, heads: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+        """heads [s, b, g, r + 2, d]: per KV group, r query heads then the key and the value
+        (rotated) -> context [s, b, g*r*d] (megatron's head order)."""
+        s, b, g, n, d = heads.shape
+        r = n - 2
         if b != self.batch_size:
             raise ValueError(f"KV cache holds {self.batch_size} sequences, forward has {b}")
-        k_buf, v_buf = self._buffers(layer_number, key)
-        k_buf.index_copy_(2, self.index, key.permute(1, 2, 0, 3).to(k_buf.dtype))
-        v_buf.index_copy_(2, self.index, value.permute(1, 2, 0, 3).to(v_buf.dtype))
+        kv = self._buffer(layer_number, heads)
+        kv.index_copy_(2, self.index, heads[:, :, :, r:].permute(1, 2, 0, 3, 4).to(kv.dtype))
+        k_buf, v_buf = kv[:, :, :, 0], kv[:, :, :, 1]
         if s == 1:
             # decode: a group's r query heads act as r queries against its one KV head, so
             # K and V are read once (no GQA repeat) by one fused attention kernel
-            out = F.scaled_dot_product_attention(query[0], k_buf, v_buf, attn_mask=self.bias,
-                                                 scale=softmax_scale)
+            out = F.scaled_dot_product_attention(heads[0, :, :, :r], k_buf, v_buf,
+                                                 attn_mask=self.bias, scale=softmax_scale)
             return out.reshape(1, b, g * r * d)
-        q = query.permute(1, 2, 3, 0, 4).reshape(b, g * r, s, d)
+        q = heads[:, :, :, :r].permute(1, 2, 3, 0, 4).reshape(b, g * r, s, d)
         if self.dense_prefill:  # no padding, empty cache before: plain causal (flash kernels)
             out = F.scaled_dot_product_attention(q, k_buf[:, :, :s], v_buf[:, :, :s],
                                                  is_causal=True, scale=softmax_scale,
@@ -104,11 +113,9 @@ class KVCache(BaseInferenceContext):
                                                  scale=softmax_scale, enable_gqa=r > 1)
         return out.permute(2, 0, 1, 3).reshape(s, b, g * r * d)
 
-    def _buffers(self, layer_number: int, key: torch.Tensor):
+    def _buffer(self, layer_number: int, heads: torch.Tensor) -> torch.Tensor:
         if layer_number not in self.buffers:
-            shape = (self.batch_size, key.shape[2], self.max_len, key.shape[3])
-            dtype = self.dtype or key.dtype
-            self.buffers[layer_number] = (
-                torch.zeros(shape, dtype=dtype, device=self.device),
-                torch.zeros(shape, dtype=dtype, device=self.device))
+            shape = (self.batch_size, heads.shape[2], self.max_len, 2, heads.shape[4])
+            self.buffers[layer_number] = torch.zeros(shape, dtype=self.dtype or heads.dtype,
+                                                     device=self.device)
         return self.buffers[layer_number]

@@ -43,6 +43,8 @@ def add_common_args(p: argparse.ArgumentParser, *, lr: float, decay: str) -> Non
     a("--recompute-method", choices=["uniform", "block"], default=None)
     a("--recompute-num-layers", type=int, default=None)
     a("--no-fused-kernels", action="store_true", help="turn TE-path kernel fusions off")
+    a("--vision-graphs", type=int, default=4,
+      help="CUDA graphs of the frozen vision tower kept, one per image layout (0: off)")
     a("--seed", type=int, default=1234)
     a("--wandb-project", default="megatron_latent")
     a("--wandb-exp-name", default=None)
@@ -82,7 +84,7 @@ def perf_overrides(args) -> dict:
     out = dict(fp8=args.fp8_format, fp8_recipe=args.fp8_recipe, vision_fp8=args.vision_fp8,
                recompute_granularity=args.recompute_granularity,
                recompute_method=args.recompute_method,
-               recompute_num_layers=args.recompute_num_layers)
+               recompute_num_layers=args.recompute_num_layers, vision_graphs=args.vision_graphs)
     if args.no_fused_kernels:
         out["fused_kernels"] = False
     return out
