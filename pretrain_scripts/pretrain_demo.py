@@ -9,6 +9,7 @@ two-sample batch (three photos from scikit-image) and logs loss, step time and E
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -46,12 +47,12 @@ def main(argv=None):
     args = parse_args(argv)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     parallel.initialize(parallel.ParallelConfig(tp, pp), seed=args.seed)
-    hf_dir = args.hf_dir
+    hf_dir, tmp = args.hf_dir, None
     if hf_dir is None:
         tmp = tempfile.mkdtemp(prefix="tiny_qwen25vl_") if dist.get_rank() == 0 else None
         box = [tmp]
         dist.broadcast_object_list(box)
-        hf_dir = box[0]
+        hf_dir = tmp = box[0]  # every rank knows it (all of them clean up together)
         if dist.get_rank() == 0:
             make_tiny_qwen25vl(Path(hf_dir) / "ckpt", preset="tiny-a", seed=0)
         dist.barrier()
@@ -69,6 +70,10 @@ def main(argv=None):
         out = train_step(model, optimizer, [mb])
         log.log(step, {"loss": out["loss"], "grad_norm": float(out["grad_norm"])})
     log.finish()
+    if tmp is not None:  # the demo's own tiny checkpoint (rank 0 made it)
+        dist.barrier()
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
     parallel.destroy()
 
 

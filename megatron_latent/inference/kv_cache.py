@@ -37,7 +37,6 @@ class KVCache(BaseInferenceContext):
         self.valid = torch.zeros(batch_size, -(-max_len // 16) * 16, dtype=torch.bool, device=self.device)
         self.write_index = torch.zeros((), dtype=torch.long, device=self.device)
         self.slots = torch.arange(self.max_len, device=self.device)
-        self.decode_mode = False
         self.dense_prefill = False  # set by the generator: a prefill without padding
         self._rope = (None, None)
 
@@ -46,7 +45,9 @@ class KVCache(BaseInferenceContext):
         return True
 
     def is_decode_only(self) -> bool:
-        return self.decode_mode
+        # False keeps megatron's own decode-only paths (flash decode, its RoPE offsets) out of
+        # the way: CachedSelfAttention handles prefill and decode itself
+        return False
 
     # ---- bookkeeping, called by the generator around each forward
     def mark(self, token_valid: torch.Tensor) -> None:
@@ -69,7 +70,6 @@ class KVCache(BaseInferenceContext):
     def reset(self) -> None:
         self.valid.zero_()
         self.write_index.zero_()
-        self.decode_mode = False
 
     # ---- used by CachedSelfAttention
     def rope_tables(self, freqs: torch.Tensor, dtype, heads: int):
