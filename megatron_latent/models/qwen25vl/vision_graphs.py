@@ -7,7 +7,10 @@ a 7B LVR SFT micro-batch with the GPU mostly idle). Replaying a captured graph r
 One graph per image-grid layout (the tuple of (t, h, w) per image fixes every shape and index),
 captured the second time a layout is seen (data with ever-changing image sizes never pays for a
 capture it would not reuse), kept in a small LRU; the graphs share one memory pool (they never run concurrently, and only
-their static inputs and outputs stay alive between replays). A capture that fails (an op that
+their static inputs and outputs stay alive between replays). A graph reads the weights where
+they were at capture: in-place updates (optimizer steps, checkpoint loads) are seen, but a
+module moved to other memory (`.cpu()`/`.to()`, as the RL reference's host offload does) drops
+every graph. A capture that fails (an op that
 cannot be captured) turns graphs off for the process with a warning: the eager path is exact.
 """
 
@@ -34,6 +37,7 @@ class VisionGraphs:
         self.disabled_reason: str | None = None
         self.captures = 0  # for tests and logs
         self.seen: OrderedDict[tuple, int] = OrderedDict()  # sightings of uncaptured layouts
+        self.storage: tuple = ()  # where the weights were when the graphs were captured
 
     def usable(self, model: torch.nn.Module, pixel_values: torch.Tensor, key: tuple) -> bool:
         """Whether this forward should go through a graph (counts a sighting of `key`)."""
@@ -41,9 +45,15 @@ class VisionGraphs:
             return False
         if torch.cuda.is_current_stream_capturing():
             return False  # inside someone else's capture: just record the ops
+        tensors = list(model.parameters())
         if torch.is_grad_enabled() and (pixel_values.requires_grad
-                                        or any(p.requires_grad for p in model.parameters())):
+                                        or any(p.requires_grad for p in tensors)):
             return False  # training the tower: autograd needs the eager graph
+        storage = tuple(t.data_ptr() for t in tensors + list(model.buffers()))
+        if storage != self.storage:  # moved (or first use): graphs would read stale memory
+            self.entries.clear()
+            self.pool = None
+            self.storage = storage
         if key in self.entries:
             return True
         self.seen[key] = self.seen.pop(key, 0) + 1
