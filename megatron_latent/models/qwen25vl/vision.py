@@ -117,6 +117,11 @@ class Qwen25VisionModel(MegatronModule):
                                    input_size=cfg.vision_hidden_size * cfg.merge_unit)
         self.graphs = VisionGraphs(cfg.vision_graphs if not cfg.vision_fp8 else 0)
 
+    def _apply(self, fn, *args, **kwargs):
+        if hasattr(self, "graphs"):  # .to()/.cpu()/.half() move the weights the graphs read
+            self.graphs.reset()
+        return super()._apply(fn, *args, **kwargs)
+
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """pixel_values [n_patches, C*T*P*P] (the HF processor's layout), grid_thw [n_images, 3]
         -> merged image features [n_patches / 4, LLM hidden]."""

@@ -5,13 +5,13 @@ launches and TE's per-module Python: eager, the host sets its pace (measured on 
 a 7B LVR SFT micro-batch with the GPU mostly idle). Replaying a captured graph removes that.
 
 One graph per image-grid layout (the tuple of (t, h, w) per image fixes every shape and index),
-captured the second time a layout is seen (data with ever-changing image sizes never pays for a
-capture it would not reuse), kept in a small LRU; the graphs share one memory pool (they never run concurrently, and only
-their static inputs and outputs stay alive between replays). A graph reads the weights where
-they were at capture: in-place updates (optimizer steps, checkpoint loads) are seen, but a
-module moved to other memory (`.cpu()`/`.to()`, as the RL reference's host offload does) drops
-every graph. A capture that fails (an op that
-cannot be captured) turns graphs off for the process with a warning: the eager path is exact.
+captured the second time a layout is seen (data whose image sizes never repeat never pays for a
+capture), kept in a small LRU. The graphs share one memory pool: they never run concurrently,
+and only their static inputs and outputs stay alive between replays. A graph reads the weights
+where they were at capture: in-place updates (optimizer steps, checkpoint loads) are seen; a move
+to other memory (`.cpu()`/`.to()`, as the RL reference's host offload does) drops every graph.
+A failed capture (agreed over the tensor-parallel group) or layouts that change too often for
+graphs to be reused turn graphs off for the process with a warning: the eager path is exact.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class VisionGraphs:
         self.entries: OrderedDict[tuple, _Entry] = OrderedDict()
         self.pool = None
         self.disabled_reason: str | None = None
-        self.captures = 0  # for tests and logs
+        self.captures = self.replays = 0  # for tests, logs and the thrash check
         self.seen: OrderedDict[tuple, int] = OrderedDict()  # sightings of uncaptured layouts
         self.storage: tuple = ()  # where the weights were when the graphs were captured
 
@@ -67,16 +67,45 @@ class VisionGraphs:
         on the first call). Returns a fresh tensor (the graph's output buffer is reused)."""
         entry = self.entries.get(key)
         if entry is None or entry.pixels.shape != pixel_values.shape:
-            try:
-                entry = self._capture(key, fn, pixel_values.to(dtype, copy=True), make_layout)
-            except RuntimeError as e:  # e.g. an op that cannot be captured: stay eager
-                self.disabled_reason = str(e).splitlines()[0]
-                log.warning("vision tower CUDA graphs turned off: %s", self.disabled_reason)
+            entry, error = self._try_capture(key, fn, pixel_values.to(dtype, copy=True),
+                                             make_layout)
+            if entry is None:  # an op that cannot be captured, say: eager from now on
+                self.turn_off(error)
                 return fn(pixel_values.to(dtype), make_layout())
+        else:
+            self.replays += 1
         self.entries.move_to_end(key)
         entry.pixels.copy_(pixel_values)
         entry.graph.replay()
         return entry.out.clone()
+
+    def reset(self) -> None:
+        """Drop every graph (the weights are about to move: `Module._apply`)."""
+        self.entries.clear()
+        self.pool = None
+        self.storage = ()
+
+    def turn_off(self, reason: str) -> None:
+        self.reset()
+        self.disabled_reason = reason
+        log.warning("vision tower CUDA graphs turned off: %s", reason)
+
+    def _try_capture(self, key, fn, pixels, make_layout):
+        """(entry, None) or (None, why). Every tensor-parallel rank sees the same images and
+        so the same layouts; the outcome is agreed over the TP group so that no rank replays
+        collectives its peers run eagerly."""
+        stream = torch.cuda.current_stream()
+        entry, error = None, None
+        try:
+            entry = self._capture(key, fn, pixels, make_layout)
+        except Exception as e:  # noqa: BLE001 - any failure means: stay eager
+            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        finally:
+            torch.cuda.set_stream(stream)  # a failed capture can leave its side stream current
+        if _all_ranks_ok(error is None):
+            return entry, None
+        self.entries.pop(key, None)
+        return None, error or "the capture failed on another tensor-parallel rank"
 
     def _capture(self, key, fn, pixels, make_layout) -> _Entry:
         layout = make_layout()
@@ -96,4 +125,21 @@ class VisionGraphs:
         while len(self.entries) > self.capacity:
             self.entries.popitem(last=False)
         self.captures += 1
+        # layouts that keep changing evict graphs before they are reused: each capture costs
+        # more than an eager forward, so stop capturing when replays do not pay for them
+        if self.captures > 4 * self.capacity and self.replays < 2 * self.captures:
+            self.turn_off(f"image layouts change too often ({self.captures} captures, "
+                          f"{self.replays} replays); raise vision_graphs or bucket image sizes")
         return entry
+
+
+def _all_ranks_ok(ok: bool) -> bool:
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if not (dist.is_initialized() and ps.model_parallel_is_initialized()
+            and ps.get_tensor_model_parallel_world_size() > 1):
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device="cuda")
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=ps.get_tensor_model_parallel_group())
+    return bool(flag.item())
