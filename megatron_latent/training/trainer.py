@@ -86,13 +86,18 @@ class SampleOrder:
         return [int(self._epoch(k // self.n)[k % self.n]) for k in range(start, start + count)]
 
 
+def _my_indices(order: SampleOrder, consumed: int, cfg: TrainConfig, num_micro: int) -> list[int]:
+    """This data-parallel rank's sample indices of the global batch starting at `consumed`."""
+    r, n = ps.get_data_parallel_rank(), num_micro * cfg.micro_batch_size
+    return order.take(consumed, cfg.global_batch_size)[r * n:(r + 1) * n]
+
+
 def _micro_batches(ds, collate, order: SampleOrder, consumed: int, cfg: TrainConfig,
-                   num_micro: int) -> list[dict]:
-    """This data-parallel rank's micro-batches for one global batch, all padded to one length."""
-    r = ps.get_data_parallel_rank()
-    idx = order.take(consumed, cfg.global_batch_size)
-    mine = idx[r * num_micro * cfg.micro_batch_size:(r + 1) * num_micro * cfg.micro_batch_size]
-    samples = [ds[i] for i in mine]
+                   num_micro: int, samples: list | None = None) -> list[dict]:
+    """This data-parallel rank's micro-batches for one global batch, all padded to one length
+    (`samples`: this rank's samples when already loaded, e.g. by a `SamplePrefetcher`)."""
+    if samples is None:
+        samples = [ds[i] for i in _my_indices(order, consumed, cfg, num_micro)]
     if cfg.pipeline_model_parallel_size > 1:
         pad = cfg.seq_length  # the pipeline sends fixed-shape activations
     else:
@@ -109,6 +114,43 @@ def _micro_batches(ds, collate, order: SampleOrder, consumed: int, cfg: TrainCon
         return [pack(samples[k * m:(k + 1) * m], pad_to_multiple=multiple, **ds.collate_kwargs)
                 for k in range(num_micro)]
     return [collate(samples[k * m:(k + 1) * m], pad_to=pad) for k in range(num_micro)]
+
+
+class SamplePrefetcher:
+    """Loads the next step's samples (image decoding, resizing, tokenizing) on a background
+    thread while the current step runs on the GPU. One thread: the dataset is not used
+    concurrently (HF fast tokenizers are not safe for that). The padding agreement over ranks
+    and the collate stay on the main thread, in step order, like every other collective.
+    A sample that fails to load raises its own error when its step asks for it."""
+
+    def __init__(self, ds, order: SampleOrder, cfg: TrainConfig, num_micro: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.ds, self.order, self.cfg, self.num_micro = ds, order, cfg, num_micro
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="samples")
+        self.pending: dict[int, object] = {}
+
+    def _load(self, consumed: int) -> list:
+        return [self.ds[i] for i in _my_indices(self.order, consumed, self.cfg, self.num_micro)]
+
+    def prefetch(self, consumed: int) -> None:
+        if consumed not in self.pending:
+            self.pending[consumed] = self.pool.submit(self._load, consumed)
+
+    def get(self, consumed: int) -> list:
+        self.prefetch(consumed)
+        return self.pending.pop(consumed).result()
+
+    def settle(self) -> None:
+        """Wait until the background load is done (before the main thread uses the shared
+        tokenizer/processor itself: evaluation, checkpoint saving)."""
+        for f in self.pending.values():
+            f.exception()  # waits; an error is raised later by get()
+
+    def close(self) -> None:
+        for f in self.pending.values():
+            f.cancel()
+        self.pool.shutdown(wait=True)
 
 
 def pad_length(longest: int, tp: int) -> int:
@@ -179,32 +221,41 @@ def train(cfg: TrainConfig) -> list[dict]:
     if cfg.save:
         _start_checkpoint_writer()
     stop, history = _Stop(), []
-    while iteration < cfg.train_iters:
-        mbs = _micro_batches(train_ds, coll, order, consumed, cfg, num_micro)
-        t0 = time.perf_counter()
-        out = train_step(model, optimizer, mbs, method)
-        out["step_s"] = time.perf_counter() - t0
-        out["tokens"] = sum(int(mb["input_ids"].numel()) for mb in mbs)
-        scheduler.step(increment=1)
-        iteration += 1
-        consumed += cfg.global_batch_size
-        out["lr"] = scheduler.get_lr(optimizer.param_groups[0])
-        history.append({"iteration": iteration, **out})
-        log.log(iteration, {k: v for k, v in out.items() if k != "update_ok"})
-        if valid_ds is not None and cfg.eval_interval and iteration % cfg.eval_interval == 0:
-            vorder = SampleOrder(len(valid_ds), cfg.seed + 1)
-            vcoll = lambda s, pad_to: collate(s, pad_to=pad_to, **valid_ds.collate_kwargs)  # noqa: E731
-            vm = [mb for k in range(cfg.eval_iters) for mb in
-                  _micro_batches(valid_ds, vcoll, vorder, k * cfg.global_batch_size, cfg, num_micro)]
-            ev = eval_losses(model, vm, method)
-            log.log(iteration, {f"valid {k}": v for k, v in ev.items()})
-        last = iteration == cfg.train_iters
-        stop.agree()
-        if cfg.save and (stop.requested or last or
-                         (cfg.save_interval and iteration % cfg.save_interval == 0)):
-            _save(cfg, mcfg, model, optimizer, scheduler, iteration, consumed, tokenizer, tok_dir)
-        if stop.requested:
-            break
+    prefetcher = SamplePrefetcher(train_ds, order, cfg, num_micro)
+    try:
+        while iteration < cfg.train_iters:
+            samples = prefetcher.get(consumed)
+            if iteration + 1 < cfg.train_iters:  # the next step's samples load during this one
+                prefetcher.prefetch(consumed + cfg.global_batch_size)
+            mbs = _micro_batches(train_ds, coll, order, consumed, cfg, num_micro, samples)
+            t0 = time.perf_counter()
+            out = train_step(model, optimizer, mbs, method)
+            out["step_s"] = time.perf_counter() - t0
+            out["tokens"] = sum(int(mb["input_ids"].numel()) for mb in mbs)
+            scheduler.step(increment=1)
+            iteration += 1
+            consumed += cfg.global_batch_size
+            out["lr"] = scheduler.get_lr(optimizer.param_groups[0])
+            history.append({"iteration": iteration, **out})
+            log.log(iteration, {k: v for k, v in out.items() if k != "update_ok"})
+            if valid_ds is not None and cfg.eval_interval and iteration % cfg.eval_interval == 0:
+                prefetcher.settle()
+                vorder = SampleOrder(len(valid_ds), cfg.seed + 1)
+                vcoll = lambda s, pad_to: collate(s, pad_to=pad_to, **valid_ds.collate_kwargs)  # noqa: E731
+                vm = [mb for k in range(cfg.eval_iters) for mb in
+                      _micro_batches(valid_ds, vcoll, vorder, k * cfg.global_batch_size, cfg, num_micro)]
+                ev = eval_losses(model, vm, method)
+                log.log(iteration, {f"valid {k}": v for k, v in ev.items()})
+            last = iteration == cfg.train_iters
+            stop.agree()
+            if cfg.save and (stop.requested or last or
+                             (cfg.save_interval and iteration % cfg.save_interval == 0)):
+                prefetcher.settle()
+                _save(cfg, mcfg, model, optimizer, scheduler, iteration, consumed, tokenizer, tok_dir)
+            if stop.requested:
+                break
+    finally:
+        prefetcher.close()
     log.finish()
     return history
 
