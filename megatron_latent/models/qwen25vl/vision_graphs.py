@@ -49,12 +49,16 @@ class VisionGraphs:
         if torch.is_grad_enabled() and (pixel_values.requires_grad
                                         or any(p.requires_grad for p in tensors)):
             return False  # training the tower: autograd needs the eager graph
-        storage = tuple(t.data_ptr() for t in tensors + list(model.buffers()))
+        return self.decide(key, tuple(t.data_ptr() for t in tensors + list(model.buffers())))
+
+    def decide(self, key: tuple, storage: tuple) -> bool:
+        """The caching policy (no CUDA): replay a captured layout; capture one on its second
+        sighting; forget every graph when the weights' storage moved."""
         if storage != self.storage:  # moved (or first use): graphs would read stale memory
-            self.entries.clear()
-            self.pool = None
+            self.reset()
             self.storage = storage
         if key in self.entries:
+            self.entries.move_to_end(key)  # most recently used
             return True
         self.seen[key] = self.seen.pop(key, 0) + 1
         while len(self.seen) > 256:
@@ -74,7 +78,6 @@ class VisionGraphs:
                 return fn(pixel_values.to(dtype), make_layout())
         else:
             self.replays += 1
-        self.entries.move_to_end(key)
         entry.pixels.copy_(pixel_values)
         entry.graph.replay()
         return entry.out.clone()
@@ -120,17 +123,21 @@ class VisionGraphs:
         if self.pool is None:
             self.pool = graph.pool()
         entry = _Entry(pixels, layout, graph, out)
+        self.admit(key, entry)
+        return entry
+
+    def admit(self, key: tuple, entry) -> None:
+        """Keep a new graph (LRU of `capacity`); turn graphs off when layouts change so often
+        that graphs are evicted before they are reused (a capture costs more than an eager
+        forward)."""
         self.entries[key] = entry
         self.seen.pop(key, None)
         while len(self.entries) > self.capacity:
             self.entries.popitem(last=False)
         self.captures += 1
-        # layouts that keep changing evict graphs before they are reused: each capture costs
-        # more than an eager forward, so stop capturing when replays do not pay for them
         if self.captures > 4 * self.capacity and self.replays < 2 * self.captures:
             self.turn_off(f"image layouts change too often ({self.captures} captures, "
                           f"{self.replays} replays); raise vision_graphs or bucket image sizes")
-        return entry
 
 
 def _all_ranks_ok(ok: bool) -> bool:
