@@ -23,7 +23,8 @@ params) on bf16 params, `train_step` through the megatron-core schedule, LVR lat
 HF: `Qwen2_5_VLForConditionalGeneration` (sdpa attention, bf16 params) with the LVR injection
 written against its modules (as the seeds do), plain `torch.optim.AdamW(fused=True)` on the bf16
 weights and bf16 grads (the seeds' DeepSpeed bf16 path keeps fp32 master weights: HF's optimizer
-step here is if anything cheaper than theirs and ours). Both clip the grad norm at 1.0. The
+step here is if anything cheaper than theirs and ours); `--hf-optimizer fp32-master` gives HF
+fp32 master weights and moments the way DeepSpeed's bf16 optimizer keeps them. Both clip the grad norm at 1.0. The
 vision tower and merger are frozen in both (the LVR default) unless `--train-vision`.
 
 Metrics, per path, from the mean wall time of `--steps` steps after `--warmup` steps
@@ -255,6 +256,32 @@ def time_steps(step, warmup: int, steps: int, cuda: bool) -> dict:
     return out
 
 
+class MasterAdamW:
+    """The seeds' DeepSpeed bf16 optimizer on one GPU (ZeRO stage aside): fp32 master copies of
+    the bf16 weights, fused AdamW with fp32 moments on them, the bf16 grads upcast each step and
+    the updated masters copied back into the bf16 weights."""
+
+    def __init__(self, params, **adam):
+        import torch
+
+        self.params = params
+        self.master = [p.detach().float() for p in params]
+        self.opt = torch.optim.AdamW(self.master, **adam)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def step(self) -> None:
+        import torch
+
+        for m, p in zip(self.master, self.params):
+            m.grad = p.grad.float()
+        self.opt.step()
+        with torch.no_grad():
+            torch._foreach_copy_(self.params, self.master)
+
+
 class PhaseTimer:
     """Wraps optimizer.step with synchronised timers: the step splits into forward+backward
     (everything before the optimizer) and the optimizer (grad copy, clip, Adam, param copy)."""
@@ -331,6 +358,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--hf-optimizer", choices=["bf16", "fp32-master"], default="bf16",
+                    help="HF path: AdamW on the bf16 weights (default, the cheapest), or fp32 "
+                         "master weights and moments as the seeds' DeepSpeed bf16 keeps them")
     ap.add_argument("--hf", action="store_true",
                     help="force the HF path where it is skipped by default (--shape 7b, tp > 1)")
     ap.add_argument("--json-out", default=None)
@@ -416,9 +446,11 @@ def main() -> None:
         f"(LLM {flops['llm'] / 1e12:.2f}, vision {flops['vision'] / 1e12:.2f})")
     log(f"# model FLOPs: {FLOPS_FORMULA}; TFLOP/s = F / step time / GPUs (recompute not counted)")
     log(f"# ours: megatron DDP (fp32 grads) + Float16 Adam with fp32 main params"
-        f"{' (fp32: plain Adam)' if dtype == torch.float32 else ''}; HF: sdpa, AdamW(fused) on "
-        f"{dtype_name} weights and grads (the seeds' DeepSpeed bf16 keeps fp32 master weights: "
-        f"HF's optimizer step here is if anything cheaper than ours){hf_note}")
+        f"{' (fp32: plain Adam)' if dtype == torch.float32 else ''}; HF: sdpa, AdamW(fused) "
+        + (f"on {dtype_name} weights and grads (the seeds' DeepSpeed bf16 keeps fp32 master "
+           "weights: HF's optimizer step here is if anything cheaper than ours)"
+           if args.hf_optimizer == "bf16" else "on fp32 master weights (the seeds' DeepSpeed "
+           "bf16 optimizer)") + hf_note)
 
     results, losses = {}, {}
     # ---- HF first: its random init is the shared weights (kept on CPU for ours)
@@ -439,8 +471,9 @@ def main() -> None:
             hf.train()
             losses["HF"] = hf_loss(hf, micro_batches, ids, hidden)
             trainable = [p for p in hf.parameters() if p.requires_grad]
-            opt = torch.optim.AdamW(trainable, lr=1e-5, betas=(0.9, 0.95), eps=1e-8,
-                                    weight_decay=0.0, fused=cuda)
+            adam = dict(lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, fused=cuda)
+            opt = (MasterAdamW(trainable, **adam) if args.hf_optimizer == "fp32-master"
+                   else torch.optim.AdamW(trainable, **adam))
             free_memory(cuda)
             hf_phases = PhaseTimer(opt, cuda)
             results["HF"] = time_steps(
