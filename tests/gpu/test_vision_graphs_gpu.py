@@ -48,7 +48,7 @@ def test_vision_graph_equals_eager(spec, tiny_ckpts, megatron_single_rank):
             assert diff == 0.0  # the same kernels (measured 0 on an H200)
         px2, _ = _pixels(cfg, grids, 100 + i)  # new pixels, same layout: the replay reads them
         assert torch.equal(vision(px2, grid),
-                           vision.run(px2.to(torch.bfloat16), _layout(vision, grid)))
+                           vision.run(px2.to(torch.bfloat16), vision.layout(grid, "cuda")))
     # moved to other memory and back (the RL reference's host offload): the old weights' memory
     # is kept alive and zeroed, so a graph replayed over it would give different features
     px, grid = _pixels(cfg, layouts[0], 0)
@@ -66,10 +66,3 @@ def test_vision_graph_equals_eager(spec, tiny_ckpts, megatron_single_rank):
     out = vision(px, grid)
     assert out.requires_grad and vision.graphs.captures == captures
 
-
-def _layout(vision, grid):
-    from megatron_latent.models.qwen25vl.vision import vision_layout
-
-    cfg = vision.cfg
-    window = cfg.window_size // cfg.patch_size // cfg.spatial_merge_size
-    return vision_layout(grid, cfg.spatial_merge_size, window).to("cuda")

@@ -14,7 +14,6 @@ def forward(g: VisionGraphs, key, storage=WEIGHTS) -> str:
     if not g.decide(key, storage) or g.disabled_reason:
         return "eager"
     if key in g.entries:
-        g.replays += 1
         return "replay"
     g.admit(key, object())
     return "capture"
@@ -23,6 +22,7 @@ def forward(g: VisionGraphs, key, storage=WEIGHTS) -> str:
 def test_captured_on_the_second_sighting_then_replayed():
     g = VisionGraphs(capacity=4)
     assert [forward(g, "A") for _ in range(4)] == ["eager", "capture", "replay", "replay"]
+    assert (g.captures, g.replays) == (1, 2)
     assert [forward(g, "B"), forward(g, "A"), forward(g, "B")] == ["eager", "replay", "capture"]
 
 

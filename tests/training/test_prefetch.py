@@ -32,13 +32,15 @@ def _cfg():
 def test_prefetched_steps_equal_direct_loading(megatron_single_rank):
     ds, cfg = Records(9), _cfg()
     order = SampleOrder(len(ds), seed=3)
+    # one data-parallel rank: a step's samples are the next 4 of the sample order
+    assert _my_indices(order, 4, cfg, 2) == order.take(4, 4)
     pre = SamplePrefetcher(ds, order, cfg, num_micro=2)
     try:
         for step in range(5):  # crosses an epoch boundary (9 samples, 4 a step)
             consumed = step * cfg.global_batch_size
             got = pre.get(consumed)
             pre.prefetch(consumed + cfg.global_batch_size)
-            want = [ds[i] for i in _my_indices(order, consumed, cfg, 2)]
+            want = [{"index": i} for i in order.take(consumed, cfg.global_batch_size)]
             assert got == want
     finally:
         pre.close()

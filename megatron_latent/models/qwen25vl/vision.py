@@ -30,14 +30,14 @@ class VisionLayout:
     window_index: torch.Tensor  # [n_merged] merged-token order that makes windows contiguous
     segments: torch.Tensor  # [2, n_patches] image id / window id, in windowed order
     hw_positions: torch.Tensor  # [n_patches, 2] (row, col) of each patch, in windowed order
-    restore: torch.Tensor = None  # [n_merged] inverse of window_index
-    cu_seqlens: tuple = ()  # per segments row: (cumulative lengths int32 [n+1], longest)
+    restore: torch.Tensor  # [n_merged] inverse of window_index
+    cu_seqlens: tuple  # per segments row: (cumulative lengths int32 [n+1], longest)
 
     def to(self, device) -> "VisionLayout":
         cu = tuple((c.to(device, non_blocking=True), m) for c, m in self.cu_seqlens)
         lay = VisionLayout(*(t.to(device, non_blocking=True) for t in
                              (self.window_index, self.segments, self.hw_positions, self.restore)),
-                           cu_seqlens=cu)
+                           cu)
         # the attention layers read the cu_seqlens off the segments tensor they all receive
         set_cu_seqlens(lay.segments, cu)
         return lay
@@ -125,20 +125,23 @@ class Qwen25VisionModel(MegatronModule):
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """pixel_values [n_patches, C*T*P*P] (the HF processor's layout), grid_thw [n_images, 3]
         -> merged image features [n_patches / 4, LLM hidden]."""
-        cfg = self.cfg
         grid = grid_thw.cpu()  # host bookkeeping: keep grid_thw on the host to avoid a sync
         expected = int(grid.prod(-1).sum())
         if pixel_values.shape[0] != expected:
             raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches but image_grid_thw "
                              f"{grid.tolist()} implies {expected}")
-        window = cfg.window_size // cfg.patch_size // cfg.spatial_merge_size
         key = tuple(map(tuple, grid.tolist()))
-        make_layout = lambda: vision_layout(grid, cfg.spatial_merge_size,  # noqa: E731
-                                            window).to(pixel_values.device)
+        make_layout = lambda: self.layout(grid, pixel_values.device)  # noqa: E731
         dtype = self.patch_embed.weight.dtype
         if self.graphs.usable(self, pixel_values, key):
             return self.graphs.run(key, self.run, pixel_values, dtype, make_layout)
         return self.run(pixel_values.to(dtype), make_layout())
+
+    def layout(self, grid_thw: torch.Tensor, device) -> VisionLayout:
+        """The window bookkeeping of these images (host grid_thw), on `device`."""
+        cfg = self.cfg
+        window = cfg.window_size // cfg.patch_size // cfg.spatial_merge_size
+        return vision_layout(grid_thw, cfg.spatial_merge_size, window).to(device)
 
     def run(self, pixel_values: torch.Tensor, lay: VisionLayout) -> torch.Tensor:
         """The device part of the forward: no host synchronisation (CUDA-graph capturable)."""

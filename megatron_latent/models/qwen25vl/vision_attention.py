@@ -31,15 +31,6 @@ def set_cu_seqlens(segments: torch.Tensor, cu_seqlens: tuple) -> None:
     segments._cu_seqlens = dict(enumerate(cu_seqlens))
 
 
-def cached_cu_seqlens(segments: torch.Tensor, row: int) -> tuple[torch.Tensor, int]:
-    """cu_seqlens of one row of the [2, s] segment tensor: the host-computed ones when attached,
-    else computed here once per forward (each computation synchronises with the host)."""
-    cache = segments.__dict__.setdefault("_cu_seqlens", {})
-    if row not in cache:
-        cache[row] = segments_to_cu_seqlens(segments[row])
-    return cache[row]
-
-
 class VisionLocalAttention(MegatronModule):
     """torch SDPA with a block-diagonal mask; the reference path (CPU, tests, no TE)."""
 
@@ -83,7 +74,10 @@ class VisionTEAttention(TEDotProductAttention):  # raises at construction when T
 
         s, b = query.shape[0], query.shape[1]
         assert b == 1, "vision tokens of all images form one packed sequence"
-        cu, max_len = cached_cu_seqlens(attention_mask, self.row)
+        attached = getattr(attention_mask, "_cu_seqlens", None)  # set by VisionLayout.to
+        # (activation recompute hands layers a detached copy, without the attribute: compute)
+        cu, max_len = (attached[self.row] if attached is not None
+                       else segments_to_cu_seqlens(attention_mask[self.row]))
         psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                               max_seqlen_q=max_len, max_seqlen_kv=max_len)
         out = super().forward(query.squeeze(1), key.squeeze(1), value.squeeze(1), None,

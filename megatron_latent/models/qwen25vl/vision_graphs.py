@@ -57,8 +57,9 @@ class VisionGraphs:
         if storage != self.storage:  # moved (or first use): graphs would read stale memory
             self.reset()
             self.storage = storage
-        if key in self.entries:
+        if key in self.entries:  # a replay
             self.entries.move_to_end(key)  # most recently used
+            self.replays += 1
             return True
         self.seen[key] = self.seen.pop(key, 0) + 1
         while len(self.seen) > 256:
@@ -70,14 +71,12 @@ class VisionGraphs:
         """fn(pixels in `dtype`, layout) -> features, replayed from the graph of `key` (captured
         on the first call). Returns a fresh tensor (the graph's output buffer is reused)."""
         entry = self.entries.get(key)
-        if entry is None or entry.pixels.shape != pixel_values.shape:
+        if entry is None:  # the layout fixes every shape, pixels included
             entry, error = self._try_capture(key, fn, pixel_values.to(dtype, copy=True),
                                              make_layout)
             if entry is None:  # an op that cannot be captured, say: eager from now on
                 self.turn_off(error)
                 return fn(pixel_values.to(dtype), make_layout())
-        else:
-            self.replays += 1
         entry.pixels.copy_(pixel_values)
         entry.graph.replay()
         return entry.out.clone()
