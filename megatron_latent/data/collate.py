@@ -32,20 +32,11 @@ def collate(samples: list[dict], *, pad_id: int, image_token_id: int, lvr_token_
     labels = torch.full((b, s), pad_id, dtype=torch.long)
     loss_mask = torch.zeros(b, s, dtype=torch.float32)
     attention_mask = torch.zeros(b, s, dtype=torch.long)
-    merge2 = spatial_merge_size ** 2
-    latent, offset = [], 0
     for r, (n, x) in enumerate(zip(lengths, samples)):
         input_ids[r, :n], labels[r, :n], loss_mask[r, :n] = x["input_ids"], x["labels"], x["loss_mask"]
         attention_mask[r, :n] = 1
-        latent.append(x["latent_index"] + offset)
-        offset += int(x["image_grid_thw"].prod(-1).sum()) // merge2
-    latent_index = torch.cat(latent)
     latent_mask = (input_ids == lvr_token_id) & attention_mask.bool()
-    if int(latent_mask.sum()) != latent_index.numel():
-        raise ValueError(f"{int(latent_mask.sum())} <|lvr|> tokens but {latent_index.numel()} latent "
-                         f"targets in samples {[x.get('source') for x in samples]}")
-    if latent_index.numel() and not 0 <= int(latent_index.min()) <= int(latent_index.max()) < offset:
-        raise ValueError(f"latent_index out of range [0, {offset}) in {[x.get('source') for x in samples]}")
+    latent_index = latent_targets(samples, latent_mask, spatial_merge_size)
     image_grid_thw = torch.cat([x["image_grid_thw"] for x in samples]).long()
     position_ids, _ = rope_index(input_ids, image_grid_thw, image_token_id=image_token_id,
                                  spatial_merge_size=spatial_merge_size,
@@ -55,6 +46,26 @@ def collate(samples: list[dict], *, pad_id: int, image_token_id: int, lvr_token_
             "pixel_values": torch.cat([x["pixel_values"] for x in samples]),
             "image_grid_thw": image_grid_thw, "latent_index": latent_index,
             "latent_mask": latent_mask, "sources": [x.get("source") for x in samples]}
+
+
+def latent_targets(samples: list[dict], latent_mask: torch.Tensor,
+                   spatial_merge_size: int) -> torch.Tensor:
+    """The micro-batch's latent_index: each sample's targets offset by the merged image features
+    of the samples before it (features are concatenated in sample order), checked against the
+    <|lvr|> tokens of `latent_mask` and the feature count."""
+    merge2 = spatial_merge_size ** 2
+    latent, offset = [], 0
+    for x in samples:
+        latent.append(x["latent_index"] + offset)
+        offset += int(x["image_grid_thw"].prod(-1).sum()) // merge2
+    latent_index = torch.cat(latent)
+    where = [x.get("source") for x in samples]
+    if int(latent_mask.sum()) != latent_index.numel():
+        raise ValueError(f"{int(latent_mask.sum())} <|lvr|> tokens but {latent_index.numel()} "
+                         f"latent targets in samples {where}")
+    if latent_index.numel() and not 0 <= int(latent_index.min()) <= int(latent_index.max()) < offset:
+        raise ValueError(f"latent_index out of range [0, {offset}) in {where}")
+    return latent_index
 
 
 def make_collate(dataset, pad_to: int | None = None):

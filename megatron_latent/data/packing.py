@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron_latent.data.collate import latent_targets
 from megatron_latent.models.qwen25vl.rope_index import rope_index
 
 
@@ -18,9 +19,7 @@ def pack(samples: list[dict], *, pad_id: int, image_token_id: int, lvr_token_id:
     cu_seqlens [n + 1] int32 (a trailing padding segment if T was rounded up) and max_seqlen."""
     if not samples:
         raise ValueError("pack needs at least one sample")
-    merge2 = spatial_merge_size ** 2
-    ids, labels, loss, pos, latent, lengths = [], [], [], [], [], []
-    offset = 0
+    ids, labels, loss, pos, lengths = [], [], [], [], []
     for x in samples:
         n = len(x["input_ids"])
         grid = x["image_grid_thw"].long()
@@ -30,8 +29,6 @@ def pack(samples: list[dict], *, pad_id: int, image_token_id: int, lvr_token_id:
         labels.append(x["labels"])
         loss.append(x["loss_mask"])
         pos.append(p)
-        latent.append(x["latent_index"] + offset)
-        offset += int(grid.prod(-1).sum()) // merge2
         lengths.append(n)
     total = sum(lengths)
     pad = -total % pad_to_multiple
@@ -44,11 +41,8 @@ def pack(samples: list[dict], *, pad_id: int, image_token_id: int, lvr_token_id:
     input_ids = torch.cat(ids)[None]
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(torch.tensor(lengths), 0)
-    latent_index = torch.cat(latent)
     latent_mask = input_ids == lvr_token_id
-    if int(latent_mask.sum()) != latent_index.numel():
-        raise ValueError(f"{int(latent_mask.sum())} <|lvr|> tokens but {latent_index.numel()} "
-                         f"latent targets in {[x.get('source') for x in samples]}")
+    latent_index = latent_targets(samples, latent_mask, spatial_merge_size)
     return {"input_ids": input_ids, "labels": torch.cat(labels)[None],
             "loss_mask": torch.cat(loss)[None].float(),
             "attention_mask": (torch.arange(input_ids.shape[1]) < total).long()[None],

@@ -4,6 +4,7 @@ same image-feature rows."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from megatron_latent.data import LvrSftDataset, collate
@@ -36,3 +37,15 @@ def test_packed_segments_equal_collated_samples(tiny_ckpts, synthetic_lvr):
     sums = segment_sums(torch.ones_like(packed["loss_mask"]), packed["loss_mask"],
                         packed["cu_seqlens"])
     assert sums[:3].tolist() == [float(x["loss_mask"].sum()) for x in samples]
+
+
+def test_pack_and_collate_refuse_a_latent_target_outside_the_images(tiny_ckpts, synthetic_lvr):
+    ds = LvrSftDataset.from_hf_dir(synthetic_lvr / "meta.json", tiny_ckpts["tiny-a"],
+                                   seq_length=4096, min_pixels=56 * 56, max_pixels=224 * 224)
+    x = next(ds[i] for i in range(len(ds)) if ds[i]["latent_index"].numel())
+    n_feat = int(x["image_grid_thw"].prod(-1).sum()) // ds.collate_kwargs["spatial_merge_size"] ** 2
+    bad = {**x, "latent_index": x["latent_index"].clone()}
+    bad["latent_index"][-1] = n_feat  # one past the last merged image token
+    for build in (pack, collate):
+        with pytest.raises(ValueError, match=rf"latent_index out of range \[0, {n_feat}\)"):
+            build([bad], **ds.collate_kwargs)
