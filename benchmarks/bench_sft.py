@@ -19,13 +19,21 @@ CE over the second half of the sequence (targets `<|lvr|>` excluded) + lambda * 
 hidden state at t, visual token injected at t+1), each a mean over the whole step.
 
 Ours: megatron-core DDP (fp32 grad buffers) + megatron's Float16 optimizer (Adam, fp32 main
-params) on bf16 params, `train_step` through the megatron-core schedule, LVR latent method.
+params) on bf16 params, `train_step` through the megatron-core schedule, LVR latent method;
+`--precision-aware-optimizer`: megatron's distributed optimizer with TE's FusedAdam keeping the
+fp32 master weights itself (bf16 param + 16-bit remainder) and writing the bf16 params in the
+Adam kernel.
 HF: `Qwen2_5_VLForConditionalGeneration` (sdpa attention, bf16 params) with the LVR injection
-written against its modules (as the seeds do), plain `torch.optim.AdamW(fused=True)` on the bf16
-weights and bf16 grads (the seeds' DeepSpeed bf16 path keeps fp32 master weights: HF's optimizer
-step here is if anything cheaper than theirs and ours); `--hf-optimizer fp32-master` gives HF
-fp32 master weights and moments the way DeepSpeed's bf16 optimizer keeps them. Both clip the grad norm at 1.0. The
-vision tower and merger are frozen in both (the LVR default) unless `--train-vision`.
+written against its modules (as the seeds do), in one or more `--hf-recipe`s, each its own row
+and ratio column of the same run:
+  fastest: `torch.optim.AdamW(fused=True)` straight on the bf16 weights and grads, no activation
+    checkpointing: the quickest HF step on one GPU (cheaper than what the seeds run);
+  seeds: what the seeds' LVR stage-1 script runs, less ZeRO's CPU offload: reentrant gradient
+    checkpointing of every decoder layer, and fp32 master weights and moments with the bf16
+    grads upcast each step (DeepSpeed's bf16 optimizer).
+Both clip the grad norm at 1.0. The vision tower and merger are frozen in both paths (the LVR
+default) unless `--train-vision`. The seeds run 8 micro-batches per step (grad-accum 8):
+`--num-micro-batches 8` reproduces that.
 
 Metrics, per path, from the mean wall time of `--steps` steps after `--warmup` steps
 (torch.cuda.synchronize around each):
@@ -70,6 +78,8 @@ from profiling import profile_call  # noqa: E402
 
 LAMBDA = 0.1
 FP32_RTOL = 1e-4
+# HF recipes: (gradient checkpointing, fp32 master weights)
+HF_RECIPES = {"fastest": (False, False), "seeds": (True, True)}
 FLOPS_FORMULA = ("F = 6*N_llm*T + 6*L*h*s*T + c*(N_vit*P + N_merger*P/4) + (c/2)*4*h_v*sum(w^2); "
                  "c = 2 (frozen ViT: forward only) or 6 (trained ViT)")
 
@@ -348,7 +358,9 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                     help="parameter dtype of both paths (default: bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--recompute", choices=["none", "selective", "full"], default="none",
-                    help="ours; with 'full' HF gets gradient checkpointing of its layers too")
+                    help="ours (HF's checkpointing is part of --hf-recipe)")
+    ap.add_argument("--precision-aware-optimizer", action="store_true",
+                    help="ours: distributed optimizer + TE FusedAdam holding the fp32 masters")
     ap.add_argument("--tp", type=int, default=1, help="ours; run with torchrun for tp > 1")
     ap.add_argument("--sp", action="store_true", help="ours: sequence parallel (tp > 1)")
     ap.add_argument("--vision-graphs", type=int, default=4,
@@ -358,9 +370,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--skip-hf", action="store_true")
-    ap.add_argument("--hf-optimizer", choices=["bf16", "fp32-master"], default="bf16",
-                    help="HF path: AdamW on the bf16 weights (default, the cheapest), or fp32 "
-                         "master weights and moments as the seeds' DeepSpeed bf16 keeps them")
+    ap.add_argument("--hf-recipe", choices=list(HF_RECIPES), nargs="+",
+                    default=list(HF_RECIPES),
+                    help="HF rows of this run (see the module doc): fastest = AdamW on the bf16 "
+                         "weights, no checkpointing; seeds = reentrant checkpointing + fp32 "
+                         "master weights, as the seeds' LVR script")
     ap.add_argument("--hf", action="store_true",
                     help="force the HF path where it is skipped by default (--shape 7b, tp > 1)")
     ap.add_argument("--json-out", default=None)
@@ -445,12 +459,13 @@ def main() -> None:
         f"{params['merger'] / 1e9:.3f} B; model FLOPs/step {flops['total'] / 1e12:.2f} T "
         f"(LLM {flops['llm'] / 1e12:.2f}, vision {flops['vision'] / 1e12:.2f})")
     log(f"# model FLOPs: {FLOPS_FORMULA}; TFLOP/s = F / step time / GPUs (recompute not counted)")
-    log(f"# ours: megatron DDP (fp32 grads) + Float16 Adam with fp32 main params"
-        f"{' (fp32: plain Adam)' if dtype == torch.float32 else ''}; HF: sdpa, AdamW(fused) "
-        + (f"on {dtype_name} weights and grads (the seeds' DeepSpeed bf16 keeps fp32 master "
-           "weights: HF's optimizer step here is if anything cheaper than ours)"
-           if args.hf_optimizer == "bf16" else "on fp32 master weights (the seeds' DeepSpeed "
-           "bf16 optimizer)") + hf_note)
+    log("# ours: megatron DDP (fp32 grads) + "
+        + ("distributed optimizer, TE FusedAdam holding the fp32 masters"
+           if args.precision_aware_optimizer else "Float16 Adam with fp32 main params")
+        + f"{' (fp32: plain Adam)' if dtype == torch.float32 else ''}; HF: sdpa, recipes "
+        + ", ".join(f"{r} ({'reentrant checkpointing, ' if HF_RECIPES[r][0] else ''}"
+                    f"AdamW(fused) on {'fp32 masters' if HF_RECIPES[r][1] else 'the weights'})"
+                    for r in args.hf_recipe) + hf_note)
 
     results, losses = {}, {}
     # ---- HF first: its random init is the shared weights (kept on CPU for ours)
@@ -466,25 +481,32 @@ def main() -> None:
         if rank0:
             if not args.train_vision:
                 hf.model.visual.requires_grad_(False)
-            if args.recompute == "full":
-                hf.gradient_checkpointing_enable({"use_reentrant": False})
             hf.train()
             losses["HF"] = hf_loss(hf, micro_batches, ids, hidden)
             trainable = [p for p in hf.parameters() if p.requires_grad]
             adam = dict(lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, fused=cuda)
-            opt = (MasterAdamW(trainable, **adam) if args.hf_optimizer == "fp32-master"
-                   else torch.optim.AdamW(trainable, **adam))
-            free_memory(cuda)
-            hf_phases = PhaseTimer(opt, cuda)
-            results["HF"] = time_steps(
-                lambda: hf_train_step(hf, opt, trainable, micro_batches, ids, hidden),
-                args.warmup, args.steps, cuda)
-            results["HF"]["optimizer_s"] = hf_phases.mean(args.steps)
-            results["HF"]["gpus"] = 1
-            if args.profile and cuda:
-                profile_call("HF", lambda: hf_train_step(hf, opt, trainable, micro_batches, ids,
-                                                         hidden), trace_dir=args.profile_dir)
-            del opt, trainable
+            for recipe in args.hf_recipe:
+                name = f"HF {recipe}"
+                checkpointing, masters = HF_RECIPES[recipe]
+                if checkpointing:  # the seeds' TrainingArguments: gradient_checkpointing, reentrant
+                    hf.gradient_checkpointing_enable({"use_reentrant": True})
+                else:
+                    hf.gradient_checkpointing_disable()
+                opt = (MasterAdamW(trainable, **adam) if masters
+                       else torch.optim.AdamW(trainable, **adam))
+                free_memory(cuda)
+                hf_phases = PhaseTimer(opt, cuda)
+                r = results[name] = time_steps(
+                    lambda: hf_train_step(hf, opt, trainable, micro_batches, ids, hidden),
+                    args.warmup, args.steps, cuda)
+                r["optimizer_s"], r["gpus"] = hf_phases.mean(args.steps), 1
+                if args.profile and cuda:
+                    profile_call(name.replace(" ", "_"),
+                                 lambda: hf_train_step(hf, opt, trainable, micro_batches, ids,
+                                                       hidden), trace_dir=args.profile_dir)
+                opt = hf_phases = None
+                free_memory(cuda)
+            del trainable
         del hf
         free_memory(cuda)
         dist.barrier()
@@ -497,11 +519,13 @@ def main() -> None:
                  hidden_size=hidden, loss_lambda=LAMBDA)
     for precision in args.precision:
         name = "ours" if len(args.precision) == 1 else f"ours {precision}"
+        pa = args.precision_aware_optimizer
         model = build_model(our_config(precision), None, freeze_vision=not args.train_vision,
-                            freeze_merger=not args.train_vision)
+                            freeze_merger=not args.train_vision, use_distributed_optimizer=pa)
         if sd_cpu is not None:  # the same weights as HF (before the optimizer copies them)
             load_hf_weights(unwrap(model[0]), StateDictReader(sd_cpu, "HF random init"))
-        optimizer = build_optimizer(model, OptimSettings(lr=1e-5))
+        optimizer = build_optimizer(model, OptimSettings(lr=1e-5, use_distributed_optimizer=pa,
+                                                         precision_aware=pa))
         losses[name] = eval_losses(model, micro_batches, method)
         free_memory(cuda)
         phases = PhaseTimer(optimizer, cuda)
@@ -523,7 +547,8 @@ def main() -> None:
 
     # ---- report
     ok = True
-    ours = [n for n in results if n != "HF"]
+    hf_rows = [n for n in results if n.startswith("HF")]
+    ours = [n for n in results if n not in hf_rows]
     for name in ours:
         lo, lh = losses[name], losses.get("HF")
         if lh is None:
@@ -538,35 +563,36 @@ def main() -> None:
             ok = False
             log(f"ERROR: fp32 losses differ by {rel:.2e} > {FP32_RTOL:.0e} relative")
     rows = []
-    for name in ours + ["HF"] * ("HF" in results):
+    for name in ours + hf_rows:
         r = results[name]
-        mine = name != "HF"
+        mine = name in ours
         r.update(path=name, tokens_s=tokens / r["step_s"] if mine else
                  args.micro_batch_size * args.num_micro_batches * args.seq_length / r["step_s"])
         path_flops = flops["total"] if mine else flops["total"] / dp
         r["tflops_per_gpu"] = path_flops / r["step_s"] / r["gpus"] / 1e12
         r["tokens_s_per_gpu"] = r["tokens_s"] / r["gpus"]
-        r["loss0"] = losses.get(name, {}).get("loss")
+        r["loss0"] = losses.get(name if mine else "HF", {}).get("loss")
         rows.append(r)
-    if "HF" in results:
-        for r in rows:
-            r["ratio_vs_hf"] = r["tokens_s_per_gpu"] / results["HF"]["tokens_s_per_gpu"]
+    for r in rows:
+        r["ratio_vs"] = {h: r["tokens_s_per_gpu"] / results[h]["tokens_s_per_gpu"]
+                         for h in hf_rows}
     if len(ours) > 1:
         base = results[ours[0]]
         for name in ours[1:]:
             results[name]["ratio_vs_first"] = base["step_s"] / results[name]["step_s"]
             log(f"# {name} vs {ours[0]}: {results[name]['ratio_vs_first']:.3f}x tokens/s")
-    log("\n| path | tokens/s | TFLOP/s | step ms | of which optimizer ms | peak GiB "
-        "| ratio vs HF |")
-    log("|---|---|---|---|---|---|---|")
+    log("\n| path | tokens/s | TFLOP/s | step ms | of which optimizer ms | peak GiB |"
+        + "".join(f" vs {h} |" for h in hf_rows))
+    log("|---|---|---|---|---|---|" + "---|" * len(hf_rows))
     for r in rows:
         peak = f"{r['peak_gib']:.2f}" if "peak_gib" in r else "n/a"
-        ratio = f"{r['ratio_vs_hf']:.2f}x" if "ratio_vs_hf" in r else "n/a"
         log(f"| {r['path']} | {r['tokens_s']:,.0f} | {r['tflops_per_gpu']:.4g} "
-            f"| {1e3 * r['step_s']:.1f} | {1e3 * r['optimizer_s']:.1f} | {peak} | {ratio} |")
+            f"| {1e3 * r['step_s']:.1f} | {1e3 * r['optimizer_s']:.1f} | {peak} |"
+            + "".join(f" {r['ratio_vs'][h]:.2f}x |" for h in hf_rows))
     log(f"\n# tokens/s: all tokens of the step (text + image + latent) / mean step time; "
         f"TFLOP/s: model FLOPs per GPU, {FLOPS_FORMULA}; peak: torch.cuda.max_memory_allocated "
-        f"(max over ranks; n/a on CPU); ratio vs HF: per-GPU tokens/s over HF's (HF on 1 GPU)")
+        f"(max over ranks; n/a on CPU); vs HF ...: per-GPU tokens/s over that HF row's (HF on "
+        f"1 GPU); HF recomputes under 'seeds' but its FLOPs are counted once (model FLOPs)")
     if rank0 and args.json_out:
         Path(args.json_out).write_text(json.dumps(
             {"gpu": gpu, "args": vars(args), "dtype": dtype_name, "tokens_per_step": tokens,

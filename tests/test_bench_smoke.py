@@ -25,7 +25,7 @@ def test_bench_sft_smoke():
     assert proc.returncode == 0, out[-5000:]
     rows = {line.split("|")[1].strip() for line in proc.stdout.splitlines()
             if line.startswith("| ") and not line.startswith("| path")}
-    assert {"ours", "HF"} <= rows, proc.stdout
+    assert {"ours", "HF fastest", "HF seeds"} <= rows, proc.stdout
     m = re.search(r"^loss ours (\S+) / HF (\S+) \(fp32", proc.stdout, re.MULTILINE)
     assert m, proc.stdout
     ours, hf = float(m.group(1)), float(m.group(2))

@@ -32,6 +32,9 @@ def add_common_args(p: argparse.ArgumentParser, *, lr: float, decay: str) -> Non
     a("--adam-beta2", type=float, default=0.95)
     a("--clip-grad", type=float, default=1.0)
     a("--use-distributed-optimizer", action="store_true")
+    a("--use-precision-aware-optimizer", action="store_true",
+      help="TE FusedAdam keeps the fp32 masters and writes bf16 params in its kernel (TE, "
+      "with --use-distributed-optimizer)")
     a("--train-vision", action="store_true", help="train the vision tower (frozen by default)")
     a("--train-merger", action="store_true", help="train the patch merger (frozen by default)")
     a("--min-pixels", type=int, default=128 * 28 * 28)
@@ -59,7 +62,8 @@ def optim_from_args(args):
                          adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
                          clip_grad=args.clip_grad, vision_lr=args.vision_lr,
                          merger_lr=args.merger_lr,
-                         use_distributed_optimizer=args.use_distributed_optimizer)
+                         use_distributed_optimizer=args.use_distributed_optimizer,
+                         precision_aware=args.use_precision_aware_optimizer)
 
 
 def common_config(args) -> dict:

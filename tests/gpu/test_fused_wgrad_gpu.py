@@ -1,6 +1,7 @@
-"""On a GPU with TE: TE linears accumulating weight gradients straight into DDP's fp32 main_grad
-(`training/build.py: fuse_te_wgrad_accumulation`) give the same gradients and the same update as
-the unfused path (bf16 wgrad + DDP's add), over two micro-batches (so accumulation is exercised).
+"""On a GPU with TE: TE linears and the output layer accumulating weight gradients straight into
+DDP's fp32 main_grad (`training/wgrad_fusion.py`; the output layer through the torch-native
+stand-in for Apex's GEMM) give the same gradients and the same update as the unfused path (bf16
+wgrad + DDP's add), over two micro-batches (so accumulation is exercised).
 fp32 params and TF32 off: the two differ only by fp32 rounding. Run: pytest tests/gpu -s"""
 
 from __future__ import annotations
@@ -16,32 +17,38 @@ from megatron_latent.training.step import train_step
 pytestmark = pytest.mark.gpu
 
 
-def _step(path, fused: bool, mbs):
+def _step(path, fused: bool, mbs, tied: bool):
     cfg = Qwen25VLConfig.from_hf(path, spec="te", params_dtype=torch.float32)
     model = build_model(cfg, path, freeze_vision=True)
-    te_modules = [m for m in model[0].modules() if getattr(m, "fuse_wgrad_accumulation", False)]
-    assert te_modules, "no TE module was switched to fused wgrad accumulation"
+    switched = [(m, a) for m in model[0].modules()
+                for a in ("fuse_wgrad_accumulation", "gradient_accumulation_fusion")
+                if getattr(m, a, False) is True]
+    kinds = {type(m).__name__ for m, _ in switched}
+    # the untied output layer is switched too; a tied one has no weight of its own
+    assert ("ColumnParallelLinear" in kinds) != tied and kinds - {"ColumnParallelLinear"}, kinds
     if not fused:
-        for m in te_modules:
-            m.fuse_wgrad_accumulation = False
+        for m, a in switched:
+            setattr(m, a, False)
     optimizer = build_optimizer(model, OptimSettings(lr=1e-3))
     out = train_step(model, optimizer, mbs)
     params = {n: p.detach().clone() for n, p in unwrap(model[0]).named_parameters()}
     return out, params
 
 
-def test_fused_wgrad_equals_unfused(tiny_ckpts, megatron_single_rank):
+@pytest.mark.parametrize("name", ["tiny-a", "tiny-b"])  # tied / untied output layer
+def test_fused_wgrad_equals_unfused(tiny_ckpts, megatron_single_rank, name):
     pytest.importorskip("transformer_engine")
     from transformers import AutoProcessor
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    path = tiny_ckpts["tiny-a"]
+    path = tiny_ckpts[name]
     cfg = Qwen25VLConfig.from_hf(path, spec="te", params_dtype=torch.float32)
     batch = two_sample_batch(AutoProcessor.from_pretrained(path), cfg)
     mb = {k: batch[k] for k in ("input_ids", "labels", "loss_mask", "pixel_values",
                                 "image_grid_thw", "position_ids")}
-    fused, p_fused = _step(path, True, [dict(mb), dict(mb)])
-    plain, p_plain = _step(path, False, [dict(mb), dict(mb)])
+    tied = name == "tiny-a"
+    fused, p_fused = _step(path, True, [dict(mb), dict(mb)], tied)
+    plain, p_plain = _step(path, False, [dict(mb), dict(mb)], tied)
     print(f"\ngrad norm fused {fused['grad_norm']:.8f} / unfused {plain['grad_norm']:.8f}")
     assert fused["loss"] == pytest.approx(plain["loss"], rel=1e-6)
     assert fused["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-5)  # catches doubling
