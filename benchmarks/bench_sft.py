@@ -30,7 +30,8 @@ and ratio column of the same run:
     checkpointing: the quickest HF step on one GPU (cheaper than what the seeds run);
   seeds: what the seeds' LVR stage-1 script runs, less ZeRO's CPU offload: reentrant gradient
     checkpointing of every decoder layer, and fp32 master weights and moments with the bf16
-    grads upcast each step (DeepSpeed's bf16 optimizer).
+    grads upcast each step (DeepSpeed's bf16 optimizer). The frozen tower runs forward only, as
+    under the seeds' transformers 4.51 (see the comment on disable_input_require_grads).
 Both clip the grad norm at 1.0. The vision tower and merger are frozen in both paths (the LVR
 default) unless `--train-vision`. The seeds run 8 micro-batches per step (grad-accum 8):
 `--num-micro-batches 8` reproduces that.
@@ -490,6 +491,10 @@ def main() -> None:
                 checkpointing, masters = HF_RECIPES[recipe]
                 if checkpointing:  # the seeds' TrainingArguments: gradient_checkpointing, reentrant
                     hf.gradient_checkpointing_enable({"use_reentrant": True})
+                    # transformers 5 also hooks every sub-model's input embedding here, the
+                    # vision patch embedding included, so the frozen tower would run backward;
+                    # the seeds' transformers 4.51 adds no hook without PEFT: drop them
+                    hf.disable_input_require_grads()
                 else:
                     hf.gradient_checkpointing_disable()
                 opt = (MasterAdamW(trainable, **adam) if masters

@@ -51,9 +51,8 @@ class OptimSettings:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     use_distributed_optimizer: bool = False
-    # TE's FusedAdam keeps the fp32 master weights itself (the bf16 param plus a 16-bit
-    # remainder: exact fp32, 2 bytes less per param) and writes the bf16 params inside the Adam
-    # kernel, saving the separate main->model copy; needs the distributed optimizer and TE
+    # TE's FusedAdam keeps the fp32 master weights itself and writes the bf16 params inside the
+    # Adam kernel, saving the separate main->model copy; needs the distributed optimizer and TE
     precision_aware: bool = False
     vision_lr: float | None = None  # the vision tower's own LR (None: same as lr)
     merger_lr: float | None = None  # the patch merger's own LR (None: same as vision_lr or lr)
@@ -94,6 +93,9 @@ def build_optimizer(model_chunks: list[torch.nn.Module], s: OptimSettings):
         clip_grad=s.clip_grad, bf16=cfg0.bf16, fp16=cfg0.fp16, params_dtype=cfg0.params_dtype,
         use_distributed_optimizer=s.use_distributed_optimizer,
         use_precision_aware_optimizer=s.precision_aware, main_params_dtype=torch.float32,
+        # megatron-core 0.19.2 reloads the masters as fp32 where TE's remainder storage wants
+        # int16 (an assert on resume, tests/gpu/test_precision_aware_gpu.py): full fp32 masters
+        store_param_remainders=False,
         main_grads_dtype=torch.float32, exp_avg_dtype=torch.float32,
         exp_avg_sq_dtype=torch.float32)
     overrides = {}
