@@ -382,6 +382,9 @@ def main() -> None:
     ap.add_argument("--profile-dir", default=None, help="with --profile: save Chrome traces here")
     ap.add_argument("--profile", action="store_true",
                     help="after timing, print the top CUDA kernels of one step of each path")
+    ap.add_argument("--profile-stacks", action="store_true",
+                    help="with --profile: record Python stacks (slows the host; names the code "
+                         "behind each GPU idle gap)")
     args = ap.parse_args()
     if args.steps < 1:
         ap.error("--steps must be >= 1")
@@ -508,7 +511,8 @@ def main() -> None:
                 if args.profile and cuda:
                     profile_call(name.replace(" ", "_"),
                                  lambda: hf_train_step(hf, opt, trainable, micro_batches, ids,
-                                                       hidden), trace_dir=args.profile_dir)
+                                                       hidden), trace_dir=args.profile_dir,
+                                 stacks=args.profile_stacks)
                 opt = hf_phases = None
                 free_memory(cuda)
             del trainable
@@ -541,7 +545,8 @@ def main() -> None:
         if args.profile and cuda:  # every rank steps (collectives); rank 0 prints
             profile_call(name.replace(" ", "_"),
                          lambda: train_step(model, optimizer, micro_batches, method),
-                         trace_dir=args.profile_dir if rank0 else None, show=rank0)
+                         trace_dir=args.profile_dir if rank0 else None, show=rank0,
+                         stacks=args.profile_stacks)
         if cuda:
             peak = torch.tensor([r["peak_gib"]], device=dev)
             dist.all_reduce(peak, op=dist.ReduceOp.MAX)

@@ -53,10 +53,18 @@ class LVRStep(LatentStep):
         self.m, self.batch = method, batch
         self.targets = None
 
+    def n_latent(self) -> int:
+        """<|lvr|> tokens of this micro-batch: from the host counts of the training step when
+        present (reading the device mask would stall the host on the GPU every micro-batch)."""
+        counts = self.batch.get("counts")
+        if counts is not None:
+            return round(counts["latent"] / self.m.hidden_size)
+        return int(self.batch["latent_mask"].sum())
+
     def inject(self, embeddings, image_features):
         mask, index = self.batch["latent_mask"], self.batch["latent_index"]
-        if int(mask.sum()) != index.numel():
-            raise ValueError(f"{int(mask.sum())} <|lvr|> tokens but {index.numel()} latent targets")
+        if self.n_latent() != index.numel():
+            raise ValueError(f"{self.n_latent()} <|lvr|> tokens but {index.numel()} latent targets")
         targets = image_features[index].detach().to(embeddings.dtype)
         self.targets = pipeline_channel.first_to_last(targets, tuple(targets.shape),
                                                       targets.dtype, targets.device)
@@ -65,7 +73,7 @@ class LVRStep(LatentStep):
     def head(self, model, *, hidden_states, output_layer, output_weight, labels=None,
              runtime_gather_output=None, **_):
         if self.targets is None:  # the last stage is not the first: receive them
-            n = int(self.batch["latent_mask"].sum())
+            n = self.n_latent()
             self.targets = pipeline_channel.first_to_last(
                 None, (n, hidden_states.shape[-1]), model.config.params_dtype,
                 hidden_states.device)
@@ -75,7 +83,11 @@ class LVRStep(LatentStep):
         if model.config.sequence_parallel:  # the loss is computed identically on every TP rank
             full = tensor_parallel.gather_from_sequence_parallel_region(
                 hidden_states, tensor_parallel_output_grad=False)
-        pred = full.transpose(0, 1)[predictor_mask(self.batch["latent_mask"])]
+        # the predictor rows by a fixed-size nonzero (no host sync); their count is the
+        # latent count (a latent token never sits at t = 0: <|lvr_start|> precedes it)
+        where = torch.nonzero_static(predictor_mask(self.batch["latent_mask"]).flatten(),
+                                     size=self.n_latent()).squeeze(1)
+        pred = full.transpose(0, 1).flatten(0, 1)[where]
         sq = (pred.float() - self.targets.float()).pow(2).sum()
         return {"ce": ce, "latent_sq": sq}
 
@@ -86,7 +98,7 @@ class LVRStep(LatentStep):
         # each term a mean over the global batch: megatron divides the sum by totals["ce"]
         scale = totals["ce"] / max(totals["latent"], 1.0)
         total = ce_sum + self.m.loss_lambda * output["latent_sq"] * scale
-        n_lat = float(self.batch["latent_mask"].sum()) * self.m.hidden_size
+        n_lat = float(self.n_latent() * self.m.hidden_size)
         logs = {"lm loss": torch.stack([ce_sum.detach(), n_ce]),
                 "latent mse": torch.stack([output["latent_sq"].detach(),
                                            torch.tensor(n_lat, device=mask.device)])}

@@ -52,8 +52,8 @@ def attach_step_totals(method: LatentMethod, micro_batches: list[dict]) -> None:
     t = t.to(_device())
     dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
     totals = dict(zip(keys, t.tolist()))
-    for mb in micro_batches:
-        mb["step_totals"] = totals
+    for mb, own in zip(micro_batches, counts):
+        mb["step_totals"], mb["counts"] = totals, own  # own: this micro-batch's, on the host
 
 
 def _run_schedule(model_chunks, micro_batches: list[dict], forward_step, forward_only: bool):
