@@ -18,10 +18,11 @@ with 8 of the image's merged tokens), `<|lvr_end|>`, then more random text. Loss
 CE over the second half of the sequence (targets `<|lvr|>` excluded) + lambda * MSE(final-norm
 hidden state at t, visual token injected at t+1), each a mean over the whole step.
 
-Ours: megatron-core DDP (fp32 grad buffers) + megatron's Float16 optimizer (Adam, fp32 main
+Ours (micro-batches read from pinned host memory, as in training; HF gets them on the GPU):
+megatron-core DDP (fp32 grad buffers) + megatron's Float16 optimizer (Adam, fp32 main
 params) on bf16 params, `train_step` through the megatron-core schedule, LVR latent method;
 `--precision-aware-optimizer`: megatron's distributed optimizer with TE's FusedAdam keeping the
-fp32 master weights itself (bf16 param + 16-bit remainder) and writing the bf16 params in the
+fp32 master weights itself and writing the bf16 params in the
 Adam kernel.
 HF: `Qwen2_5_VLForConditionalGeneration` (sdpa attention, bf16 params) with the LVR injection
 written against its modules (as the seeds do), in one or more `--hf-recipe`s, each its own row
@@ -524,6 +525,10 @@ def main() -> None:
     if cuda:
         log(f"# memory still allocated before ours: {torch.cuda.memory_allocated() / 2**30:.2f} "
             "GiB")
+    # ours reads each micro-batch from pinned host memory, as the training loop does (the copy
+    # to the GPU is inside the timed step); the HF loop is given them on the GPU
+    host_batches = [{k: v.cpu().pin_memory() if cuda else v for k, v in mb.items()}
+                    for mb in micro_batches]
     method = LVR(lvr_id=ids["lvr"], start_id=ids["lvr_start"], end_id=ids["lvr_end"],
                  hidden_size=hidden, loss_lambda=LAMBDA)
     for precision in args.precision:
@@ -535,16 +540,16 @@ def main() -> None:
             load_hf_weights(unwrap(model[0]), StateDictReader(sd_cpu, "HF random init"))
         optimizer = build_optimizer(model, OptimSettings(lr=1e-5, use_distributed_optimizer=pa,
                                                          precision_aware=pa))
-        losses[name] = eval_losses(model, micro_batches, method)
+        losses[name] = eval_losses(model, host_batches, method)
         free_memory(cuda)
         phases = PhaseTimer(optimizer, cuda)
         r = results[name] = time_steps(
-            lambda: train_step(model, optimizer, micro_batches, method), args.warmup, args.steps,
+            lambda: train_step(model, optimizer, host_batches, method), args.warmup, args.steps,
             cuda)
         r["optimizer_s"], r["gpus"], r["precision"] = phases.mean(args.steps), world, precision
         if args.profile and cuda:  # every rank steps (collectives); rank 0 prints
             profile_call(name.replace(" ", "_"),
-                         lambda: train_step(model, optimizer, micro_batches, method),
+                         lambda: train_step(model, optimizer, host_batches, method),
                          trace_dir=args.profile_dir if rank0 else None, show=rank0,
                          stacks=args.profile_stacks)
         if cuda:

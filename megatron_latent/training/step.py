@@ -17,6 +17,7 @@ from megatron_latent import parallel
 from megatron_latent.data.packing import packed_seq_params
 from megatron_latent.latent import pipeline_channel
 from megatron_latent.latent.base import LatentMethod, PlainLM
+from megatron_latent.training.build import unwrap
 
 MODEL_INPUTS = ("input_ids", "position_ids", "pixel_values", "image_grid_thw")
 # host bookkeeping: the vision tower reads it on the host (a device copy costs a sync to read)
@@ -33,12 +34,24 @@ def _to_device(batch: dict) -> dict:
             for k, v in batch.items()}
 
 
+def host_token_counts(batch: dict, model) -> tuple[int, int] | None:
+    """(image, video) tokens of a host micro-batch's input_ids, for the model's input checks
+    (None when input_ids already sit on the GPU: the model then counts them there)."""
+    ids = batch["input_ids"]
+    if ids.is_cuda:
+        return None
+    cfg = unwrap(model).cfg
+    return int((ids == cfg.image_token_id).sum()), int((ids == cfg.video_token_id).sum())
+
+
 def make_forward_step(method: LatentMethod):
     def forward_step(data_iterator, model):
-        batch = _to_device(next(data_iterator))
+        host = next(data_iterator)
+        batch = _to_device(host)
         step = method.sft_step(batch)
         out = model(**{k: batch.get(k) for k in MODEL_INPUTS}, labels=batch["labels"],
-                    latent=step, packed_seq_params=packed_seq_params(batch))
+                    latent=step, packed_seq_params=packed_seq_params(batch),
+                    token_counts=host_token_counts(host, model))
         return out, step.loss
 
     return forward_step

@@ -89,3 +89,26 @@ def test_checkpoint_with_wrong_shapes_or_foreign_tensors(tmp_path, tiny_ckpts, m
     save_file(tensors, bad / "model.safetensors")
     with pytest.raises(ValueError, match=r"tensors have no place in Qwen2.5-VL.*extra.head.weight"):
         load_hf_weights(model, bad)
+
+
+def test_training_step_checks_with_host_counts(model_and_batch, tiny_ckpts):
+    """The training step counts image/video tokens on the host (no device sync); the same
+    mismatches still stop it with the model's messages."""
+    from megatron_latent.training.build import OptimSettings, build_model, build_optimizer
+    from megatron_latent.training.step import host_token_counts, train_step
+
+    _, cfg, b = model_and_batch
+    model = build_model(cfg, tiny_ckpts["tiny-a"])
+    optimizer = build_optimizer(model, OptimSettings(lr=0.0))
+    mb = {k: b[k] for k in ("input_ids", "labels", "loss_mask", "pixel_values",
+                            "image_grid_thw", "position_ids")}
+    n_img = int((mb["input_ids"] == cfg.image_token_id).sum())
+    assert host_token_counts(mb, model[0]) == (n_img, 0)  # counted on the host, exactly
+    ids = mb["input_ids"].clone()
+    ids[0, (ids[0] == cfg.image_token_id).nonzero()[0].item()] = 1
+    with pytest.raises(ValueError, match=r"input_ids hold \d+ image tokens .* gives \d+ image"):
+        train_step(model, optimizer, [{**mb, "input_ids": ids}])
+    ids = mb["input_ids"].clone()
+    ids[0, 3] = cfg.video_token_id
+    with pytest.raises(ValueError, match="video input is not supported yet"):
+        train_step(model, optimizer, [{**mb, "input_ids": ids}])

@@ -68,17 +68,20 @@ class Qwen25VLModel(MegatronModule):
                           spatial_merge_size=self.cfg.spatial_merge_size,
                           attention_mask=attention_mask)[0]
 
-    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, latent=None) -> torch.Tensor:
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, latent=None,
+              token_counts: tuple[int, int] | None = None) -> torch.Tensor:
         """Token embeddings with image features in the image-pad slots, then the latent method's
-        injection: [s, b, h] (not SP-split)."""
+        injection: [s, b, h] (not SP-split). `token_counts`: (image, video) tokens of input_ids
+        counted on the host by the caller; without them the checks read the device (a sync,
+        which would cost the host its lead over the GPU every micro-batch)."""
         cfg = self.cfg
         # launch the vision tower before anything waits on the GPU, so the host can queue it
         # while the GPU still runs earlier work (the previous micro-batch's backward)
         feats = None if pixel_values is None else self.vision(pixel_values, image_grid_thw)
         emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)
         is_image = input_ids == cfg.image_token_id
-        n_tokens, n_video = torch.stack([is_image.sum(), (input_ids == cfg.video_token_id).sum()]
-                                        ).tolist()  # one host sync for both checks
+        n_tokens, n_video = token_counts or torch.stack(
+            [is_image.sum(), (input_ids == cfg.video_token_id).sum()]).tolist()  # one sync
         if n_video:
             raise ValueError("video input is not supported yet: input_ids contain "
                              f"video_token_id={cfg.video_token_id}")
@@ -104,7 +107,8 @@ class Qwen25VLModel(MegatronModule):
                 labels: Optional[torch.Tensor] = None,
                 decoder_input: Optional[torch.Tensor] = None,
                 latent=None, head: Optional[Callable] = None, inference_context=None,
-                runtime_gather_output: Optional[bool] = None, packed_seq_params=None):
+                runtime_gather_output: Optional[bool] = None, packed_seq_params=None,
+                token_counts: Optional[tuple[int, int]] = None):
         """input_ids [b, s] (right-padded; causal attention makes masks unnecessary).
 
         Last stage returns, by default, per-token CE loss [b, s] when `labels` is given, else
@@ -112,11 +116,13 @@ class Qwen25VLModel(MegatronModule):
         latent.base.LatentStep) injects at latent positions and supplies the last-stage head;
         `head` replaces the output processor directly. Other stages return hidden states.
         Packed (THD) micro-batches: b = 1 and `packed_seq_params` (data/packing.py).
+        `token_counts`: see `embed`.
         """
         if position_ids is None:
             position_ids = self.position_ids(input_ids, image_grid_thw)
         if self.pre_process and decoder_input is None:
-            decoder_input = self.embed(input_ids, pixel_values, image_grid_thw, latent)
+            decoder_input = self.embed(input_ids, pixel_values, image_grid_thw, latent,
+                                       token_counts)
         if head is None and latent is not None:
             head = partial(latent.head, self)
         if decoder_input is not None and self.config.sequence_parallel:
