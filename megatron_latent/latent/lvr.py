@@ -101,5 +101,6 @@ class LVRStep(LatentStep):
         n_lat = float(self.n_latent() * self.m.hidden_size)
         logs = {"lm loss": torch.stack([ce_sum.detach(), n_ce]),
                 "latent mse": torch.stack([output["latent_sq"].detach(),
-                                           torch.tensor(n_lat, device=mask.device)])}
+                                           # a fill kernel, not a synchronous copy
+                                           torch.full((), n_lat, device=mask.device)])}
         return total, n_ce.to(torch.int), logs
