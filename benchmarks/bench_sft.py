@@ -365,6 +365,8 @@ def main() -> None:
                     help="ours: distributed optimizer + TE FusedAdam holding the fp32 masters")
     ap.add_argument("--tp", type=int, default=1, help="ours; run with torchrun for tp > 1")
     ap.add_argument("--sp", action="store_true", help="ours: sequence parallel (tp > 1)")
+    ap.add_argument("--cross-entropy-fusion-impl", choices=["native", "te"], default="native",
+                    help="ours: fused CE kernel (megatron's native, or TE's)")
     ap.add_argument("--vision-graphs", type=int, default=4,
                     help="ours: CUDA graphs of the frozen vision tower (0: eager)")
     ap.add_argument("--train-vision", action="store_true",
@@ -434,6 +436,7 @@ def main() -> None:
                                       tensor_model_parallel_size=args.tp,
                                       sequence_parallel=args.sp,
                                       vision_graphs=args.vision_graphs,
+                                      cross_entropy_fusion_impl=args.cross_entropy_fusion_impl,
                                       **config_overrides(args, precision))
 
     if args.sp and args.seq_length % args.tp:

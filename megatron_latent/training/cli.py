@@ -46,6 +46,8 @@ def add_common_args(p: argparse.ArgumentParser, *, lr: float, decay: str) -> Non
     a("--recompute-method", choices=["uniform", "block"], default=None)
     a("--recompute-num-layers", type=int, default=None)
     a("--no-fused-kernels", action="store_true", help="turn TE-path kernel fusions off")
+    a("--cross-entropy-fusion-impl", choices=["native", "te"], default="native",
+      help="fused CE kernel: megatron's (default; Megatron-LM rejects TE's for stability)")
     a("--vision-graphs", type=int, default=4,
       help="CUDA graphs of the frozen vision tower kept, one per image layout (0: off)")
     a("--seed", type=int, default=1234)
@@ -88,7 +90,8 @@ def perf_overrides(args) -> dict:
     out = dict(fp8=args.fp8_format, fp8_recipe=args.fp8_recipe, vision_fp8=args.vision_fp8,
                recompute_granularity=args.recompute_granularity,
                recompute_method=args.recompute_method,
-               recompute_num_layers=args.recompute_num_layers, vision_graphs=args.vision_graphs)
+               recompute_num_layers=args.recompute_num_layers, vision_graphs=args.vision_graphs,
+               cross_entropy_fusion_impl=args.cross_entropy_fusion_impl)
     if args.no_fused_kernels:
         out["fused_kernels"] = False
     return out

@@ -66,6 +66,10 @@ class Qwen25VLConfig:
     # CUDA graphs of the frozen vision tower's forward, one per distinct image-grid layout, at
     # most this many kept (0: off). It is CPU-bound otherwise: ~30 small kernels a block.
     vision_graphs: int = 4
+    # fused cross-entropy kernel (with fused_kernels): megatron's "native" one by default, as
+    # Megatron-LM's argument validation demands (it rejects TE's for known stability issues);
+    # "te" reads the bf16 logits without fp32 copies, at the user's choice
+    cross_entropy_fusion_impl: str = "native"
     fp8: str | None = None  # "hybrid" or "e4m3": the LLM's linears in FP8 through TE
     fp8_recipe: str = "tensorwise"  # delayed | tensorwise | blockwise | mxfp8
     vision_fp8: bool = False  # the vision tower's precision is its own choice (default bf16)
@@ -180,6 +184,9 @@ class Qwen25VLConfig:
                                  "tensorwise, blockwise or mxfp8")
             if self.spec != "te":
                 raise ValueError("fp8 runs through Transformer Engine: use spec='te'")
+        if self.cross_entropy_fusion_impl not in ("native", "te"):
+            raise ValueError(f"cross_entropy_fusion_impl={self.cross_entropy_fusion_impl!r}: "
+                             "expected 'native' or 'te'")
         if self.recompute_granularity not in (None, "selective", "full"):
             raise ValueError(f"recompute_granularity={self.recompute_granularity!r}: expected "
                              "None, 'selective' or 'full'")
@@ -236,10 +243,10 @@ class Qwen25VLConfig:
             recompute_granularity=self.recompute_granularity,
             recompute_method=self.recompute_method,
             recompute_num_layers=self.recompute_num_layers,
-            # TE's Triton CE reads the bf16 logits once per pass (the unfused one makes fp32
-            # copies: ~20 ms of a 7B-shaped 8k-token step on an H200)
-            cross_entropy_loss_fusion=self.fused and _has_te(),
-            cross_entropy_fusion_impl="te",
+            # unfused CE makes fp32 copies of the logits: ~20 ms of a 7B-shaped 8k-token step
+            cross_entropy_loss_fusion=self.fused and (
+                self.cross_entropy_fusion_impl == "native" or _has_te()),
+            cross_entropy_fusion_impl=self.cross_entropy_fusion_impl,
         )
 
     def vision_transformer_config(self):
