@@ -102,6 +102,8 @@ def main() -> None:
     ap.add_argument("--image", type=int, default=448)
     ap.add_argument("--spec", choices=["te", "local"], default="te")
     ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--split-attention", action="store_true",
+                    help="ours: split-K decode attention (Triton) instead of SDPA")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--profile", action="store_true",
@@ -135,7 +137,8 @@ def main() -> None:
     load_hf_weights(ours, StateDictReader(hf.state_dict(), "random HF model"))
     ids = shape["ids"]
     rule = LatentRule(ids["lvr_start"], ids["lvr"], ids["lvr_end"], "steps", args.latent_steps)
-    gen = Generator(ours, rule=rule, cuda_graphs=not args.no_graphs)
+    gen = Generator(ours, rule=rule, cuda_graphs=not args.no_graphs,
+                    split_attention=args.split_attention)
 
     gpu = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
     tbps = next((v for k, v in HBM_TBPS.items() if k in gpu), None)

@@ -44,11 +44,13 @@ class Completion:
 
 class Generator:
     def __init__(self, model, *, rule: LatentRule | None = None, max_context: int | None = None,
-                 pad_id: int = 0, cuda_graphs: bool = False, check_every: int = 8):
+                 pad_id: int = 0, cuda_graphs: bool = False, check_every: int = 8,
+                 split_attention: bool = False):
         self.model, self.cfg, self.rule = model, model.cfg, rule
         self.max_context = max_context or self.cfg.max_position_embeddings
         self.pad_id, self.check_every = pad_id, check_every
         self.cuda_graphs = cuda_graphs
+        self.split_attention = split_attention  # split-K decode attention (GPU, Triton)
         self.device = next(model.parameters()).device
         self.link = StageLink(model, self.device)
         self._graphs: dict = {}
@@ -135,13 +137,15 @@ class Generator:
     def _decoder(self, b: int, max_len: int):
         """The decode-step callable for this batch shape: eager, or a replayed CUDA graph."""
         if not (self.cuda_graphs and self.device.type == "cuda" and self.link.single_stage):
-            cache = KVCache(b, max_len, self.device, self.cfg.params_dtype)
+            cache = KVCache(b, max_len, self.device, self.cfg.params_dtype,
+                            split_attention=self.split_attention)
             return cache, lambda *a: self._decode(cache, *a)
         key = (b, max_len)
         if key not in self._graphs:
             from megatron_latent.inference.cuda_graph import GraphedDecode
 
-            cache = KVCache(b, max_len, self.device, self.cfg.params_dtype)
+            cache = KVCache(b, max_len, self.device, self.cfg.params_dtype,
+                            split_attention=self.split_attention)
             self._graphs[key] = (cache, GraphedDecode(partial(self._decode, cache), cache, b,
                                                       self.cfg.hidden_size, self.device,
                                                       self.cfg.params_dtype))

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from megatron.core.inference.config import InferenceConfig
 from megatron.core.inference.contexts.base_context import BaseInferenceContext
 
+from megatron_latent.inference import decode_attention
+
 
 class KVCache(BaseInferenceContext):
     """Per layer: keys and values side by side, [b, kv_heads_local, max_len, 2, head_dim] (one
@@ -28,7 +30,8 @@ class KVCache(BaseInferenceContext):
     What every layer of one forward shares (the attention mask, RoPE cos/sin) is computed once.
     """
 
-    def __init__(self, batch_size: int, max_len: int, device, dtype=None):
+    def __init__(self, batch_size: int, max_len: int, device, dtype=None,
+                 split_attention: bool = False):
         super().__init__(InferenceConfig(materialize_only_last_token_logits=False))
         # slots rounded up to 16: aligned masks keep SDPA on its fused kernels
         self.batch_size, self.max_len = batch_size, -(-max_len // 16) * 16
@@ -38,6 +41,8 @@ class KVCache(BaseInferenceContext):
         self.write_index = torch.zeros((), dtype=torch.long, device=self.device)
         self.slots = torch.arange(self.max_len, device=self.device)
         self.dense_prefill = False  # set by the generator: a prefill without padding
+        # decode steps through the split-K kernel (decode_attention.py) instead of SDPA
+        self.split_attention = split_attention
         self._rope = (None, None)
 
     # ---- megatron-core's context protocol
@@ -97,6 +102,10 @@ class KVCache(BaseInferenceContext):
         kv = self._buffer(layer_number, heads)
         kv.index_copy_(2, self.index, heads[:, :, :, r:].permute(1, 2, 0, 3, 4).to(kv.dtype))
         k_buf, v_buf = kv[:, :, :, 0], kv[:, :, :, 1]
+        if s == 1 and self.split_attention and decode_attention.available(heads):
+            out = decode_attention.decode_attention(heads[0, :, :, :r], kv, self.mask,
+                                                    softmax_scale)
+            return out.reshape(1, b, g * r * d)
         if s == 1:
             # decode: a group's r query heads act as r queries against its one KV head, so
             # K and V are read once (no GQA repeat) by one fused attention kernel
