@@ -21,9 +21,8 @@ hidden state at t, visual token injected at t+1), each a mean over the whole ste
 Ours (micro-batches read from pinned host memory, as in training; HF gets them on the GPU):
 megatron-core DDP (fp32 grad buffers) + megatron's Float16 optimizer (Adam, fp32 main
 params) on bf16 params, `train_step` through the megatron-core schedule, LVR latent method;
-`--precision-aware-optimizer`: megatron's distributed optimizer with TE's FusedAdam keeping the
-fp32 master weights itself and writing the bf16 params in the
-Adam kernel.
+`--use-precision-aware-optimizer`: megatron's distributed optimizer with TE's FusedAdam keeping
+the fp32 master weights itself and writing the bf16 params in the Adam kernel.
 HF: `Qwen2_5_VLForConditionalGeneration` (sdpa attention, bf16 params) with the LVR injection
 written against its modules (as the seeds do), in one or more `--hf-recipe`s, each its own row
 and ratio column of the same run:
@@ -361,8 +360,9 @@ def main() -> None:
                     help="parameter dtype of both paths (default: bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--recompute", choices=["none", "selective", "full"], default="none",
                     help="ours (HF's checkpointing is part of --hf-recipe)")
-    ap.add_argument("--precision-aware-optimizer", action="store_true",
-                    help="ours: distributed optimizer + TE FusedAdam holding the fp32 masters")
+    ap.add_argument("--use-precision-aware-optimizer", action="store_true",
+                    help="ours: TE FusedAdam holding the fp32 masters (it needs, and so turns "
+                         "on, the distributed optimizer: the row changes both)")
     ap.add_argument("--tp", type=int, default=1, help="ours; run with torchrun for tp > 1")
     ap.add_argument("--sp", action="store_true", help="ours: sequence parallel (tp > 1)")
     ap.add_argument("--cross-entropy-fusion-impl", choices=["native", "te"], default="native",
@@ -469,7 +469,7 @@ def main() -> None:
     log(f"# model FLOPs: {FLOPS_FORMULA}; TFLOP/s = F / step time / GPUs (recompute not counted)")
     log("# ours: megatron DDP (fp32 grads) + "
         + ("distributed optimizer, TE FusedAdam holding the fp32 masters"
-           if args.precision_aware_optimizer else "Float16 Adam with fp32 main params")
+           if args.use_precision_aware_optimizer else "Float16 Adam with fp32 main params")
         + f"{' (fp32: plain Adam)' if dtype == torch.float32 else ''}; HF: sdpa, recipes "
         + ", ".join(f"{r} ({'reentrant checkpointing, ' if HF_RECIPES[r][0] else ''}"
                     f"AdamW(fused) on {'fp32 masters' if HF_RECIPES[r][1] else 'the weights'})"
@@ -536,7 +536,7 @@ def main() -> None:
                  hidden_size=hidden, loss_lambda=LAMBDA)
     for precision in args.precision:
         name = "ours" if len(args.precision) == 1 else f"ours {precision}"
-        pa = args.precision_aware_optimizer
+        pa = args.use_precision_aware_optimizer
         model = build_model(our_config(precision), None, freeze_vision=not args.train_vision,
                             freeze_merger=not args.train_vision, use_distributed_optimizer=pa)
         if sd_cpu is not None:  # the same weights as HF (before the optimizer copies them)

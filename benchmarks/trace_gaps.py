@@ -18,7 +18,8 @@ import gzip
 import json
 
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
-OURS = ("megatron", "benchmarks", "transformer_engine")
+# frames are named relative to sys.path: a benchmark script's own ones as "bench_*.py(...)"
+OURS = ("megatron", "bench", "transformer_engine", "transformers")
 
 
 def main() -> None:
@@ -52,7 +53,7 @@ def main() -> None:
     end, idle, count = None, collections.Counter(), collections.Counter()
     for e in gpu:
         if end is not None and e["ts"] - end > args.min_us:
-            call = launch.get(e["args"].get("correlation"))
+            call = launch.get(e.get("args", {}).get("correlation"))
             key = where(call) if call else f"(unlinked) {e['name'][:50]}"
             idle[key] += e["ts"] - end
             count[key] += 1

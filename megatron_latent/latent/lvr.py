@@ -33,8 +33,12 @@ class LVR(LatentMethod):
         return LVRStep(self, micro_batch)
 
     def count(self, mb: dict) -> dict[str, float]:
-        return {"ce": float(mb["loss_mask"].sum()),
-                "latent": float(mb["latent_mask"].sum()) * self.hidden_size}
+        lat = mb["latent_mask"]
+        starts = lat[:, 0] if "cu_seqlens" not in mb else lat[0, mb["cu_seqlens"][:-1].long()]
+        if bool(starts.any()):  # its predictor would be another sample's token, or none
+            raise ValueError("an <|lvr|> token starts a sample: nothing precedes it to predict "
+                             "it (latent tokens follow <|lvr_start|>)")
+        return {"ce": float(mb["loss_mask"].sum()), "latent": float(lat.sum()) * self.hidden_size}
 
     def total_loss(self, means: dict) -> float:
         return means["lm loss"] + self.loss_lambda * means.get("latent mse", 0.0)
@@ -56,9 +60,9 @@ class LVRStep(LatentStep):
     def n_latent(self) -> int:
         """<|lvr|> tokens of this micro-batch: from the host counts of the training step when
         present (reading the device mask would stall the host on the GPU every micro-batch)."""
-        counts = self.batch.get("counts")
-        if counts is not None:
-            return round(counts["latent"] / self.m.hidden_size)
+        latent = (self.batch.get("counts") or {}).get("latent")
+        if latent is not None:
+            return round(latent / self.m.hidden_size)
         return int(self.batch["latent_mask"].sum())
 
     def inject(self, embeddings, image_features):
@@ -83,11 +87,12 @@ class LVRStep(LatentStep):
         if model.config.sequence_parallel:  # the loss is computed identically on every TP rank
             full = tensor_parallel.gather_from_sequence_parallel_region(
                 hidden_states, tensor_parallel_output_grad=False)
-        # the predictor rows by a fixed-size nonzero (no host sync); their count is the
-        # latent count (a latent token never sits at t = 0: <|lvr_start|> precedes it)
-        where = torch.nonzero_static(predictor_mask(self.batch["latent_mask"]).flatten(),
-                                     size=self.n_latent()).squeeze(1)
-        pred = full.transpose(0, 1).flatten(0, 1)[where]
+        # the predictor rows by a fixed-size nonzero (no host sync); their count is the latent
+        # count, as count() refuses a latent token at a sample start
+        mask = predictor_mask(self.batch["latent_mask"])  # [b, s]
+        where = torch.nonzero_static(mask.flatten(), size=self.n_latent()).squeeze(1)
+        b, s = mask.shape
+        pred = full.flatten(0, 1)[(where % s) * b + where // s]  # [s, b] rows, no transpose copy
         sq = (pred.float() - self.targets.float()).pow(2).sum()
         return {"ce": ce, "latent_sq": sq}
 

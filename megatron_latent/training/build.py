@@ -57,6 +57,17 @@ class OptimSettings:
     vision_lr: float | None = None  # the vision tower's own LR (None: same as lr)
     merger_lr: float | None = None  # the patch merger's own LR (None: same as vision_lr or lr)
 
+    def __post_init__(self):  # before any model is built
+        if self.precision_aware:
+            if not self.use_distributed_optimizer:
+                raise ValueError("the precision-aware optimizer needs the distributed optimizer "
+                                 "(--use-distributed-optimizer)")
+            try:
+                import transformer_engine  # noqa: F401
+            except ImportError as e:
+                raise ValueError("the precision-aware optimizer needs Transformer Engine's "
+                                 "FusedAdam (pip install megatron_latent[te])") from e
+
 
 # parameter groups by name (fnmatch on names inside DDP, e.g. "module.vision.decoder...")
 VISION_TOWER = ("*vision.patch_embed*", "*vision.decoder*")
@@ -78,15 +89,6 @@ def build_optimizer(model_chunks: list[torch.nn.Module], s: OptimSettings):
     from megatron.core.optimizer.optimizer_config import ParamKey
 
     cfg0 = model_chunks[0].config
-    if s.precision_aware:
-        if not s.use_distributed_optimizer:
-            raise ValueError("the precision-aware optimizer needs the distributed optimizer "
-                             "(--use-distributed-optimizer)")
-        try:
-            import transformer_engine  # noqa: F401
-        except ImportError as e:
-            raise ValueError("the precision-aware optimizer needs Transformer Engine's FusedAdam "
-                             "(pip install megatron_latent[te])") from e
     opt_cfg = OptimizerConfig(
         optimizer="adam", lr=s.lr, min_lr=s.min_lr, weight_decay=s.weight_decay,
         adam_beta1=s.adam_beta1, adam_beta2=s.adam_beta2, adam_eps=s.adam_eps,

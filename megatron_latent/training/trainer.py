@@ -111,9 +111,17 @@ def _micro_batches(ds, collate, order: SampleOrder, consumed: int, cfg: TrainCon
 
         multiple = m * cfg.seq_length if cfg.pipeline_model_parallel_size > 1 else \
             16 * cfg.tensor_model_parallel_size
-        return [pack(samples[k * m:(k + 1) * m], pad_to_multiple=multiple, **ds.collate_kwargs)
-                for k in range(num_micro)]
-    return [collate(samples[k * m:(k + 1) * m], pad_to=pad) for k in range(num_micro)]
+        return [_pinned(pack(samples[k * m:(k + 1) * m], pad_to_multiple=multiple,
+                             **ds.collate_kwargs)) for k in range(num_micro)]
+    return [_pinned(collate(samples[k * m:(k + 1) * m], pad_to=pad)) for k in range(num_micro)]
+
+
+def _pinned(batch: dict) -> dict:
+    """Page-locked host tensors: the step's copies to the GPU are then asynchronous (from
+    pageable memory each copy would hold the host until it is done)."""
+    if not torch.cuda.is_available():
+        return batch
+    return {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 class SamplePrefetcher:

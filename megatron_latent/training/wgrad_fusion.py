@@ -31,17 +31,41 @@ class TorchWgradAccum:
         main_grad.addmm_(grad_output.t(), total_input)
 
 
-def _ensure_megatron_wgrad_kernel() -> None:
+_TORCH_ACCUM_OK: bool | None = None
+
+
+def _torch_accum_works() -> bool:
+    """addmm with out_dtype (torch >= 2.8, CUDA): checked once on a hand-worked 2x2 case."""
+    global _TORCH_ACCUM_OK
+    if _TORCH_ACCUM_OK is None:
+        try:
+            a = torch.ones(2, 2, dtype=torch.bfloat16, device="cuda")
+            c = torch.ones(2, 2, device="cuda")
+            torch.addmm(c, a, a, out_dtype=torch.float32, out=c)  # 1 + (1*1 + 1*1) = 3
+            _TORCH_ACCUM_OK = bool(torch.equal(c, torch.full_like(c, 3.0)))
+        except (TypeError, RuntimeError):
+            _TORCH_ACCUM_OK = False
+    return _TORCH_ACCUM_OK
+
+
+def _megatron_wgrad_kernel() -> bool:
+    """Whether megatron's fused path has a kernel: Apex's, or the torch-native stand-in."""
     from megatron.core.tensor_parallel import layers
 
-    if not layers._grad_accum_fusion_available:  # no Apex: the torch-native GEMM
-        layers.fused_weight_gradient_mlp_cuda = TorchWgradAccum
+    if layers._grad_accum_fusion_available:
+        return True
+    if not _torch_accum_works():
+        return False
+    layers.fused_weight_gradient_mlp_cuda = TorchWgradAccum
+    return True
 
 
 def fuse_wgrad_accumulation(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
     """Switch every trainable TE linear, and megatron ColumnParallelLinear with its own weight,
     to accumulate into `main_grad` (call after DDP wrapping, which creates main_grad). Returns
-    the (module, attribute) pairs switched, so a caller can switch them back."""
+    the (module, attribute) pairs switched. Switch back only between steps: a fused backward
+    marks the weight `grad_added_to_main_grad` until the grad buffer is zeroed, and DDP's hook
+    would skip an unfused gradient of the same step."""
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear
     from transformer_engine.pytorch.module.base import TransformerEngineBaseModule
 
@@ -54,12 +78,15 @@ def fuse_wgrad_accumulation(model: torch.nn.Module) -> list[tuple[torch.nn.Modul
         if isinstance(m, TransformerEngineBaseModule) and hasattr(m, "fuse_wgrad_accumulation"):
             attr = "fuse_wgrad_accumulation"
         elif isinstance(m, ColumnParallelLinear) and m.weight is not None:
-            attr = "gradient_accumulation_fusion"  # a tied output layer has no weight: skipped
+            # a tied output layer at PP=1 has no weight of its own (it reads the embedding's);
+            # at PP>1 the last stage's copy is switched: finalize_model_grads all-reduces its
+            # main_grad with the embedding's
+            attr = "gradient_accumulation_fusion"
         else:
             continue
         if trainable(m):
-            if attr == "gradient_accumulation_fusion":
-                _ensure_megatron_wgrad_kernel()
+            if attr == "gradient_accumulation_fusion" and not _megatron_wgrad_kernel():
+                continue  # torch < 2.8 without Apex: that layer stays unfused
             setattr(m, attr, True)
             switched.append((m, attr))
     return switched

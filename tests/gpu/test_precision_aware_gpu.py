@@ -1,5 +1,5 @@
 """On a GPU with TE: the precision-aware distributed optimizer (TE FusedAdam keeping the fp32
-masters as bf16 param + 16-bit remainder, `OptimSettings.precision_aware`) trains like
+masters itself, `OptimSettings.precision_aware`) trains like
 megatron's standard distributed optimizer (fp32 main params held by megatron), and its state
 survives a checkpoint round trip: resuming gives the step the uninterrupted run takes.
 bf16 params (what the option is for). Run: pytest tests/gpu -s"""
@@ -75,4 +75,4 @@ def test_precision_aware_resume(tiny_ckpts, megatron_single_rank, tmp_path):
     state.load(tmp_path / "ckpt", model, optimizer)
     resumed = [train_step(model, optimizer, mbs())["loss"] for _ in range(2)]
     print(f"\nafter step 2: uninterrupted {going_on} / resumed {resumed}")
-    assert resumed == going_on  # exact: the masters' remainders and the moments came back
+    assert resumed == going_on  # exact: the fp32 masters and the moments came back

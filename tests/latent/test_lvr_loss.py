@@ -72,3 +72,22 @@ def test_lvr_loss_matches_hf_formula(preset, tiny_ckpts, synthetic_lvr, megatron
     assert abs(ours_ce - ce.item()) <= 1e-5
     assert abs(ours_mse - mse.item()) <= 1e-5
     assert abs(ours - (ce + LAMBDA * mse).item()) <= 1e-5
+
+
+def test_latent_token_at_sample_start_is_refused():
+    """A latent token with nothing before it in its sample has no predictor row: refused by the
+    step's count (for a padded row and for a packed row's second sample)."""
+    method = LVR(lvr_id=9, start_id=8, end_id=10, hidden_size=4)
+    lat = torch.zeros(2, 6, dtype=torch.bool)
+    lat[1, 2:4] = True
+    ok = {"loss_mask": torch.ones(2, 6), "latent_mask": lat}
+    assert method.count(ok) == {"ce": 12.0, "latent": 8.0}
+    lat0 = lat.clone()
+    lat0[0, 0] = True
+    with pytest.raises(ValueError, match="starts a sample"):
+        method.count({**ok, "latent_mask": lat0})
+    packed = torch.zeros(1, 10, dtype=torch.bool)
+    packed[0, 4] = True  # the first token of the second sample (cu_seqlens 0, 4, 10)
+    with pytest.raises(ValueError, match="starts a sample"):
+        method.count({"loss_mask": torch.ones(1, 10), "latent_mask": packed,
+                      "cu_seqlens": torch.tensor([0, 4, 10], dtype=torch.int32)})

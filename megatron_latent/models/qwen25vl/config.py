@@ -67,8 +67,9 @@ class Qwen25VLConfig:
     # most this many kept (0: off). It is CPU-bound otherwise: ~30 small kernels a block.
     vision_graphs: int = 4
     # fused cross-entropy kernel (with fused_kernels): megatron's "native" one by default, as
-    # Megatron-LM's argument validation demands (it rejects TE's for known stability issues);
-    # "te" reads the bf16 logits without fp32 copies, at the user's choice
+    # Megatron-LM's argument validation demands (it rejects TE's for known stability issues;
+    # native applies to bf16 params, others run the unfused fp32 CE); "te" reads the bf16
+    # logits without fp32 copies, at the user's choice
     cross_entropy_fusion_impl: str = "native"
     fp8: str | None = None  # "hybrid" or "e4m3": the LLM's linears in FP8 through TE
     fp8_recipe: str = "tensorwise"  # delayed | tensorwise | blockwise | mxfp8
@@ -187,6 +188,9 @@ class Qwen25VLConfig:
         if self.cross_entropy_fusion_impl not in ("native", "te"):
             raise ValueError(f"cross_entropy_fusion_impl={self.cross_entropy_fusion_impl!r}: "
                              "expected 'native' or 'te'")
+        if self.cross_entropy_fusion_impl == "te" and self.fused and not _has_te():
+            raise ValueError("cross_entropy_fusion_impl='te' needs Transformer Engine "
+                             "(pip install megatron_latent[te])")
         if self.recompute_granularity not in (None, "selective", "full"):
             raise ValueError(f"recompute_granularity={self.recompute_granularity!r}: expected "
                              "None, 'selective' or 'full'")
@@ -244,8 +248,10 @@ class Qwen25VLConfig:
             recompute_method=self.recompute_method,
             recompute_num_layers=self.recompute_num_layers,
             # unfused CE makes fp32 copies of the logits: ~20 ms of a 7B-shaped 8k-token step
+            # megatron's native kernel hands back bf16 logit gradients: bf16 params only
             cross_entropy_loss_fusion=self.fused and (
-                self.cross_entropy_fusion_impl == "native" or _has_te()),
+                self.params_dtype == torch.bfloat16 if self.cross_entropy_fusion_impl == "native"
+                else _has_te()),
             cross_entropy_fusion_impl=self.cross_entropy_fusion_impl,
         )
 

@@ -38,7 +38,8 @@ class VisionGraphs:
         self.captures = self.replays = 0  # for tests, logs and the thrash check
         self.seen: OrderedDict[tuple, int] = OrderedDict()  # sightings of uncaptured layouts
         self.storage: tuple = ()  # where the weights were when the graphs were captured
-        self.modules: list | None = None  # the tower's modules, listed on first use
+        self.param_dicts: list | None = None  # the tower's modules' own dicts, on first use
+        self.buffer_dicts: list = []
 
     def usable(self, model: torch.nn.Module, pixel_values: torch.Tensor, key: tuple) -> bool:
         """Whether this forward should go through a graph (counts a sighting of `key`)."""
@@ -46,16 +47,18 @@ class VisionGraphs:
             return False
         if torch.cuda.is_current_stream_capturing():
             return False  # inside someone else's capture: just record the ops
-        # the module list is fixed after construction; walking each module's own dicts (not
-        # parameters(), whose generators cost milliseconds of host time per call on a 32-block
-        # tower) still sees a parameter replaced in place, e.g. load_state_dict(assign=True)
-        if self.modules is None:
-            self.modules = list(model.modules())
-        params = [p for m in self.modules for p in m._parameters.values() if p is not None]
+        # the modules are fixed after construction; walking their own parameter and buffer
+        # dicts (not parameters(), whose generators cost milliseconds of host time per call on
+        # a 32-block tower) still sees a parameter replaced in place, e.g.
+        # load_state_dict(assign=True). The dicts, not the modules, are kept: no cycle
+        if self.param_dicts is None:
+            self.param_dicts = [m._parameters for m in model.modules()]
+            self.buffer_dicts = [m._buffers for m in model.modules()]
+        params = [p for d in self.param_dicts for p in d.values() if p is not None]
         if torch.is_grad_enabled() and (pixel_values.requires_grad
                                         or any(p.requires_grad for p in params)):
             return False  # training the tower: autograd needs the eager graph
-        buffers = [b for m in self.modules for b in m._buffers.values() if b is not None]
+        buffers = [b for d in self.buffer_dicts for b in d.values() if b is not None]
         return self.decide(key, tuple(t.data_ptr() for t in params + buffers))
 
     def decide(self, key: tuple, storage: tuple) -> bool:
