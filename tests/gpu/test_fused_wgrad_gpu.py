@@ -35,20 +35,23 @@ def _step(path, fused: bool, mbs, tied: bool, dtype=torch.float32):
     return out, params
 
 
-@pytest.mark.parametrize("name", ["tiny-a", "tiny-b"])  # tied / untied output layer
-def test_fused_wgrad_equals_unfused(tiny_ckpts, megatron_single_rank, name):
+def _both(path, name, dtype):
+    """(fused, unfused) runs of one step of two identical micro-batches."""
     pytest.importorskip("transformer_engine")
     from transformers import AutoProcessor
 
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    path = tiny_ckpts[name]
-    cfg = Qwen25VLConfig.from_hf(path, spec="te", params_dtype=torch.float32)
+    cfg = Qwen25VLConfig.from_hf(path, spec="te", params_dtype=dtype)
     batch = two_sample_batch(AutoProcessor.from_pretrained(path), cfg)
     mb = {k: batch[k] for k in ("input_ids", "labels", "loss_mask", "pixel_values",
                                 "image_grid_thw", "position_ids")}
     tied = name == "tiny-a"
-    fused, p_fused = _step(path, True, [dict(mb), dict(mb)], tied)
-    plain, p_plain = _step(path, False, [dict(mb), dict(mb)], tied)
+    return [_step(path, fused, [dict(mb), dict(mb)], tied, dtype) for fused in (True, False)]
+
+
+@pytest.mark.parametrize("name", ["tiny-a", "tiny-b"])  # tied / untied output layer
+def test_fused_wgrad_equals_unfused(tiny_ckpts, megatron_single_rank, name):
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    (fused, p_fused), (plain, p_plain) = _both(tiny_ckpts[name], name, torch.float32)
     print(f"\ngrad norm fused {fused['grad_norm']:.8f} / unfused {plain['grad_norm']:.8f}")
     assert fused["loss"] == pytest.approx(plain["loss"], rel=1e-6)
     assert fused["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-5)  # catches doubling
@@ -62,17 +65,7 @@ def test_fused_wgrad_bf16(tiny_ckpts, megatron_single_rank, name):
     """bf16 params: the path training takes (for the output layer, the bf16 x bf16 -> fp32
     accumulating addmm). Fused accumulates in fp32 where unfused first rounds each
     micro-batch's weight gradient to bf16, so the grad norms agree to bf16 rounding."""
-    pytest.importorskip("transformer_engine")
-    from transformers import AutoProcessor
-
-    path = tiny_ckpts[name]
-    cfg = Qwen25VLConfig.from_hf(path, spec="te", params_dtype=torch.bfloat16)
-    batch = two_sample_batch(AutoProcessor.from_pretrained(path), cfg)
-    mb = {k: batch[k] for k in ("input_ids", "labels", "loss_mask", "pixel_values",
-                                "image_grid_thw", "position_ids")}
-    tied = name == "tiny-a"
-    fused, _ = _step(path, True, [dict(mb), dict(mb)], tied, torch.bfloat16)
-    plain, _ = _step(path, False, [dict(mb), dict(mb)], tied, torch.bfloat16)
+    (fused, _), (plain, _) = _both(tiny_ckpts[name], name, torch.bfloat16)
     print(f"\n[bf16 {name}] grad norm fused {fused['grad_norm']:.6f} / unfused "
           f"{plain['grad_norm']:.6f}")
     assert fused["loss"] == plain["loss"]  # the same forward
