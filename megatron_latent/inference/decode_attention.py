@@ -14,6 +14,7 @@ Layout (kv_cache.py): q [b, g, r, d] (any strides, last one 1); kv [b, g, L, 2, 
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -102,6 +103,11 @@ if triton is not None:
                  out.to(OUT.dtype.element_ty), mask=keep[:, None])
 
 
+@functools.lru_cache(maxsize=None)
+def _sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def splits_for(batch_groups: int, length: int, sms: int) -> int:
     """Chunks per (sequence, group): about two blocks per SM in all, at least one tile each."""
     tiles = -(-length // BLOCK_N)
@@ -118,7 +124,7 @@ def decode_attention(q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, scal
     if kv.stride(-1) != 1 or q.stride(-1) != 1:
         raise ValueError("q and the KV buffer need a contiguous last dimension")
     if splits is None:
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
+        sms = _sms(q.device.index or 0) if q.is_cuda else 8
         splits = splits_for(b * g, n, sms)
     per = -(-n // splits)
     chunk = -(-per // BLOCK_N) * BLOCK_N  # keys per chunk, whole tiles
