@@ -54,7 +54,13 @@ def test_graphed_generation_same_tokens(tiny_ckpts, megatron_single_rank):
                         pad_id=proc.tokenizer.pad_token_id)
         gen.generate(prompts, params)  # captures
         runs[split] = gen.generate(prompts, params, record_logits=True)
+    tol = 5e-2  # bf16: the two kernels round differently
     for sdpa, split in zip(runs[False], runs[True]):
-        diff = (split.logits - sdpa.logits).abs().max().item()
-        print(f"\nsplit-K vs SDPA generation: logits max diff {diff:.2e}")
-        assert split.tokens == sdpa.tokens and diff <= 5e-2
+        # compare up to the first step whose top two logits are closer than the tolerance
+        # (there a legitimate bf16 difference may pick the other token and the runs part)
+        top2 = sdpa.logits.float().topk(2, dim=-1).values
+        close = ((top2[:, 0] - top2[:, 1]) < 2 * tol).nonzero()
+        n = int(close[0]) + 1 if len(close) else len(sdpa.tokens)
+        diff = (split.logits[:n].float() - sdpa.logits[:n].float()).abs().max().item()
+        print(f"\nsplit-K vs SDPA generation: first {n} steps, logits max diff {diff:.2e}")
+        assert split.tokens[:n] == sdpa.tokens[:n] and diff <= tol
