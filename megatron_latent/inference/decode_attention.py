@@ -38,7 +38,8 @@ if triton is not None:
     @triton.jit
     def _chunk(Q, KV, M, O, ML, sq_b, sq_g, sq_r, skv_b, skv_g, skv_n, skv_t, sm_b,
                so_bg, so_s, so_r, sml_bg, sml_s, G, R, N, qk_scale, CHUNK: tl.constexpr,
-               R_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr):
+               R_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+               PRECISION: tl.constexpr):
         """One (sequence, group, chunk): online softmax over the chunk's keys (log2 domain)."""
         bg, split = tl.program_id(0), tl.program_id(1)
         b, g = bg // G, bg % G
@@ -54,10 +55,7 @@ if triton is not None:
             inside = n < N
             visible = tl.load(M + b * sm_b + n, mask=inside, other=0) != 0
             k = tl.load(base + n[:, None] * skv_n + cols[None, :], mask=inside[:, None], other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
             s = tl.where(visible[None, :], s * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible
@@ -66,10 +64,7 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(base + skv_t + n[:, None] * skv_n + cols[None, :], mask=inside[:, None],
                         other=0.0)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         keep = rows < R
         tl.store(O + bg * so_bg + split * so_s + rows[:, None] * so_r + cols[None, :], acc,
@@ -137,12 +132,13 @@ def decode_attention(q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, scal
     out = torch.empty(b, g, r, d, dtype=q.dtype, device=q.device)
     m = mask.reshape(b, -1)
     m = m.view(torch.uint8) if m.dtype == torch.bool else m
-    ieee = q.dtype == torch.float32  # fp32 (tests): exact products, not TF32
+    # fp32 (tests): exact products, not TF32; ignored for bf16 inputs
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
     _chunk[(b * g, splits)](
         q, kv, m, part, stats, q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1),
         kv.stride(2), kv.stride(3), m.stride(0), part.stride(0), part.stride(1), part.stride(2),
         stats.stride(0), stats.stride(1), g, r, n, scale * 1.4426950408889634, CHUNK=chunk,
-        R_PAD=r_pad, D=d, BLOCK=BLOCK_N, IEEE=ieee)
+        R_PAD=r_pad, D=d, BLOCK=BLOCK_N, PRECISION=precision)
     _merge[(b * g,)](part, stats, out, part.stride(0), part.stride(1), part.stride(2),
                      stats.stride(0), stats.stride(1), r, SPLITS=splits, R_PAD=r_pad, D=d)
     return out

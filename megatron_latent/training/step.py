@@ -38,10 +38,7 @@ def host_token_counts(batch: dict, model) -> tuple[int, int] | None:
     """(image, video) tokens of a host micro-batch's input_ids, for the model's input checks
     (None when input_ids already sit on the GPU: the model then counts them there)."""
     ids = batch["input_ids"]
-    if ids.is_cuda:
-        return None
-    cfg = unwrap(model).cfg
-    return int((ids == cfg.image_token_id).sum()), int((ids == cfg.video_token_id).sum())
+    return None if ids.is_cuda else unwrap(model).token_counts(ids)
 
 
 def make_forward_step(method: LatentMethod):

@@ -249,9 +249,9 @@ class Qwen25VLConfig:
             recompute_num_layers=self.recompute_num_layers,
             # unfused CE makes fp32 copies of the logits: ~20 ms of a 7B-shaped 8k-token step
             # megatron's native kernel hands back bf16 logit gradients: bf16 params only
+            # ("te" without TE is refused in __post_init__)
             cross_entropy_loss_fusion=self.fused and (
-                self.params_dtype == torch.bfloat16 if self.cross_entropy_fusion_impl == "native"
-                else _has_te()),
+                self.cross_entropy_fusion_impl == "te" or self.params_dtype == torch.bfloat16),
             cross_entropy_fusion_impl=self.cross_entropy_fusion_impl,
         )
 

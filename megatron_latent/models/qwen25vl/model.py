@@ -68,6 +68,14 @@ class Qwen25VLModel(MegatronModule):
                           spatial_merge_size=self.cfg.spatial_merge_size,
                           attention_mask=attention_mask)[0]
 
+    def token_counts(self, input_ids: torch.Tensor) -> tuple[int, int]:
+        """(image, video) placeholder tokens in input_ids: the embedding's input checks. On a
+        host tensor this costs no GPU sync; callers with host copies pass the result to
+        `forward(token_counts=...)` (training/step.py)."""
+        cfg = self.cfg
+        return tuple(torch.stack([(input_ids == cfg.image_token_id).sum(),
+                                  (input_ids == cfg.video_token_id).sum()]).tolist())
+
     def embed(self, input_ids, pixel_values=None, image_grid_thw=None, latent=None,
               token_counts: tuple[int, int] | None = None) -> torch.Tensor:
         """Token embeddings with image features in the image-pad slots, then the latent method's
@@ -80,8 +88,7 @@ class Qwen25VLModel(MegatronModule):
         feats = None if pixel_values is None else self.vision(pixel_values, image_grid_thw)
         emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)
         is_image = input_ids == cfg.image_token_id
-        n_tokens, n_video = token_counts or torch.stack(
-            [is_image.sum(), (input_ids == cfg.video_token_id).sum()]).tolist()  # one sync
+        n_tokens, n_video = token_counts or self.token_counts(input_ids)  # else one sync
         if n_video:
             raise ValueError("video input is not supported yet: input_ids contain "
                              f"video_token_id={cfg.video_token_id}")
