@@ -87,10 +87,13 @@ class LVRStep(LatentStep):
         if model.config.sequence_parallel:  # the loss is computed identically on every TP rank
             full = tensor_parallel.gather_from_sequence_parallel_region(
                 hidden_states, tensor_parallel_output_grad=False)
-        # the predictor rows by a fixed-size nonzero (no host sync); their count is the latent
-        # count, as count() refuses a latent token at a sample start
         mask = predictor_mask(self.batch["latent_mask"])  # [b, s]
-        where = torch.nonzero_static(mask.flatten(), size=self.n_latent()).squeeze(1)
+        if self.batch.get("counts") is not None:
+            # a training step: count() checked no latent token starts a sample, so there is
+            # one predictor row per latent token; a fixed-size nonzero needs no host sync
+            where = torch.nonzero_static(mask.flatten(), size=self.n_latent()).squeeze(1)
+        else:  # unchecked: a missing predictor row then fails on the shapes below
+            where = mask.flatten().nonzero().squeeze(1)
         b, s = mask.shape
         pred = full.flatten(0, 1)[(where % s) * b + where // s]  # [s, b] rows, no transpose copy
         sq = (pred.float() - self.targets.float()).pow(2).sum()
