@@ -36,8 +36,8 @@ def build_model(cfg: Qwen25VLConfig, hf_dir: str | Path | None = None, *, wrap_d
         check_for_nan_in_grad=True)
     ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
     ddp.broadcast_params()
-    if cfg.fused and cfg.spec == "te" and torch.cuda.is_available():
-        fuse_wgrad_accumulation(model)
+    if cfg.fused:
+        fuse_wgrad_accumulation(model, linears=cfg.spec == "te" and torch.cuda.is_available())
     return [ddp]
 
 

@@ -7,11 +7,19 @@ micro-batch (the adds were ~15 ms of a 7B-shaped 8k-token step on an H200).
   path calls Apex's `fused_weight_gradient_mlp_cuda`; where Apex is absent, a torch-native
   stand-in does the same GEMM with cuBLAS (bf16 inputs, fp32 accumulator: `addmm` with
   `out_dtype`). megatron's config switch would also demand Apex at build time, hence per module.
+- The word embedding (untied, or tied but on a stage without the output layer): its lookup's
+  backward scatters the output gradient's rows into `main_grad` (`index_add_`), instead of a
+  dense [vocab, hidden] bf16 gradient (a zero-fill of the whole table per micro-batch) that
+  DDP's hook then adds to the fp32 buffer (~2.5 ms per micro-batch at the 7B shape).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 
 class TorchWgradAccum:
@@ -60,21 +68,100 @@ def _megatron_wgrad_kernel() -> bool:
     return True
 
 
-def fuse_wgrad_accumulation(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
-    """Switch every trainable TE linear, and megatron ColumnParallelLinear with its own weight,
-    to accumulate into `main_grad` (call after DDP wrapping, which creates main_grad). Returns
-    the (module, attribute) pairs switched. Switch back only between steps: a fused backward
-    marks the weight `grad_added_to_main_grad` until the grad buffer is zeroed, and DDP's hook
-    would skip an unfused gradient of the same step."""
+def _dummy_wgrad(weight: torch.nn.Parameter) -> torch.Tensor:
+    """What a fused backward hands autograd for the weight, as megatron's own fused layers do:
+    a full-shape tensor makes AccumulateGrad run, hence DDP's hook (it drops it after seeing
+    `grad_added_to_main_grad`); uninitialised unless the param asks for a zeroed one."""
+    make = torch.zeros if getattr(weight, "zero_out_wgrad", False) else torch.empty
+    return make(weight.main_grad.shape, dtype=weight.dtype, device=weight.device)
+
+
+class _EmbeddingIntoMainGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ids, weight):
+        ctx.save_for_backward(ids)
+        ctx.weight = weight
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (ids,) = ctx.saved_tensors
+        w = ctx.weight
+        w.main_grad.index_add_(0, ids.reshape(-1),
+                               grad.reshape(-1, grad.shape[-1]).to(w.main_grad.dtype))
+        w.grad_added_to_main_grad = True
+        return None, _dummy_wgrad(w)
+
+
+# F.embedding options that change the lookup or its gradient: routed only when all are off
+_PLAIN_LOOKUP = ("padding_idx", "max_norm", "scale_grad_by_freq", "sparse")
+
+
+class _RouteEmbedding(TorchFunctionMode):
+    """Sends `F.embedding(ids, weight)` of one weight through `_EmbeddingIntoMainGrad`; every
+    other call passes through. A function mode rather than a copy of megatron's
+    VocabParallelEmbedding.forward: its TP masking and reductions stay megatron's."""
+
+    def __init__(self, weight: torch.nn.Parameter):
+        super().__init__()
+        self.weight = weight
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if (func is F.embedding and len(args) == 2 and args[1] is self.weight
+                and all(kwargs.get(k) in (None, False) for k in _PLAIN_LOOKUP)):
+            return _EmbeddingIntoMainGrad.apply(args[0], self.weight)
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def embedding_wgrad_into_main_grad(weight: torch.nn.Parameter):
+    """Active around the embedding lookup of a training forward (Qwen25VLModel.embed)."""
+    if not (torch.is_grad_enabled() and weight.requires_grad):
+        yield
+        return
+    with _RouteEmbedding(weight):
+        yield
+
+
+def _fuse_embedding(model: torch.nn.Module) -> bool:
+    """The word embedding of a first-stage Qwen25VLModel, unless tied to an output layer on the
+    same stage: that layer's dense gradient arrives summed with ours in one AccumulateGrad, and
+    DDP's hook, seeing the flag, would drop it."""
+    emb = getattr(getattr(model, "language_model", None), "embedding", None)
+    if emb is None or not hasattr(model, "embedding_grad_route"):
+        return False
+    w = emb.word_embeddings.weight
+    if not (w.requires_grad and hasattr(w, "main_grad")) or emb.word_embeddings.deterministic_mode:
+        return False
+    if model.share_embeddings_and_output_weights and model.post_process:
+        return False
+    model.embedding_grad_route = lambda: embedding_wgrad_into_main_grad(w)
+    return True
+
+
+def fuse_wgrad_accumulation(model: torch.nn.Module, linears: bool = True
+                            ) -> list[tuple[torch.nn.Module, str]]:
+    """Switch every trainable TE linear, megatron ColumnParallelLinear with its own weight, and
+    the word embedding to accumulate into `main_grad` (call after DDP wrapping, which creates
+    main_grad). Returns the (module, attribute) pairs switched. Switch back only between
+    steps: a fused backward marks the weight `grad_added_to_main_grad` until the grad buffer is
+    zeroed, and DDP's hook would skip an unfused gradient of the same step. `linears=False`
+    switches the embedding only (the linears' fused GEMMs need CUDA; the scatter runs
+    anywhere)."""
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear
-    from transformer_engine.pytorch.module.base import TransformerEngineBaseModule
+
+    try:
+        from transformer_engine.pytorch.module.base import TransformerEngineBaseModule
+    except ImportError:
+        TransformerEngineBaseModule = ()  # noqa: N806 (no TE: isinstance never matches)
 
     def trainable(m) -> bool:
         ws = [p for n, p in m.named_parameters(recurse=False) if "weight" in n]
         return bool(ws) and all(p.requires_grad and hasattr(p, "main_grad") for p in ws)
 
     switched = []
-    for m in model.modules():
+    for m in model.modules() if linears else ():
         if isinstance(m, TransformerEngineBaseModule) and hasattr(m, "fuse_wgrad_accumulation"):
             attr = "fuse_wgrad_accumulation"
         elif isinstance(m, ColumnParallelLinear) and m.weight is not None:
@@ -89,4 +176,6 @@ def fuse_wgrad_accumulation(model: torch.nn.Module) -> list[tuple[torch.nn.Modul
                 continue  # torch < 2.8 without Apex: that layer stays unfused
             setattr(m, attr, True)
             switched.append((m, attr))
+    if _fuse_embedding(model):
+        switched.append((model, "embedding_grad_route"))
     return switched

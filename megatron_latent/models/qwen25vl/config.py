@@ -211,6 +211,11 @@ class Qwen25VLConfig:
     def fused(self) -> bool:
         return self.spec == "te" if self.fused_kernels is None else self.fused_kernels
 
+    @property
+    def fused_rope(self) -> bool:
+        """TE's fused RoPE kernel, for the vision tower's 2-D RoPE and the LLM's mRoPE."""
+        return self.fused and self.spec == "te" and _has_te()
+
     def _common(self) -> dict:
         bf16 = self.params_dtype == torch.bfloat16
         fuse = self.fused
@@ -221,8 +226,9 @@ class Qwen25VLConfig:
             normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
             hidden_dropout=0.0, attention_dropout=0.0,
             use_cpu_initialization=not torch.cuda.is_available(),
-            # RoPE fusion stays off: TE's fused RoPE takes one position row, mRoPE has one per
-            # sample. Weight-gradient accumulation fusion needs TE and DDP's main_grad buffers.
+            # megatron's RoPE fusion stays off: TE's fused RoPE takes one position row, mRoPE has
+            # one per sample (the LLM's attention fuses it its own way: inference/attention.py).
+            # Weight-gradient accumulation fusion needs TE and DDP's main_grad buffers.
             apply_rope_fusion=False, bias_activation_fusion=fuse, masked_softmax_fusion=fuse,
             bias_dropout_fusion=fuse, persist_layer_norm=False,
             gradient_accumulation_fusion=fuse and self.spec == "te" and _has_fused_wgrad(),
@@ -265,7 +271,7 @@ class Qwen25VLConfig:
         common["bias_activation_fusion"] &= common["activation_func"] is F.silu
         # 2-D RoPE with one angle row per patch ([s, 1, 1, d], batch 1): TE's fused kernel
         # applies it exactly; the LLM's mRoPE (one row per sample) cannot use it
-        common["apply_rope_fusion"] = self.fused and self.spec == "te" and _has_te()
+        common["apply_rope_fusion"] = self.fused_rope
         return TransformerConfig(
             **common,
             num_layers=self.vision_depth, hidden_size=self.vision_hidden_size,

@@ -11,6 +11,7 @@ mRoPE positions [3, b, s] are needed on every stage; they are cheap to recompute
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from functools import partial
 from typing import Callable, Optional
 
@@ -40,7 +41,7 @@ class Qwen25VLModel(MegatronModule):
         self.vision = Qwen25VisionModel(cfg) if pre_process else None
         self.language_model = GPTModel(
             config=lm_config,
-            transformer_layer_spec=specs.language_layer_spec(cfg.spec),
+            transformer_layer_spec=specs.language_layer_spec(cfg.spec, cfg.fused_rope),
             vocab_size=cfg.padded_vocab_size,
             max_sequence_length=cfg.max_position_embeddings,
             pre_process=pre_process, post_process=post_process,
@@ -54,6 +55,9 @@ class Qwen25VLModel(MegatronModule):
         # read by megatron's schedules and finalize_model_grads (tied-embedding grad sync)
         self.model_type = ModelType.encoder_or_decoder
         self.share_embeddings_and_output_weights = cfg.tie_word_embeddings
+        # wraps the token lookup; training/wgrad_fusion.py swaps in a context that sends the
+        # embedding's weight gradient straight into DDP's main_grad
+        self.embedding_grad_route = nullcontext
 
     # ------------------------------------------------------------ pipeline plumbing
     def set_input_tensor(self, input_tensor) -> None:
@@ -86,7 +90,8 @@ class Qwen25VLModel(MegatronModule):
         # launch the vision tower before anything waits on the GPU, so the host can queue it
         # while the GPU still runs earlier work (the previous micro-batch's backward)
         feats = None if pixel_values is None else self.vision(pixel_values, image_grid_thw)
-        emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)
+        with self.embedding_grad_route():
+            emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)
         is_image = input_ids == cfg.image_token_id
         n_tokens, n_video = token_counts or self.token_counts(input_ids)  # else one sync
         if n_video:

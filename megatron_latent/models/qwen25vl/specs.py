@@ -27,7 +27,8 @@ def _require_te(spec: Spec) -> None:
         raise ValueError(f"unknown spec {spec!r}; expected 'te' or 'local'")
 
 
-def language_layer_spec(spec: Spec) -> ModuleSpec:
+def language_layer_spec(spec: Spec, fused_rope: bool = False) -> ModuleSpec:
+    """`fused_rope`: TE's fused RoPE kernel for mRoPE (inference/attention.py)."""
     from megatron.core.models.gpt import gpt_layer_specs as g
 
     _require_te(spec)
@@ -35,14 +36,17 @@ def language_layer_spec(spec: Spec) -> ModuleSpec:
         layer = g.get_gpt_layer_with_transformer_engine_spec()
     else:
         layer = g.get_gpt_layer_local_spec(normalization="RMSNorm")
-    return _with_cached_attention(layer)
+    return _with_cached_attention(layer, fused_rope)
 
 
-def _with_cached_attention(layer: ModuleSpec) -> ModuleSpec:
-    """Swap SelfAttention for its subclass that can also decode from our KV cache."""
+def _with_cached_attention(layer: ModuleSpec, fused_rope: bool) -> ModuleSpec:
+    """Swap SelfAttention for its subclass that can also decode from our KV cache and apply
+    mRoPE with TE's fused kernel."""
     from megatron_latent.inference.attention import CachedSelfAttention
 
-    attn = replace(layer.submodules.self_attention, module=CachedSelfAttention)
+    attn = layer.submodules.self_attention
+    attn = replace(attn, module=CachedSelfAttention,
+                   params={**attn.params, "fused_rope": fused_rope})
     return replace(layer, submodules=replace(layer.submodules, self_attention=attn))
 
 

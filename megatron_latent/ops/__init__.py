@@ -1,0 +1,1 @@
+"""Fused GPU ops written in Triton (each with a CPU-interpreter check in megatron_latent.testing)."""
