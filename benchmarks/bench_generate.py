@@ -102,8 +102,8 @@ def main() -> None:
     ap.add_argument("--image", type=int, default=448)
     ap.add_argument("--spec", choices=["te", "local"], default="te")
     ap.add_argument("--no-graphs", action="store_true")
-    ap.add_argument("--split-attention", action="store_true",
-                    help="ours: split-K decode attention (Triton) instead of SDPA")
+    ap.add_argument("--split-attention", action=argparse.BooleanOptionalAction, default=True,
+                    help="ours: split-K decode attention (Triton; the default) or SDPA")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--profile", action="store_true",

@@ -279,8 +279,9 @@ def main() -> None:
                          "on, the distributed optimizer: the row changes both)")
     ap.add_argument("--tp", type=int, default=1, help="ours; run with torchrun for tp > 1")
     ap.add_argument("--sp", action="store_true", help="ours: sequence parallel (tp > 1)")
-    ap.add_argument("--cross-entropy-fusion-impl", choices=["native", "te"], default="native",
-                    help="ours: fused CE kernel (megatron's native, or TE's)")
+    ap.add_argument("--cross-entropy-fusion-impl", choices=["triton", "native", "te"],
+                    default="triton",
+                    help="ours: fused CE kernel (ours in Triton, megatron's native, or TE's)")
     ap.add_argument("--vision-graphs", type=int, default=4,
                     help="ours: CUDA graphs of the frozen vision tower (0: eager)")
     ap.add_argument("--train-vision", action="store_true",

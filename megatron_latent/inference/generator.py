@@ -45,12 +45,14 @@ class Completion:
 class Generator:
     def __init__(self, model, *, rule: LatentRule | None = None, max_context: int | None = None,
                  pad_id: int = 0, cuda_graphs: bool = False, check_every: int = 8,
-                 split_attention: bool = False):
+                 split_attention: bool = True):
         self.model, self.cfg, self.rule = model, model.cfg, rule
         self.max_context = max_context or self.cfg.max_position_embeddings
         self.pad_id, self.check_every = pad_id, check_every
         self.cuda_graphs = cuda_graphs
-        self.split_attention = split_attention  # split-K decode attention (GPU, Triton)
+        # split-K decode attention (decode_attention.py; used where Triton runs on the device,
+        # else SDPA): measured 5.62 vs 6.16 ms a batch-8 7B decode step on an H200
+        self.split_attention = split_attention
         self.device = next(model.parameters()).device
         self.link = StageLink(model, self.device)
         self._graphs: dict = {}

@@ -82,7 +82,7 @@ class LVRStep(LatentStep):
                 None, (n, hidden_states.shape[-1]), model.config.params_dtype,
                 hidden_states.device)
         logits = model.logits(hidden_states, output_layer, output_weight, runtime_gather_output)
-        ce = model.language_model.compute_language_model_loss(labels, logits)
+        ce = model.cross_entropy(labels, logits)
         full = hidden_states
         if model.config.sequence_parallel:  # the loss is computed identically on every TP rank
             full = tensor_parallel.gather_from_sequence_parallel_region(

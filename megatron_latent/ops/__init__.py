@@ -1,1 +1,1 @@
-"""Fused GPU ops written in Triton (each with a CPU-interpreter check in megatron_latent.testing)."""
+"""Fused GPU ops in Triton (each checked on the CPU through Triton's interpreter)."""

@@ -2,9 +2,10 @@
 
 Why: megatron-core's "native" fused CE casts the [s, b, v] logits to fp32, exponentiates in place
 and keeps that softmax for backward: for 4096 x 152064 bf16 logits that is 2.5 GB more memory
-and several full passes (~7.4 ms per micro-batch on an H200). TE's fused CE avoids the copy but
-needs Transformer Engine. Here the forward reads the logits once and the backward reads them
-once and writes the gradient once; only three fp32 numbers per row are kept.
+and several full passes. TE's fused CE avoids the copy but needs Transformer Engine. Here the
+forward reads the logits once, the backward reads them once and writes the gradient once, and
+only a few numbers per row are kept. Measured on an H200 (4096 x 152064 bf16, forward +
+backward): 1.05 ms and +1.16 GiB peak (the gradient) vs native 7.5 ms and +5.9 GiB.
 
 Math, per row x (one (s, b) position) over this rank's vocab shard of size V:
   forward:  m = max x, S = sum exp(x - m) (online, chunk by chunk), lse = m + log S,
@@ -12,7 +13,7 @@ Math, per row x (one (s, b) position) over this rank's vocab shard of size V:
             x[target] - m is taken as 0 where no rank owns the target (e.g. -100): loss = log S;
   backward: dL/dx = (exp(x - lse) - onehot(target)) * grad_out.
 Tensor parallel (rank r owns ids [r V, (r + 1) V)): all-reduce MAX of m; each rank rescales its
-S to the global max, S * exp(m - m_global); one all-reduce SUM of [S, x[target]] stacked.
+S to the global max, S * exp(m - m_global); one all-reduce SUM of [S, x[target] - m] stacked.
 """
 
 from __future__ import annotations

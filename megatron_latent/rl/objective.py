@@ -21,7 +21,7 @@ def token_logprobs(model, hidden_states, output_layer, output_weight, labels, te
     logits = model.logits(hidden_states, output_layer, output_weight)
     if temperature != 1.0:
         logits = logits / temperature
-    return -model.language_model.compute_language_model_loss(labels, logits)
+    return -model.cross_entropy(labels, logits)
 
 
 class RLStep(LatentStep):

@@ -46,8 +46,9 @@ def add_common_args(p: argparse.ArgumentParser, *, lr: float, decay: str) -> Non
     a("--recompute-method", choices=["uniform", "block"], default=None)
     a("--recompute-num-layers", type=int, default=None)
     a("--no-fused-kernels", action="store_true", help="turn TE-path kernel fusions off")
-    a("--cross-entropy-fusion-impl", choices=["native", "te"], default="native",
-      help="fused CE kernel: megatron's (default; Megatron-LM rejects TE's for stability)")
+    a("--cross-entropy-fusion-impl", choices=["triton", "native", "te"], default="triton",
+      help="fused CE kernel: ours in Triton (default), megatron's native one, or TE's "
+           "(Megatron-LM rejects TE's for stability)")
     a("--vision-graphs", type=int, default=4,
       help="CUDA graphs of the frozen vision tower kept, one per image layout (0: off)")
     a("--seed", type=int, default=1234)

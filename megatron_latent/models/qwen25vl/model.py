@@ -22,6 +22,7 @@ from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_latent.models.qwen25vl import specs
+from megatron_latent.ops import cross_entropy as ops_ce
 from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
 from megatron_latent.models.qwen25vl.rope_index import rope_index
 from megatron_latent.models.qwen25vl.vision import Qwen25VisionModel
@@ -153,6 +154,16 @@ class Qwen25VLModel(MegatronModule):
             if logits.shape[-1] == self.cfg.padded_vocab_size:  # whole vocab here: drop padding
                 logits = logits[..., : self.cfg.vocab_size]
             return logits.transpose(0, 1).contiguous()
+        return self.cross_entropy(labels, logits)
+
+    def cross_entropy(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Per-token CE [b, s] of vocab-parallel logits [s, b, v/tp]: our Triton kernel
+        (cross_entropy_fusion_impl="triton", where Triton runs on the device), else megatron's
+        own (fused or not by the config)."""
+        if (self.cfg.fused and self.cfg.cross_entropy_fusion_impl == "triton"
+                and ops_ce.available(logits.device)):
+            return ops_ce.vocab_parallel_cross_entropy(
+                logits, labels, parallel_state.get_tensor_model_parallel_group())
         return self.language_model.compute_language_model_loss(labels, logits)
 
     def logits(self, hidden_states, output_layer, output_weight, runtime_gather_output=None):
