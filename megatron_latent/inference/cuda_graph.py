@@ -1,8 +1,11 @@
-"""The decode step as one CUDA graph: at small batch a decode step is a few milliseconds of GPU
-work but hundreds of kernel launches; replaying a captured graph removes the launch overhead.
+"""The decode iteration as one CUDA graph: at small batch a decode step is a few milliseconds of
+GPU work but hundreds of kernel launches, plus sampling, the latent rule and the records between
+forwards; replaying one captured graph removes the launches and the host work between them.
 
-Captured once per (batch, cache length) on the first call, with the cache's write position and
-validity restored afterwards (warm-up and capture run the step but must not advance it).
+Captured once per decode loop (batch shape and sampling settings) on its first iteration. The
+warm-up and the capture run the iteration for real, so every tensor it mutates is saved before
+and restored after (the KV cache's slot that they write is written again by the first replay),
+as is the sampling generator's state (registered with the graph, so replays advance it).
 """
 
 from __future__ import annotations
@@ -10,41 +13,31 @@ from __future__ import annotations
 import torch
 
 
-class GraphedDecode:
-    def __init__(self, step, cache, batch: int, hidden: int, device, dtype):
-        self.step, self.cache = step, cache
-        self.ids = torch.zeros(batch, dtype=torch.long, device=device)
-        self.feed = torch.zeros(batch, dtype=torch.bool, device=device)
-        self.latent = torch.zeros(batch, hidden, dtype=dtype, device=device)
-        self.positions = torch.zeros(3, batch, 1, dtype=torch.long, device=device)
+class GraphedIteration:
+    def __init__(self, step, state: list[torch.Tensor], generator: torch.Generator | None = None):
+        self.step, self.state, self.generator = step, state, generator
         self.graph = None
-        self.out = None
-
-    def _load(self, ids, feed, latent, positions) -> None:
-        self.ids.copy_(ids)
-        self.feed.copy_(feed)
-        self.latent.copy_(latent)
-        self.positions.copy_(positions)
 
     def _capture(self) -> None:
-        cache = self.cache
-        saved = cache.write_index.clone(), cache.valid.clone()
+        saved = [t.clone() for t in self.state]
+        rng = self.generator.get_state() if self.generator is not None else None
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(2):  # lazy init (cuBLAS handles, workspaces) outside the capture
-                self.step(self.ids, self.feed, self.latent, self.positions)
-                cache.write_index.copy_(saved[0])
+            for _ in range(2):  # lazy init (cuBLAS handles, Triton and compiled kernels) first
+                self.step()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
+        if self.generator is not None:
+            self.graph.register_generator_state(self.generator)
         with torch.cuda.graph(self.graph):
-            self.out = self.step(self.ids, self.feed, self.latent, self.positions)
-        cache.write_index.copy_(saved[0])
-        cache.valid.copy_(saved[1])
+            self.step()
+        for t, s in zip(self.state, saved):
+            t.copy_(s)
+        if rng is not None:
+            self.generator.set_state(rng)
 
-    def __call__(self, ids, feed, latent, positions):
-        self._load(ids, feed, latent, positions)
+    def __call__(self) -> None:
         if self.graph is None:
             self._capture()
         self.graph.replay()
-        return self.out

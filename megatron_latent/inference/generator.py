@@ -4,8 +4,9 @@ One `generate` call: left-pad the prompts -> prefill (vision tower + LLM, cache 
 one token per step. After every forward the last stage samples a token, the latent rule decides
 whether the next input is that token's embedding or the last final-norm hidden state, and those
 (ids, feed mask, hidden states) travel from the last pipeline stage to the first for the next
-step. Decode steps have fixed shapes and no host sync, so on a GPU they can be replayed as one
-CUDA graph (PP=1); the host checks for finished rows every `check_every` steps only.
+step. A decode iteration (sampling, rule, records, next forward) has fixed shapes and no host
+sync (decode_loop.py), so on a GPU it replays as one CUDA graph (PP=1); the host checks for
+finished rows every `check_every` steps only.
 
 Each request returns its tokens (latent positions hold the method's latent id), the policy
 log-prob of each token (0 at latent positions), and the vectors fed at latent positions: the
@@ -18,8 +19,9 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch
+from megatron_latent.inference.decode_loop import DecodeLoop
 from megatron_latent.inference.kv_cache import KVCache
-from megatron_latent.inference.sampling import SamplingParams, policy_logprobs, sample
+from megatron_latent.inference.sampling import SamplingParams, sample
 from megatron_latent.inference.stages import StageLink
 from megatron_latent.latent.decoding import LatentRule
 from megatron_latent.models.qwen25vl.rope_index import rope_index
@@ -45,7 +47,7 @@ class Completion:
 class Generator:
     def __init__(self, model, *, rule: LatentRule | None = None, max_context: int | None = None,
                  pad_id: int = 0, cuda_graphs: bool = False, check_every: int = 8,
-                 split_attention: bool = True):
+                 split_attention: bool = True, max_graphs: int = 4):
         self.model, self.cfg, self.rule = model, model.cfg, rule
         self.max_context = max_context or self.cfg.max_position_embeddings
         self.pad_id, self.check_every = pad_id, check_every
@@ -55,7 +57,8 @@ class Generator:
         self.split_attention = split_attention
         self.device = next(model.parameters()).device
         self.link = StageLink(model, self.device)
-        self._graphs: dict = {}
+        self._loops: dict = {}  # graphed decode loops by shape and sampling settings
+        self.max_graphs = max_graphs
         # image/video pads are placeholders the processor expands; a sampled one could not be
         # fed back (no pixels). Recorded log-probs stay those of the unmodified head.
         self.suppress = torch.tensor([self.cfg.image_token_id, self.cfg.video_token_id],
@@ -136,29 +139,65 @@ class Generator:
         cache.advance(1)
         return out
 
-    def _decoder(self, b: int, max_len: int):
-        """The decode-step callable for this batch shape: eager, or a replayed CUDA graph."""
-        if not (self.cuda_graphs and self.device.type == "cuda" and self.link.single_stage):
-            cache = KVCache(b, max_len, self.device, self.cfg.params_dtype,
-                            split_attention=self.split_attention)
-            return cache, lambda *a: self._decode(cache, *a)
-        key = (b, max_len)
-        if key not in self._graphs:
-            from megatron_latent.inference.cuda_graph import GraphedDecode
+    # ------------------------------------------------------------------ one iteration
+    def _choose(self, loop: DecodeLoop, params: SamplingParams):
+        """Sample from the last logits, apply the latent rule, record step j (last stage)."""
+        tok = sample(loop.logits, params, loop.gen, self.suppress)
+        if self.rule is None:
+            feed = torch.zeros_like(tok, dtype=torch.bool)
+        else:
+            end_prob = (loop.logits.softmax(-1)[:, self.rule.end_id]
+                        if self.rule.needs_end_prob else None)
+            tok, feed = self.rule.step(loop.state, loop.consumed, tok, end_prob)
+        return loop.record(tok, feed, params)
 
-            cache = KVCache(b, max_len, self.device, self.cfg.params_dtype,
-                            split_attention=self.split_attention)
-            self._graphs[key] = (cache, GraphedDecode(partial(self._decode, cache), cache, b,
-                                                      self.cfg.hidden_size, self.device,
-                                                      self.cfg.params_dtype))
-        cache, graphed = self._graphs[key]
-        cache.reset()
-        return cache, graphed
+    def _advance(self, loop: DecodeLoop, ids, feed, latent) -> None:
+        """The forward of the chosen ids (or latents); its outputs replace the last ones."""
+        loop.consumed.copy_(ids)
+        out = self._decode(loop.cache, ids, feed, latent, loop.positions())
+        if out is not None:
+            loop.logits.copy_(out[0])
+            loop.hidden.copy_(out[1])
+        loop.j.add_(1)
+
+    def _iteration(self, loop: DecodeLoop, params: SamplingParams, last: bool) -> None:
+        ids = feed = latent = None
+        if self.link.last:
+            ids, feed = self._choose(loop, params)
+            latent = loop.hidden
+        b, h = loop.consumed.shape[0], self.cfg.hidden_size
+        ids, feed, latent = self.link.from_last(ids, feed, latent, b, h)
+        if not last:
+            self._advance(loop, ids, feed, latent)
+
+    def _loop(self, b: int, width: int, params: SamplingParams, graphs: bool):
+        """The decode loop for this shape and these sampling settings (they are baked into a
+        graph), and the callable running one non-final iteration: eager or a graph replay.
+        Graphed loops are kept (the `max_graphs` most recently used)."""
+        n_new = params.max_new_tokens
+        key = (b, width, n_new, params.temperature, params.top_p, params.top_k)
+        if graphs and key in self._loops:
+            self._loops[key] = self._loops.pop(key)  # most recently used last
+            return self._loops[key]
+        cache = KVCache(b, width + n_new, self.device, self.cfg.params_dtype,
+                        split_attention=self.split_attention)
+        loop = DecodeLoop(cache, n_new, self.cfg.vocab_size, self.cfg.hidden_size,
+                          self.cfg.params_dtype, self.rule, self.pad_id)
+        step = partial(self._iteration, loop, params, False)
+        if not graphs:  # eager: nothing worth keeping (a cache per prompt width would pile up)
+            return loop, step
+        from megatron_latent.inference.cuda_graph import GraphedIteration
+
+        self._loops[key] = (loop, GraphedIteration(step, loop.tensors(),
+                                                   None if params.greedy else loop.gen))
+        while len(self._loops) > self.max_graphs:  # each holds a KV cache and a graph pool
+            self._loops.pop(next(iter(self._loops)))
+        return self._loops[key]
 
     def release(self) -> None:
-        """Drop the cached CUDA graphs and their KV caches (co-located RL: free the memory
-        before the training step)."""
-        self._graphs.clear()
+        """Drop the cached decode loops, their KV caches and CUDA graphs (co-located RL: free
+        the memory before the training step)."""
+        self._loops.clear()
 
     # ------------------------------------------------------------------ the loop
     @torch.no_grad()
@@ -166,62 +205,29 @@ class Generator:
                  record_logits: bool = False) -> list[Completion]:
         batch = self._prepare(prompts, params)
         b, width, n_new = batch["ids"].shape[0], batch["ids"].shape[1], params.max_new_tokens
-        cache, decode = self._decoder(b, width + n_new)
-        dev, h = self.device, self.cfg.hidden_size
-        gen = torch.Generator(device=dev).manual_seed(params.seed)
-        stops = torch.tensor(params.stop_ids or [-1], device=dev)
-        state = self.rule.init_state(b, dev) if self.rule else None
-        rec = {"tokens": torch.full((b, n_new), self.pad_id, dtype=torch.long, device=dev),
-               "logprobs": torch.zeros(b, n_new, device=dev),
-               "feed": torch.zeros(b, n_new, dtype=torch.bool, device=dev),
-               "latents": torch.zeros(b, n_new, h, dtype=self.cfg.params_dtype, device=dev),
-               "length": torch.full((b,), n_new, dtype=torch.long, device=dev),
-               "finished": torch.zeros(b, dtype=torch.bool, device=dev)}
+        # one graph per iteration on one stage; per-step host copies of the logits need eager
+        graphs = (self.cuda_graphs and self.device.type == "cuda" and self.link.single_stage
+                  and not record_logits)
+        loop, iterate = self._loop(b, width, params, graphs)
+        loop.reset(batch["next_pos"], params.stop_ids, params.seed, n_new)
+        out = self._prefill(batch, loop.cache)
+        if out is not None:
+            loop.logits.copy_(out[0])
+            loop.hidden.copy_(out[1])
+        loop.consumed.copy_(batch["ids"][:, -1])
         logits_log = []
-        out = self._prefill(batch, cache)
-        consumed = batch["ids"][:, -1]
         for j in range(n_new):
-            if self.link.last:
-                logits, hidden = out
-                if record_logits:
-                    logits_log.append(logits.cpu())
-                appended, feed = self._choose(logits, consumed, state, params, gen)
-                self._record(rec, j, appended, feed, hidden, logits, params, stops)
-                appended, feed = rec["tokens"][:, j], rec["feed"][:, j]
-            else:
-                appended = feed = hidden = None
-            appended, feed, hidden = self.link.from_last(appended, feed, hidden, b, h)
-            if j == n_new - 1 or (j % self.check_every == self.check_every - 1
-                                  and bool(self.link.all_finished(rec["finished"]))):
+            if record_logits and self.link.last:
+                logits_log.append(loop.logits.to("cpu", copy=True))  # a snapshot
+            if j == n_new - 1:
+                self._iteration(loop, params, last=True)
                 break
-            consumed = appended
-            positions = (batch["next_pos"] + j).view(1, b, 1).expand(3, b, 1)
-            out = decode(appended, feed, hidden, positions)
-        rec = self.link.share_records(rec)
+            iterate()
+            if (j % self.check_every == self.check_every - 1
+                    and self.link.all_finished(loop.rec["finished"])):
+                break
+        rec = self.link.share_records(loop.rec)
         return self._completions(rec, logits_log)
-
-    def _choose(self, logits, consumed, state, params, gen):
-        tok = sample(logits, params, gen, self.suppress)
-        if self.rule is None:
-            return tok, torch.zeros_like(tok, dtype=torch.bool)
-        end_prob = (logits.softmax(-1)[:, self.rule.end_id] if self.rule.needs_end_prob
-                    else None)
-        return self.rule.step(state, consumed, tok, end_prob)
-
-    @staticmethod
-    def _record(rec, j, appended, feed, hidden, logits, params, stops):
-        done = rec["finished"]
-        logp = policy_logprobs(logits, params).gather(1, appended.unsqueeze(1))[:, 0]
-        feed = feed & ~done
-        rec["tokens"][:, j] = torch.where(done, rec["tokens"][:, j], appended)
-        rec["logprobs"][:, j] = torch.where(feed | done, torch.zeros_like(logp), logp)
-        rec["feed"][:, j] = feed
-        rec["latents"][:, j] = torch.where(feed.unsqueeze(1), hidden.to(rec["latents"].dtype),
-                                           rec["latents"][:, j])
-        stop_now = ~done & ~feed & torch.isin(appended, stops)
-        rec["length"] = torch.where(stop_now, torch.full_like(rec["length"], j + 1),
-                                    rec["length"])
-        rec["finished"] = done | stop_now
 
     def _completions(self, rec, logits_log) -> list[Completion]:
         rec = {k: v.cpu() for k, v in rec.items()}

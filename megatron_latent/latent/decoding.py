@@ -73,5 +73,7 @@ class LatentRule:
         exit_id = sampled if self.mode == "steps" else torch.full_like(sampled, self.end_id)
         appended = torch.where(feed, torch.full_like(sampled, self.latent_id),
                                torch.where(leave, exit_id, sampled))
-        state["active"], state["fed"] = feed, torch.where(feed, fed + 1, fed)
+        # in place: a CUDA graph of the decode iteration replays on these very tensors
+        state["active"].copy_(feed)
+        state["fed"].copy_(torch.where(feed, fed + 1, fed))
         return appended, feed

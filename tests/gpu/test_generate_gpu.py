@@ -1,5 +1,5 @@
-"""On a GPU: the CUDA-graph decode equals eager decode (fp32 local spec against the uncached
-recompute; TE bf16 graph against TE bf16 eager), and TP=2 / PP=2 generation over NCCL equals
+"""On a GPU: the CUDA-graph decode iteration equals eager decode (greedy and sampled; fp32 local
+spec also against the uncached recompute; TE bf16), and TP=2 / PP=2 generation over NCCL equals
 TP=1. Run: pytest tests/gpu -s"""
 
 from __future__ import annotations
@@ -26,7 +26,12 @@ def _model(path, spec, dtype):
 
 
 @pytest.mark.parametrize("spec,dtype", [("local", torch.float32), ("te", torch.bfloat16)])
-def test_cuda_graph_decode_equals_eager(spec, dtype, tiny_ckpts, megatron_single_rank):
+@pytest.mark.parametrize("sampled", [False, True])
+def test_cuda_graph_decode_equals_eager(spec, dtype, sampled, tiny_ckpts, megatron_single_rank):
+    """The graphed iteration (forward, sampling, latent rule and records in one graph) against
+    the same iteration run eagerly: identical tokens, log-probs and latents (a replay runs the
+    same kernels; sampling draws from the same generator states). Eager with per-step logits
+    is then checked against the uncached recompute (fp32)."""
     if spec == "te":
         pytest.importorskip("transformer_engine")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -34,21 +39,27 @@ def test_cuda_graph_decode_equals_eager(spec, dtype, tiny_ckpts, megatron_single
     model = _model(path, spec, dtype)
     proc, ids = lvr_processor(path)
     prompts = demo_prompts(proc)
-    params = SamplingParams(max_new_tokens=12)
+    params = (SamplingParams(max_new_tokens=12, temperature=1.0, top_k=50, seed=7) if sampled
+              else SamplingParams(max_new_tokens=12))
     runs = {}
     for graphs in (False, True):
         gen = Generator(model, rule=lvr_rule(ids), cuda_graphs=graphs,
                         pad_id=proc.tokenizer.pad_token_id)
-        gen.generate(prompts, params)  # first call captures
-        runs[graphs] = gen.generate(prompts, params, record_logits=True)
-    for prompt, eager, graphed in zip(prompts, runs[False], runs[True]):
+        first = gen.generate(prompts, params)  # with graphs: captures
+        runs[graphs] = gen.generate(prompts, params)  # replays
+        assert [c.tokens for c in first] == [c.tokens for c in runs[graphs]]  # same seed
+    for eager, graphed in zip(runs[False], runs[True]):
         assert graphed.tokens == eager.tokens
         assert graphed.latent_positions == eager.latent_positions
-        diff = (graphed.logits - eager.logits).abs().max().item()
-        print(f"\n[{spec} {dtype}] graph vs eager logits max diff {diff:.2e}")
-        assert diff == 0.0  # a replay runs the same kernels (measured 0 on an H200, both dtypes)
-        if dtype == torch.float32:
-            assert (recompute_logits(model, prompt, graphed) - graphed.logits).abs().max() <= 1e-4
+        assert graphed.logprobs == eager.logprobs
+        assert torch.equal(graphed.latents, eager.latents)
+    print(f"\n[{spec} {dtype} {'sampled' if sampled else 'greedy'}] graph == eager: tokens "
+          f"{[c.tokens for c in runs[True]]}")
+    if dtype == torch.float32 and not sampled:
+        gen = Generator(model, rule=lvr_rule(ids), pad_id=proc.tokenizer.pad_token_id)
+        for prompt, c in zip(prompts, gen.generate(prompts, params, record_logits=True)):
+            assert c.tokens == runs[True][prompts.index(prompt)].tokens
+            assert (recompute_logits(model, prompt, c) - c.logits).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
