@@ -12,6 +12,9 @@ export PYTHONPATH=$HOME/site:$PWD${PYTHONPATH:+:$PYTHONPATH} WANDB_MODE=disabled
 files=("$@")
 [ ${#files[@]} -eq 0 ] && files=(tests/gpu/test_*.py)
 limit=${GPU_CHECK_LIMIT:-300}
+# multi-process tests (testing/distributed.py): each rank dumps its Python stacks and exits
+# shortly before the limit, so a hang names the collective it waits in
+export MEGATRON_LATENT_HANG_DUMP_S=${MEGATRON_LATENT_HANG_DUMP_S:-$(( limit > 60 ? limit - 30 : limit ))}
 for f in "${files[@]}"; do
   name=$(basename "$f" .py)
   start=$(date +%s)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing as mp
 import os
 import socket
@@ -17,6 +18,9 @@ def _free_port() -> int:
 def _worker(rank: int, world: int, port: int, fn, args, errq):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    hang_s = float(os.environ.get("MEGATRON_LATENT_HANG_DUMP_S", 0))
+    if hang_s > 0:  # a deadlocked collective: every rank prints where it waits, then exits
+        faulthandler.dump_traceback_later(hang_s, exit=True)
     try:
         fn(*args)
     except BaseException:

@@ -1,8 +1,11 @@
 """On a GPU with TE: the LLM's mRoPE through TE's fused kernel (one angle row per token,
 inference/attention.py) gives the same loss and gradients as megatron's unfused RoPE, for a
 padded batch of two samples (a row of angles per sample) and for the same samples packed in one
-THD row (positions restarting per sample). fp32 with TF32 off: the kernels differ only in
-rounding. Run: pytest tests/gpu -s"""
+THD row (positions restarting per sample). fp32 with TF32 off. TE's kernel takes sin/cos of
+angles up to position x inv_freq (hundreds of radians) in fast-math single precision, so the two
+differ beyond fp32 rounding: measured on an H200, loss 2.3e-6 relative, weight gradients up to
+6.1e-4 relative (identical figures for both layouts); bf16 training rounds at 3.9e-3.
+Run: pytest tests/gpu -s"""
 
 from __future__ import annotations
 
@@ -62,4 +65,4 @@ def test_fused_mrope_equals_unfused(layout, tiny_ckpts, synthetic_lvr, megatron_
           f"grads max rel diff {worst:.2e}")
     assert g_f.keys() == g_u.keys() and any("linear_qkv" in n for n in g_u)
     assert loss_f == pytest.approx(loss_u, rel=1e-5)
-    assert worst < 1e-4
+    assert worst < 2e-3
