@@ -33,7 +33,7 @@ class CachedSelfAttention(SelfAttention):
     def forward(self, hidden_states, attention_mask, key_value_states=None, inference_context=None,
                 rotary_pos_emb=None, *args, **kwargs):
         if not isinstance(inference_context, KVCache):
-            if self.fused_rope and inference_context is None and rotary_pos_emb is not None:
+            if self._rope_fusable(inference_context, rotary_pos_emb):
                 # applied in get_query_key_value_tensors; megatron then sees no RoPE to apply
                 self._rope_freqs, rotary_pos_emb = rotary_pos_emb, None
             try:
@@ -59,6 +59,16 @@ class CachedSelfAttention(SelfAttention):
             heads = torch.addcmul(heads * cos, heads.roll(d // 2, dims=-1), sin)
         scale = self.config.softmax_scale or d ** -0.5
         return self.linear_proj(inference_context.attend(self.layer_number, heads, scale))
+
+    def _rope_fusable(self, inference_context, rotary_pos_emb) -> bool:
+        """Plain RoPE with one angle tensor for q and k, as Qwen2.5-VL has; megatron's own path
+        keeps what this one does not do (YaRN's mscale, layers without RoPE, CP)."""
+        if not self.fused_rope or inference_context is not None or rotary_pos_emb is None:
+            return False
+        if isinstance(rotary_pos_emb, tuple) and rotary_pos_emb[0] is not rotary_pos_emb[1]:
+            return False
+        return (self._yarn_concentration_factor == 1.0 and not self.config.no_rope_freq
+                and self.config.context_parallel_size == 1)
 
     def get_query_key_value_tensors(self, hidden_states, key_value_states=None,
                                     output_gate=False, split_qkv=True):

@@ -30,7 +30,9 @@ class GraphedIteration:
         self.graph = torch.cuda.CUDAGraph()
         if self.generator is not None:
             self.graph.register_generator_state(self.generator)
-        with torch.cuda.graph(self.graph):
+        # thread_local, as megatron's own graphs: CUDA calls of other threads (NCCL's watchdog,
+        # data loading) during the capture are not errors
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.step()
         for t, s in zip(self.state, saved):
             t.copy_(s)

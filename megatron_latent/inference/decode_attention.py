@@ -29,8 +29,11 @@ BLOCK_N = 64  # keys per inner tile
 
 
 def available(q: torch.Tensor) -> bool:
-    """Triton present and q on a GPU (or Triton's CPU interpreter on, as the tests run it)."""
-    return triton is not None and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    """Triton present, q on a GPU (or Triton's CPU interpreter on, as the tests run it) and a
+    head size the kernel takes (a power of two >= 16): otherwise callers use SDPA."""
+    d = q.shape[-1]
+    return (triton is not None and d >= 16 and d & (d - 1) == 0
+            and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
 
 
 if triton is not None:

@@ -89,6 +89,9 @@ class Generator:
             if p.pixel_values is not None:
                 pixels.append(p.pixel_values)
                 grids.append(p.image_grid_thw)
+        bad = [t for t in params.stop_ids if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"stop ids {bad} are outside the vocabulary [0, {cfg.vocab_size})")
         width = max(len(p.input_ids) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids, dtype=torch.bool)
@@ -207,7 +210,7 @@ class Generator:
         b, width, n_new = batch["ids"].shape[0], batch["ids"].shape[1], params.max_new_tokens
         # one graph per iteration on one stage; per-step host copies of the logits need eager
         graphs = (self.cuda_graphs and self.device.type == "cuda" and self.link.single_stage
-                  and not record_logits)
+                  and not record_logits and self.max_graphs > 0)
         loop, iterate = self._loop(b, width, params, graphs)
         loop.reset(batch["next_pos"], params.stop_ids, params.seed, n_new)
         out = self._prefill(batch, loop.cache)

@@ -46,7 +46,9 @@ if triton is not None:
         """One row: its max, sum of exp(x - max) and target logit (0 if not local) -> STATS."""
         row = tl.program_id(0).to(tl.int64)  # int64: row * stride exceeds 2^31
         x_row = X + (row // B) * stride_s + (row % B) * stride_b
-        m = tl.full([], float("-inf"), tl.float32)
+        # a finite start: with -inf, a first chunk of -inf logits (a masked vocab shard; bf16's
+        # minimum divided by T < 1) would give exp(-inf + inf) = NaN for the whole row
+        m = tl.full([], -3.4028234663852886e38, tl.float32)
         s = tl.zeros([], tl.float32)
         for start in range(0, V_LOCAL, BLOCK):
             cols = start + tl.arange(0, BLOCK)

@@ -27,7 +27,12 @@ def _labels(b: int, s: int, v: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def _logits(s: int, b: int, v: int, layout: str, gen: torch.Generator) -> torch.Tensor:
-    """[s, b, v] fp32 logits: contiguous, a transposed [b, s, v] view, or a vocab slice."""
+    """[s, b, v] fp32 logits: contiguous, a transposed [b, s, v] view, a vocab slice, or with
+    the first vocab chunk at -inf (a masked shard: the online max must not start at -inf)."""
+    if layout == "masked_head":
+        x = 3 * torch.randn(s, b, v, generator=gen)
+        x[..., :SMALL_BLOCK + 5] = float("-inf")
+        return x
     if layout == "transposed":
         return (3 * torch.randn(b, s, v, generator=gen)).transpose(0, 1)
     if layout == "sliced":
@@ -59,6 +64,12 @@ def _fused(x: torch.Tensor, labels: torch.Tensor, dy: torch.Tensor,
     return loss.detach(), leaf.grad
 
 
+def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b|, with a NaN anywhere counted as infinitely wrong (max() would skip it)."""
+    d = (a - b).abs().max().item()
+    return d if d == d else float("inf")
+
+
 def kernel_cases() -> tuple[float, float]:
     """Largest |fused - megatron| of the loss and of the logits gradient over the cases."""
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -67,15 +78,17 @@ def kernel_cases() -> tuple[float, float]:
     worst_loss = worst_grad = 0.0
     for s, b, v, layout in [(6, 1, 200, "contiguous"), (3, 2, 257, "contiguous"),
                             (2, 3, 300, "transposed"), (3, 2, 250, "sliced"),
-                            (2, 3, 64, "contiguous")]:
+                            (2, 3, 64, "contiguous"), (3, 2, 200, "masked_head")]:
         x = _logits(s, b, v, layout, gen)
         labels = _labels(b, s, v, gen)
+        if layout == "masked_head":  # targets among the finite logits (else both give inf)
+            labels = torch.where(labels >= 0, labels.clamp(min=SMALL_BLOCK + 5), labels)
         dy = torch.rand(s, b, generator=gen).t() * 2 - 0.5  # non-uniform, non-contiguous
         loss, grad = _fused(x, labels, dy)
         ref_loss, ref_grad = _oracle(x, labels, dy, group)
         assert loss.dtype == torch.float32 and loss.shape == (b, s) and grad.shape == x.shape
-        worst_loss = max(worst_loss, (loss - ref_loss).abs().max().item())
-        worst_grad = max(worst_grad, (grad - ref_grad).abs().max().item())
+        worst_loss = max(worst_loss, _diff(loss, ref_loss))
+        worst_grad = max(worst_grad, _diff(grad, ref_grad))
     dist.destroy_process_group()
     return worst_loss, worst_grad
 
@@ -90,12 +103,14 @@ def tp2_rank(out: str) -> None:
     x = 3 * torch.randn(s, b, 2 * v_local, generator=gen)
     labels = _labels(b, s, 2 * v_local, gen)
     labels[0, 1], labels[1, 0] = v_local - 1, v_local  # the last id of rank 0, first of rank 1
+    x[2, 1, v_local:] = float("-inf")  # rank 1's whole shard masked for one row
+    labels[1, 2] = 5  # that row's target on rank 0
     dy = torch.rand(b, s, generator=gen) * 2 - 0.5
     ref_loss, ref_grad = _fused(x, labels, dy)
     mine = x[..., rank * v_local:(rank + 1) * v_local]  # a strided view of the shared logits
     loss, grad = _fused(mine, labels, dy, group=dist.group.WORLD)
     ref_grad = ref_grad[..., rank * v_local:(rank + 1) * v_local]
-    diffs = ((loss - ref_loss).abs().max().item(), (grad - ref_grad).abs().max().item())
+    diffs = (_diff(loss, ref_loss), _diff(grad, ref_grad))
     with open(f"{out}.{rank}", "w") as f:
         f.write(f"{diffs[0]} {diffs[1]}")
 

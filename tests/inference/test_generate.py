@@ -164,6 +164,8 @@ def test_bad_input(setup):
         lvr_rule(ids, mode="bogus")
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0.0)
+    with pytest.raises(ValueError, match=r"stop ids \[-1, \d+\] are outside the vocabulary"):
+        gen.generate(prompts, SamplingParams(max_new_tokens=2, stop_ids=(-1, cfg.vocab_size)))
 
 
 def test_latent_generation_equals_seed_hf_loop(setup):

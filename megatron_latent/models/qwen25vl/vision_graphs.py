@@ -127,7 +127,10 @@ class VisionGraphs:
             fn(pixels, layout)  # lazy init (cuBLAS/cuDNN plans, torch.compile) outside capture
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(graph, pool=self.pool):
+        # thread_local, as megatron's own graphs: CUDA calls of other threads (NCCL's watchdog,
+        # the sample prefetcher) during the capture are not errors
+        with torch.no_grad(), torch.cuda.graph(graph, pool=self.pool,
+                                               capture_error_mode="thread_local"):
             out = fn(pixels, layout)
         if self.pool is None:
             self.pool = graph.pool()
