@@ -28,11 +28,14 @@ except ImportError:  # CPU-only installs: callers check `available()`
 BLOCK_N = 64  # keys per inner tile
 
 
+def _head_dim_ok(d: int) -> bool:
+    return d >= 16 and d & (d - 1) == 0  # tl.arange and tl.dot want a power of two >= 16
+
+
 def available(q: torch.Tensor) -> bool:
     """Triton present, q on a GPU (or Triton's CPU interpreter on, as the tests run it) and a
-    head size the kernel takes (a power of two >= 16): otherwise callers use SDPA."""
-    d = q.shape[-1]
-    return (triton is not None and d >= 16 and d & (d - 1) == 0
+    head size the kernel takes: otherwise callers use SDPA."""
+    return (triton is not None and _head_dim_ok(q.shape[-1])
             and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
 
 
@@ -117,7 +120,7 @@ def decode_attention(q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, scal
     """softmax(q k^T * scale, keys where `mask`) v per (sequence, group): [b, g, r, d]."""
     b, g, r, d = q.shape
     n = kv.shape[2]
-    if d & (d - 1) or d < 16:
+    if not _head_dim_ok(d):
         raise ValueError(f"split-K decode attention needs a power-of-two head_dim >= 16, got {d}")
     if kv.stride(-1) != 1 or q.stride(-1) != 1:
         raise ValueError("q and the KV buffer need a contiguous last dimension")

@@ -42,7 +42,7 @@ class DecodeLoop:
         return [self.logits, self.hidden, self.consumed, self.j, *self.state.values(),
                 *self.rec.values(), c.write_index, c.valid]
 
-    def reset(self, next_pos, stop_ids, seed: int, n_new: int) -> None:
+    def reset(self, next_pos, stop_ids, seed: int) -> None:
         self.cache.reset()
         self.next_pos.copy_(next_pos)
         self.j.zero_()
@@ -54,9 +54,15 @@ class DecodeLoop:
             t.zero_()
         r = self.rec
         r["tokens"].fill_(self.pad_id)
-        r["length"].fill_(n_new)
+        r["length"].fill_(r["tokens"].shape[1])
         for k in ("logprobs", "feed", "latents", "finished"):
             r[k].zero_()
+
+    def take(self, out) -> None:
+        """A forward's (logits, hidden state) as the last ones; None on a non-last stage."""
+        if out is not None:
+            self.logits.copy_(out[0])
+            self.hidden.copy_(out[1])
 
     def positions(self) -> torch.Tensor:
         b = self.next_pos.shape[0]

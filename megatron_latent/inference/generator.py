@@ -157,10 +157,7 @@ class Generator:
     def _advance(self, loop: DecodeLoop, ids, feed, latent) -> None:
         """The forward of the chosen ids (or latents); its outputs replace the last ones."""
         loop.consumed.copy_(ids)
-        out = self._decode(loop.cache, ids, feed, latent, loop.positions())
-        if out is not None:
-            loop.logits.copy_(out[0])
-            loop.hidden.copy_(out[1])
+        loop.take(self._decode(loop.cache, ids, feed, latent, loop.positions()))
         loop.j.add_(1)
 
     def _iteration(self, loop: DecodeLoop, params: SamplingParams, last: bool) -> None:
@@ -212,11 +209,8 @@ class Generator:
         graphs = (self.cuda_graphs and self.device.type == "cuda" and self.link.single_stage
                   and not record_logits and self.max_graphs > 0)
         loop, iterate = self._loop(b, width, params, graphs)
-        loop.reset(batch["next_pos"], params.stop_ids, params.seed, n_new)
-        out = self._prefill(batch, loop.cache)
-        if out is not None:
-            loop.logits.copy_(out[0])
-            loop.hidden.copy_(out[1])
+        loop.reset(batch["next_pos"], params.stop_ids, params.seed)
+        loop.take(self._prefill(batch, loop.cache))
         loop.consumed.copy_(batch["ids"][:, -1])
         logits_log = []
         for j in range(n_new):

@@ -144,8 +144,9 @@ def fuse_wgrad_accumulation(model: torch.nn.Module, linears: bool = True
                             ) -> list[tuple[torch.nn.Module, str]]:
     """Switch every trainable TE linear, megatron ColumnParallelLinear with its own weight, and
     the word embedding to accumulate into `main_grad` (call after DDP wrapping, which creates
-    main_grad). Returns the (module, attribute) pairs switched. Switch back only between
-    steps: a fused backward marks the weight `grad_added_to_main_grad` until the grad buffer is
+    main_grad). Returns the (module, attribute) pairs switched (the embedding's entry is
+    (model, "embedding_grad_route"); switch it back with `contextlib.nullcontext`, the linears'
+    with False). Switch back only between steps: a fused backward marks the weight `grad_added_to_main_grad` until the grad buffer is
     zeroed, and DDP's hook would skip an unfused gradient of the same step. `linears=False`
     switches the embedding only (the linears' fused GEMMs need CUDA; the scatter runs
     anywhere)."""

@@ -57,8 +57,9 @@ def test_cuda_graph_decode_equals_eager(spec, dtype, sampled, tiny_ckpts, megatr
           f"{[c.tokens for c in runs[True]]}")
     if dtype == torch.float32 and not sampled:
         gen = Generator(model, rule=lvr_rule(ids), pad_id=proc.tokenizer.pad_token_id)
-        for prompt, c in zip(prompts, gen.generate(prompts, params, record_logits=True)):
-            assert c.tokens == runs[True][prompts.index(prompt)].tokens
+        recorded = gen.generate(prompts, params, record_logits=True)
+        for prompt, c, graphed in zip(prompts, recorded, runs[True]):
+            assert c.tokens == graphed.tokens
             assert (recompute_logits(model, prompt, c) - c.logits).abs().max() <= 1e-4
 
 
