@@ -18,7 +18,7 @@ export MEGATRON_LATENT_HANG_DUMP_S=${MEGATRON_LATENT_HANG_DUMP_S:-$(( limit > 60
 for f in "${files[@]}"; do
   name=$(basename "$f" .py)
   start=$(date +%s)
-  timeout -s INT "$limit" python3 -m pytest -p no:cacheprovider -q -s "$f" >"$out/$name.log" 2>&1
+  timeout -k 15 -s INT "$limit" python3 -m pytest -p no:cacheprovider -q -s "$f" >"$out/$name.log" 2>&1
   rc=$?
   verdict=$(grep -E "^[0-9]+ (passed|failed|skipped)|passed|failed" "$out/$name.log" | tail -1)
   [ $rc -eq 124 ] && verdict="TIMED OUT after ${limit}s"

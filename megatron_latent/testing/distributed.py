@@ -5,7 +5,10 @@ from __future__ import annotations
 import faulthandler
 import multiprocessing as mp
 import os
+import queue
 import socket
+import sys
+import time
 import traceback
 
 
@@ -24,17 +27,21 @@ def _worker(rank: int, world: int, port: int, fn, args, errq):
     try:
         fn(*args)
     except BaseException:
-        errq.put((rank, traceback.format_exc()))
+        tb = traceback.format_exc()
+        # printed at once: the parent kills every rank as soon as one fails (its peers would
+        # wait forever in their next collective, and so would this rank's teardown)
+        print(f"[rank {rank}] failed:\n{tb}", file=sys.stderr, flush=True)
+        errq.put((rank, tb))
         raise
-    finally:
-        from megatron_latent import parallel
+    from megatron_latent import parallel
 
-        parallel.destroy()
+    parallel.destroy()
 
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 600.0) -> None:
     """`fn(*args)` on each rank; it must be importable (module-level). Raises with the first
-    failing rank's traceback."""
+    failing rank's traceback as soon as any rank fails (the others are killed), or when the
+    ranks are still running after `timeout` seconds."""
     ctx = mp.get_context("spawn")
     errq = ctx.Queue()
     port = _free_port()
@@ -42,14 +49,27 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 600.0) -> None:
              for r in range(world_size)]
     for p in procs:
         p.start()
-    for p in procs:
-        p.join(timeout)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    if not errq.empty():
-        rank, tb = errq.get()
+    deadline = time.monotonic() + timeout
+    try:
+        while any(p.is_alive() for p in procs):
+            if any(p.exitcode not in (None, 0) for p in procs) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    finally:
+        hung = [i for i, p in enumerate(procs) if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        for p in procs:
+            p.join()
+    try:
+        rank, tb = errq.get(timeout=1.0)
+    except queue.Empty:
+        rank = None
+    if rank is not None:
         raise RuntimeError(f"rank {rank} failed:\n{tb}")
-    bad = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode != 0]
-    if bad:
+    bad = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode not in (0, None)]
+    if bad and not all(i in hung for i, _ in bad):
         raise RuntimeError(f"ranks exited abnormally (rank, exit code): {bad}")
+    if hung:
+        raise RuntimeError(f"ranks {hung} still running after {timeout:.0f} s (killed): a hang?")
