@@ -107,6 +107,9 @@ def set_seed(seed: int) -> None:
 def destroy() -> None:
     from megatron.core import parallel_state
 
+    from megatron_latent.platform import graph_registry
+
+    graph_registry.drop_all()  # graphs holding NCCL collectives block the teardown
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

@@ -12,11 +12,17 @@ from __future__ import annotations
 
 import torch
 
+from megatron_latent.platform import graph_registry
+
 
 class GraphedIteration:
     def __init__(self, step, state: list[torch.Tensor], generator: torch.Generator | None = None):
         self.step, self.state, self.generator = step, state, generator
         self.graph = None
+        graph_registry.register(self)
+
+    def drop_graphs(self) -> None:
+        self.graph = None  # captured again on the next call
 
     def _capture(self) -> None:
         saved = [t.clone() for t in self.state]

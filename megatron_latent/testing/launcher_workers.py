@@ -16,3 +16,29 @@ def fail_on_rank(bad_rank: int) -> None:
 
 def sleep_forever() -> None:
     time.sleep(3600)
+
+
+def collective_graph_teardown() -> None:
+    """Capture a TP all-reduce in a decode-style graph, replay it, then tear down: the teardown
+    must return (a live graph holding an NCCL collective used to block it for ever)."""
+    import torch
+
+    from megatron_latent import parallel
+    from megatron_latent.inference.cuda_graph import GraphedIteration
+
+    parallel.initialize(parallel.ParallelConfig(tensor_model_parallel_size=2))
+    from megatron.core import parallel_state as ps
+
+    x = torch.ones(4096, device="cuda")
+    y = torch.empty_like(x)
+
+    def step():
+        y.copy_(x)
+        dist.all_reduce(y, group=ps.get_tensor_model_parallel_group())
+
+    graphed = GraphedIteration(step, [y])
+    graphed()
+    graphed()
+    torch.cuda.synchronize()
+    assert torch.equal(y, torch.full_like(x, 2.0)), y[:4]
+    parallel.destroy()  # returns, with `graphed` still referenced here

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from megatron_latent.testing.distributed import run_distributed
+from megatron_latent.testing.launcher_workers import collective_graph_teardown
 from megatron_latent.testing.parity_workers import layout_run
 
 pytestmark = pytest.mark.gpu
@@ -38,3 +39,11 @@ def test_layouts_equal_on_two_gpus(spec, tiny_ckpts, tmp_path):
         assert diff <= logit_tol
         assert abs(r["loss"] - base["loss"]) <= loss_tol
         assert abs(r["loss_after"] - base["loss_after"]) <= loss_tol
+
+
+def test_teardown_with_a_graphed_collective():
+    """parallel.destroy drops our CUDA graphs first: with a graph that captured an NCCL
+    all-reduce alive, destroy_process_group never returns (NCCL 2.28)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    run_distributed(collective_graph_teardown, 2, timeout=120)

@@ -21,6 +21,8 @@ from collections import OrderedDict
 
 import torch
 
+from megatron_latent.platform import graph_registry
+
 log = logging.getLogger(__name__)
 
 
@@ -40,6 +42,10 @@ class VisionGraphs:
         self.storage: tuple = ()  # where the weights were when the graphs were captured
         self.param_dicts: list | None = None  # the tower's modules' own dicts, on first use
         self.buffer_dicts: list = []
+        graph_registry.register(self)
+
+    def drop_graphs(self) -> None:  # teardown (parallel.destroy): captured again when next used
+        self.reset()
 
     def usable(self, model: torch.nn.Module, pixel_values: torch.Tensor, key: tuple) -> bool:
         """Whether this forward should go through a graph (counts a sighting of `key`)."""
