@@ -64,6 +64,26 @@ def _gate_up() -> Transform:
                      lambda fc1: tuple(fc1.chunk(2, dim=0)))
 
 
+def _pad_rows(t: torch.Tensor, rows: int, dim: int = 0) -> torch.Tensor:
+    shape = list(t.shape)
+    shape[dim] = rows - shape[dim]
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+
+def _padded_gate_up(real: int, padded: int) -> Transform:
+    """The vision MLP's fc1 (weight or bias), gate and up each padded with zero rows to the
+    model's width (Qwen25VLConfig.vision_ffn_padded_size)."""
+    def to_megatron(gate, up):
+        return torch.cat([_pad_rows(gate, padded), _pad_rows(up, padded)], dim=0)
+
+    return Transform(to_megatron, lambda fc1: tuple(t[:real] for t in fc1.chunk(2, dim=0)))
+
+
+def _padded_columns(real: int, padded: int) -> Transform:
+    """The vision MLP's fc2 weight [out, width]: zero columns for the padded width."""
+    return Transform(lambda w: _pad_rows(w, padded, dim=1), lambda w: (w[:, :real],))
+
+
 def _vocab(real: int, padded: int) -> Transform:
     def to_megatron(t):
         if t.shape[0] != real:
@@ -84,6 +104,8 @@ def mapping(cfg: Qwen25VLConfig) -> list[tuple[str, tuple[str, ...], Transform]]
     llm_qkv = _qkv(cfg.num_attention_heads, cfg.num_query_groups, cfg.head_dim)
     vis_qkv = _fused_qkv(cfg.vision_num_heads, cfg.vision_hidden_size // cfg.vision_num_heads)
     vocab = _vocab(cfg.vocab_size, cfg.padded_vocab_size)
+    vis_fc1 = _padded_gate_up(cfg.vision_ffn_hidden_size, cfg.vision_ffn_padded_size)
+    vis_fc2 = _padded_columns(cfg.vision_ffn_hidden_size, cfg.vision_ffn_padded_size)
     rows = [
         ("language_model.embedding.word_embeddings.weight",
          ("model.language_model.embed_tokens.weight",), vocab),
@@ -108,8 +130,9 @@ def mapping(cfg: Qwen25VLConfig) -> list[tuple[str, tuple[str, ...], Transform]]
             (VIS + f"self_attention.linear_qkv.{p}", (HF_VIS + f"attn.qkv.{p}",), vis_qkv),
             (VIS + f"self_attention.linear_proj.{p}", (HF_VIS + f"attn.proj.{p}",), copy),
             (VIS + f"mlp.linear_fc1.{p}",
-             (HF_VIS + f"mlp.gate_proj.{p}", HF_VIS + f"mlp.up_proj.{p}"), gate_up),
-            (VIS + f"mlp.linear_fc2.{p}", (HF_VIS + f"mlp.down_proj.{p}",), copy),
+             (HF_VIS + f"mlp.gate_proj.{p}", HF_VIS + f"mlp.up_proj.{p}"), vis_fc1),
+            (VIS + f"mlp.linear_fc2.{p}", (HF_VIS + f"mlp.down_proj.{p}",),
+             vis_fc2 if p == "weight" else copy),
             (f"vision.merger.linear_fc1.{p}", (f"model.visual.merger.mlp.0.{p}",), copy),
             (f"vision.merger.linear_fc2.{p}", (f"model.visual.merger.mlp.2.{p}",), copy),
         ]

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-from megatron.core.distributed import finalize_model_grads
+from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
+                                       finalize_model_grads)
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
 from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
@@ -108,7 +108,8 @@ def build_optimizer(model_chunks: list[torch.nn.Module], s: OptimSettings):
     optimizer = get_megatron_optimizer(opt_cfg, model_chunks, config_overrides=overrides or None)
     # what megatron's schedules read from the model config
     for chunk in model_chunks:
-        chunk.config.finalize_model_grads_func = finalize_model_grads
+        # the step's losses come pre-divided by the global token count (training/step.py)
+        chunk.config.finalize_model_grads_func = finalize_grads
         chunk.config.grad_scale_func = optimizer.scale_loss
         if isinstance(chunk, DistributedDataParallel):
             chunk.config.no_sync_func = chunk.no_sync
@@ -126,6 +127,14 @@ def build_scheduler(optimizer, s: OptimSettings, train_iters: int, warmup_iters:
         # on resume the command line's schedule wins over the checkpoint's (and the
         # scheduler's step count comes from the checkpoint)
         use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)
+
+
+def finalize_grads(model, num_tokens=None, **kwargs):
+    """megatron's finalize_model_grads without the 1/num_tokens scaling: our losses arrive
+    already divided by the global token count (training/step.py, _normalized_loss). With
+    calculate_per_token_loss, DDP sums over data-parallel ranks (no 1/dp), so the result is the
+    global mean's gradient."""
+    return finalize_model_grads(model, None, **kwargs)
 
 
 def unwrap(chunk: torch.nn.Module) -> Qwen25VLModel:

@@ -8,6 +8,8 @@ latent method reads (LVR: latent_mask, latent_index). Every micro-batch of a ste
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -49,9 +51,18 @@ def make_forward_step(method: LatentMethod):
         out = model(**{k: batch.get(k) for k in MODEL_INPUTS}, labels=batch["labels"],
                     latent=step, packed_seq_params=packed_seq_params(batch),
                     token_counts=host_token_counts(host, model))
-        return out, step.loss
+        return out, partial(_normalized_loss, step, host["step_totals"])
 
     return forward_step
+
+
+def _normalized_loss(step, totals: dict, output):
+    """The step's token-sum loss divided by the global token count, known on the host before
+    the schedule (attach_step_totals): the gradients come out as the global mean's, and
+    build.finalize_grads skips megatron's 1/num_tokens pass over every gradient (6 ms of a 7B
+    step). The logs stay token sums (the step's reported means divide them)."""
+    total, n, logs = step.loss(output)
+    return total * (1.0 / max(totals["ce"], 1.0)), n, logs
 
 
 def attach_step_totals(method: LatentMethod, micro_batches: list[dict]) -> None:

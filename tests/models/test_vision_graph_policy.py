@@ -57,3 +57,15 @@ def test_thrashing_turns_graphs_off():
     assert g.disabled_reason and "change too often" in g.disabled_reason
     assert g.captures == 5  # > 4 x capacity with no replays
     assert outcomes[-1] == "eager" and not g.entries
+
+
+def test_teardown_drops_every_graph():
+    """parallel.destroy drops the graphs through the registry (a graph holding an NCCL
+    collective blocks the communicators' teardown); the tower captures again when next used."""
+    from megatron_latent.platform import graph_registry
+
+    g = VisionGraphs(capacity=4)
+    assert [forward(g, "A") for _ in range(3)] == ["eager", "capture", "replay"]
+    assert graph_registry.drop_all() >= 1
+    assert not g.entries
+    assert [forward(g, "A") for _ in range(3)] == ["eager", "capture", "replay"]

@@ -58,6 +58,8 @@ class Qwen25VLConfig:
     num_layers_in_first_pipeline_stage: int | None = None
     sequence_parallel: bool = False
     make_vocab_size_divisible_by: int = 128
+    # the vision MLP's width is padded with zeros to a multiple of this per TP rank (1: off)
+    vision_ffn_divisible_by: int = 64
     spec: Spec = "local"
     params_dtype: torch.dtype = torch.float32
     # GPU speed (docs/performance.md)
@@ -89,6 +91,17 @@ class Qwen25VLConfig:
         """Vocab rows padded so every TP rank holds a multiple of `make_vocab_size_divisible_by`."""
         multiple = self.make_vocab_size_divisible_by * self.tensor_model_parallel_size
         return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+    @property
+    def vision_ffn_padded_size(self) -> int:
+        """The vision MLP's width in our model: HF's, padded with zero rows of fc1 (gate and up)
+        and zero columns of fc2 to a multiple of `vision_ffn_divisible_by` per TP rank. Exact:
+        silu(0) * 0 = 0, and the padding's gradients are 0, so it stays 0 when trained.
+        Qwen2.5-VL's 3,420 gives fc2 a K of 3,420 elements, not 16-byte aligned: cuBLAS falls
+        back to sm80 `align2` kernels (14 ms of a 7B SFT step on an H200); 3,456 also splits
+        over TP=8."""
+        multiple = self.vision_ffn_divisible_by * self.tensor_model_parallel_size
+        return int(math.ceil(self.vision_ffn_hidden_size / multiple) * multiple)
 
     @property
     def merge_unit(self) -> int:
@@ -281,7 +294,7 @@ class Qwen25VLConfig:
             num_layers=self.vision_depth, hidden_size=self.vision_hidden_size,
             num_attention_heads=self.vision_num_heads,
             kv_channels=self.vision_hidden_size // self.vision_num_heads,
-            ffn_hidden_size=self.vision_ffn_hidden_size, layernorm_epsilon=1e-6,
+            ffn_hidden_size=self.vision_ffn_padded_size, layernorm_epsilon=1e-6,
             add_bias_linear=True, add_qkv_bias=True, pipeline_model_parallel_size=1,
             fp8=self.fp8 if self.vision_fp8 else None,
             fp8_recipe=self.fp8_recipe if self.fp8 and self.vision_fp8 else "delayed",

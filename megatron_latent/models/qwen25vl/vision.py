@@ -116,6 +116,23 @@ class Qwen25VisionModel(MegatronModule):
                                    config=cfg.merger_transformer_config(),
                                    input_size=cfg.vision_hidden_size * cfg.merge_unit)
         self.graphs = VisionGraphs(cfg.vision_graphs if not cfg.vision_fp8 else 0)
+        self._zero_ffn_padding()
+
+    @torch.no_grad()
+    def _zero_ffn_padding(self) -> None:
+        """A freshly initialised tower's MLP padding (cfg.vision_ffn_padded_size) must be zero,
+        as a converted one's is: otherwise the export to HF, which drops it, changes the model."""
+        from megatron.core import parallel_state
+
+        cfg = self.cfg
+        local = cfg.vision_ffn_padded_size // cfg.tensor_model_parallel_size
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        start = min(max(cfg.vision_ffn_hidden_size - rank * local, 0), local)
+        for layer in self.decoder.layers:
+            fc1, fc2 = layer.mlp.linear_fc1, layer.mlp.linear_fc2
+            for t in (fc1.weight, fc1.bias):  # this rank's [gate_r; up_r]
+                t.view(2, local, *t.shape[1:])[:, start:] = 0
+            fc2.weight[:, start:] = 0
 
     def _apply(self, fn, *args, **kwargs):
         if hasattr(self, "graphs"):  # .to()/.cpu()/.half() move the weights the graphs read
