@@ -58,12 +58,14 @@ def is_checkpoint(path: str | Path) -> bool:
 
 
 def write_metadata(ckpt: str | Path, hf_config: dict, spec: str, params_dtype: torch.dtype,
-                   hf_side_dir: str | Path | None) -> None:
-    """Rank 0 only. Copies the tokenizer/processor files so the checkpoint is self-contained."""
+                   hf_side_dir: str | Path | None, *, vision_ffn_divisible_by: int) -> None:
+    """Rank 0 only. Copies the tokenizer/processor files so the checkpoint is self-contained.
+    `vision_ffn_divisible_by`: the model's vision-MLP padding, which fixes its stored shapes."""
     ckpt = Path(ckpt)
     ckpt.mkdir(parents=True, exist_ok=True)
     meta = {"format_version": 1, "model": "qwen2_5_vl", "hf_config": hf_config, "spec": spec,
-            "params_dtype": str(params_dtype).removeprefix("torch.")}
+            "params_dtype": str(params_dtype).removeprefix("torch."),
+            "vision_ffn_divisible_by": vision_ffn_divisible_by}
     _atomic_write_text(ckpt / META, json.dumps(meta, indent=2))
     if hf_side_dir is not None:
         (ckpt / "hf").mkdir(exist_ok=True)
@@ -87,7 +89,9 @@ def config_from_checkpoint(ckpt: str | Path, **overrides):
     from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
 
     meta = read_metadata(ckpt)
-    kw = {"spec": meta["spec"], "params_dtype": meta["params_dtype"], **overrides}
+    # checkpoints written before the vision MLP was padded hold it unpadded
+    kw = {"spec": meta["spec"], "params_dtype": meta["params_dtype"],
+          "vision_ffn_divisible_by": meta.get("vision_ffn_divisible_by", 1), **overrides}
     return Qwen25VLConfig.from_hf(meta["hf_config"], **kw)
 
 

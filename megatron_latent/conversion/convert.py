@@ -85,7 +85,8 @@ def hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int 
     with atomic_output_dir(out, overwrite) as tmp:
         checkpointing.save_model(tmp, model, iteration=0)
         if _rank0():
-            checkpointing.write_metadata(tmp, hf_config, spec, dtype, hf_dir)
+            checkpointing.write_metadata(tmp, hf_config, spec, dtype, hf_dir,
+                                         vision_ffn_divisible_by=cfg.vision_ffn_divisible_by)
 
 
 def megatron_to_hf(ckpt: str | Path, out: str | Path, *, overwrite: bool = False,

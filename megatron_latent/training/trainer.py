@@ -330,7 +330,8 @@ def _save(cfg, mcfg, model, optimizer, scheduler, iteration, consumed, tokenizer
     # metadata first: a published iteration must always be loadable
     if dist.get_rank() == 0 and not (Path(cfg.save) / checkpointing.META).is_file():
         hf_config = json.loads((Path(tok_dir) / "config.json").read_text())
-        checkpointing.write_metadata(cfg.save, hf_config, mcfg.spec, mcfg.params_dtype, tok_dir)
+        checkpointing.write_metadata(cfg.save, hf_config, mcfg.spec, mcfg.params_dtype, tok_dir,
+                                     vision_ffn_divisible_by=mcfg.vision_ffn_divisible_by)
         tokenizer.save_pretrained(Path(cfg.save) / "hf")  # with the added latent tokens
     dist.barrier()
     state.save(cfg.save, iteration, model, optimizer, scheduler,

@@ -38,3 +38,27 @@ def test_padded_tower_equals_unpadded(tiny_ckpts, megatron_single_rank):
         got = padded(batch["pixel_values"], batch["image_grid_thw"])
     assert want.abs().max() > 0
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_padding_is_independent_of_tp_and_stored_in_checkpoints(tiny_ckpts, tmp_path):
+    """Checkpoints hold global shapes and reshard: the padded width must not depend on TP. The
+    padding travels in the checkpoint's metadata; one written before it existed (no field)
+    holds the unpadded MLP and loads that way."""
+    import json
+
+    from megatron_latent import checkpointing
+
+    path = tiny_ckpts["tiny-b"]
+    widths = {tp: Qwen25VLConfig.from_hf(path, tensor_model_parallel_size=tp).validated()
+              .vision_ffn_padded_size for tp in (1, 2)}
+    assert widths == {1: 128, 2: 128}
+    with open(f"{path}/config.json") as f:
+        hf_config = json.load(f)
+    checkpointing.write_metadata(tmp_path, hf_config, "local", torch.float32, None,
+                                 vision_ffn_divisible_by=64)
+    assert checkpointing.config_from_checkpoint(tmp_path).vision_ffn_padded_size == 128
+    meta_file = tmp_path / checkpointing.META
+    meta = json.loads(meta_file.read_text())
+    del meta["vision_ffn_divisible_by"]  # as written before the padding existed
+    meta_file.write_text(json.dumps(meta))
+    assert checkpointing.config_from_checkpoint(tmp_path).vision_ffn_padded_size == 96

@@ -58,7 +58,8 @@ class Qwen25VLConfig:
     num_layers_in_first_pipeline_stage: int | None = None
     sequence_parallel: bool = False
     make_vocab_size_divisible_by: int = 128
-    # the vision MLP's width is padded with zeros to a multiple of this per TP rank (1: off)
+    # the vision MLP's width is padded with zeros to a multiple of this (1: off); stored in
+    # checkpoints (older ones, without it, hold the unpadded MLP)
     vision_ffn_divisible_by: int = 64
     spec: Spec = "local"
     params_dtype: torch.dtype = torch.float32
@@ -95,12 +96,12 @@ class Qwen25VLConfig:
     @property
     def vision_ffn_padded_size(self) -> int:
         """The vision MLP's width in our model: HF's, padded with zero rows of fc1 (gate and up)
-        and zero columns of fc2 to a multiple of `vision_ffn_divisible_by` per TP rank. Exact:
-        silu(0) * 0 = 0, and the padding's gradients are 0, so it stays 0 when trained.
-        Qwen2.5-VL's 3,420 gives fc2 a K of 3,420 elements, not 16-byte aligned: cuBLAS falls
-        back to sm80 `align2` kernels (14 ms of a 7B SFT step on an H200); 3,456 also splits
-        over TP=8."""
-        multiple = self.vision_ffn_divisible_by * self.tensor_model_parallel_size
+        and zero columns of fc2 to a multiple of `vision_ffn_divisible_by`. Exact: silu(0) * 0
+        = 0, and the padding's gradients are 0, so it stays 0 when trained. Independent of TP,
+        so checkpoints reshard. Qwen2.5-VL's 3,420 gives fc2 a K of 3,420 elements, not 16-byte
+        aligned: cuBLAS falls back to sm80 `align2` kernels (14 ms of a 7B SFT step on an
+        H200); 3,456 = 2^7 x 27 also splits over TP=8, which 3,420 does not."""
+        multiple = self.vision_ffn_divisible_by
         return int(math.ceil(self.vision_ffn_hidden_size / multiple) * multiple)
 
     @property
@@ -178,7 +179,9 @@ class Qwen25VLConfig:
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
         for what, n in (("num_attention_heads", self.num_attention_heads),
                         ("num_key_value_heads", self.num_query_groups),
-                        ("vision num_heads", self.vision_num_heads)):
+                        ("vision num_heads", self.vision_num_heads),
+                        ("the padded vision MLP width (vision_ffn_divisible_by)",
+                         self.vision_ffn_padded_size)):
             if n % tp:
                 raise ValueError(f"tensor_model_parallel_size={tp} does not divide {what}={n}")
         if self.num_attention_heads % self.num_query_groups:
