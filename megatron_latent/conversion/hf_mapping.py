@@ -59,36 +59,32 @@ def _fused_qkv(heads: int, head_dim: int) -> Transform:
                      lambda fused: (torch.cat(inner.to_hf(fused), dim=0),))
 
 
-def _gate_up() -> Transform:
-    return Transform(lambda gate, up: torch.cat([gate, up], dim=0),
-                     lambda fc1: tuple(fc1.chunk(2, dim=0)))
-
-
-def _pad_rows(t: torch.Tensor, rows: int, dim: int = 0) -> torch.Tensor:
+def _pad_to(t: torch.Tensor, size: int, dim: int = 0) -> torch.Tensor:
+    """`t` with zeros appended along `dim` up to `size`."""
     shape = list(t.shape)
-    shape[dim] = rows - shape[dim]
+    shape[dim] = size - shape[dim]
     return torch.cat([t, t.new_zeros(shape)], dim=dim)
 
 
-def _padded_gate_up(real: int, padded: int) -> Transform:
-    """The vision MLP's fc1 (weight or bias), gate and up each padded with zero rows to the
-    model's width (Qwen25VLConfig.vision_ffn_padded_size)."""
+def _gate_up(real: int, padded: int) -> Transform:
+    """An MLP's fc1 (weight or bias) = [gate; up], each padded with zero rows from HF's width
+    `real` to ours (the vision MLP's: Qwen25VLConfig.vision_ffn_padded_size; the LLM's: none)."""
     def to_megatron(gate, up):
-        return torch.cat([_pad_rows(gate, padded), _pad_rows(up, padded)], dim=0)
+        return torch.cat([_pad_to(gate, padded), _pad_to(up, padded)], dim=0)
 
     return Transform(to_megatron, lambda fc1: tuple(t[:real] for t in fc1.chunk(2, dim=0)))
 
 
 def _padded_columns(real: int, padded: int) -> Transform:
     """The vision MLP's fc2 weight [out, width]: zero columns for the padded width."""
-    return Transform(lambda w: _pad_rows(w, padded, dim=1), lambda w: (w[:, :real],))
+    return Transform(lambda w: _pad_to(w, padded, dim=1), lambda w: (w[:, :real],))
 
 
 def _vocab(real: int, padded: int) -> Transform:
     def to_megatron(t):
         if t.shape[0] != real:
             raise ValueError(f"embedding has {t.shape[0]} rows, config vocab_size is {real}")
-        return torch.cat([t, t.new_zeros(padded - real, *t.shape[1:])])
+        return _pad_to(t, padded)
 
     return Transform(to_megatron, lambda t: (t[:real],))
 
@@ -100,11 +96,11 @@ def _patch(patch_shape: tuple[int, ...]) -> Transform:
 
 
 def mapping(cfg: Qwen25VLConfig) -> list[tuple[str, tuple[str, ...], Transform]]:
-    copy, gate_up = _copy(), _gate_up()
+    copy, gate_up = _copy(), _gate_up(cfg.ffn_hidden_size, cfg.ffn_hidden_size)
     llm_qkv = _qkv(cfg.num_attention_heads, cfg.num_query_groups, cfg.head_dim)
     vis_qkv = _fused_qkv(cfg.vision_num_heads, cfg.vision_hidden_size // cfg.vision_num_heads)
     vocab = _vocab(cfg.vocab_size, cfg.padded_vocab_size)
-    vis_fc1 = _padded_gate_up(cfg.vision_ffn_hidden_size, cfg.vision_ffn_padded_size)
+    vis_fc1 = _gate_up(cfg.vision_ffn_hidden_size, cfg.vision_ffn_padded_size)
     vis_fc2 = _padded_columns(cfg.vision_ffn_hidden_size, cfg.vision_ffn_padded_size)
     rows = [
         ("language_model.embedding.word_embeddings.weight",

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch
+
 from megatron_latent.inference.decode_loop import DecodeLoop
 from megatron_latent.inference.kv_cache import KVCache
 from megatron_latent.inference.sampling import SamplingParams, sample

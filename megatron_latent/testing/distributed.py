@@ -68,8 +68,8 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 600.0) -> None:
         rank = None
     if rank is not None:
         raise RuntimeError(f"rank {rank} failed:\n{tb}")
-    bad = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode not in (0, None)]
-    if bad and not all(i in hung for i, _ in bad):
+    bad = [(i, p.exitcode) for i, p in enumerate(procs) if i not in hung and p.exitcode != 0]
+    if bad:
         raise RuntimeError(f"ranks exited abnormally (rank, exit code): {bad}")
     if hung:
         raise RuntimeError(f"ranks {hung} still running after {timeout:.0f} s (killed): a hang?")

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch.distributed as dist
 
 
 def fail_on_rank(bad_rank: int) -> None:
-    dist.init_process_group("gloo")
-    if dist.get_rank() == bad_rank:
+    """`bad_rank` raises; every other rank blocks for an hour (gloo would notice the lost peer
+    in a barrier and fail by itself, which would hide a launcher that waits)."""
+    if int(os.environ["RANK"]) == bad_rank:
         raise ValueError("bad record 7")
-    dist.barrier()  # never completes: the failing rank is gone
+    time.sleep(3600)
 
 
 def sleep_forever() -> None:

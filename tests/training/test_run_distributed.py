@@ -1,9 +1,9 @@
-"""The multi-process launcher of our tests: one rank failing while its peers wait in a
-collective must surface that rank's traceback at once, not hang until the timeout."""
+"""The multi-process launcher of our tests: one rank failing while its peer is stuck (as a peer
+waiting in a collective for a rank that is gone would be) must surface the failing rank's
+traceback at once and kill the peer. Without that, this test waits out the launcher's hour-long
+timeout and pytest's timeout (120 s) fails it."""
 
 from __future__ import annotations
-
-import time
 
 import pytest
 
@@ -11,12 +11,10 @@ from megatron_latent.testing.distributed import run_distributed
 from megatron_latent.testing.launcher_workers import fail_on_rank, sleep_forever
 
 
-def test_failing_rank_raises_while_peer_waits():
-    start = time.monotonic()
+@pytest.mark.timeout(120)
+def test_failing_rank_raises_while_peer_is_stuck():
     with pytest.raises(RuntimeError, match=r"rank 1 failed:[\s\S]*ValueError: bad record 7"):
-        run_distributed(fail_on_rank, 2, 1, timeout=120)
-    # the peer blocks in a gloo barrier for ever; without fail-fast this waits the full timeout
-    assert time.monotonic() - start < 60
+        run_distributed(fail_on_rank, 2, 1, timeout=3600)
 
 
 def test_hung_ranks_are_killed_and_named():

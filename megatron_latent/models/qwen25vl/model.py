@@ -22,10 +22,10 @@ from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_latent.models.qwen25vl import specs
-from megatron_latent.ops import cross_entropy as ops_ce
 from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
 from megatron_latent.models.qwen25vl.rope_index import rope_index
 from megatron_latent.models.qwen25vl.vision import Qwen25VisionModel
+from megatron_latent.ops import cross_entropy as ops_ce
 
 
 class Qwen25VLModel(MegatronModule):
