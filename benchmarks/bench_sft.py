@@ -36,8 +36,9 @@ Both clip the grad norm at 1.0. The vision tower and merger are frozen in both p
 default) unless `--train-vision`. The seeds run 8 micro-batches per step (grad-accum 8):
 `--num-micro-batches 8` reproduces that.
 
-Metrics, per path, from the mean wall time of `--steps` steps after `--warmup` steps
-(torch.cuda.synchronize around each):
+Metrics, per path, from the mean wall time of `--steps` back-to-back steps after `--warmup` steps,
+waited for once at the end (a training loop's steady state; ours as its loop runs them, step n+1
+launched before step n's logs are read; neither path waits for the GPU inside a step):
   tokens/s = dp * mbs * num_micro * seq_length / step_time   (ALL tokens: text, image, latent)
   model TFLOP/s per GPU = F / step_time / n_gpus, with
     F = 6 * N_llm * T  +  6 * L * h * s * T                                      (LLM)
@@ -76,7 +77,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from profiling import profile_call  # noqa: E402
-from sft_hf import HF_RECIPES, LAMBDA, MasterAdamW, hf_loss, hf_train_step  # noqa: E402
+from sft_hf import (HF_RECIPES, LAMBDA, MasterAdamW, hf_loss, hf_step_totals,  # noqa: E402
+                    hf_train_step)
 
 FP32_RTOL = 1e-4
 FLOPS_FORMULA = ("F = 6*N_llm*T + 6*L*h*s*T + c*(N_vit*P + N_merger*P/4) + (c/2)*4*h_v*sum(w^2); "
@@ -185,51 +187,82 @@ def step_flops(shape: dict, params: dict, *, tokens: int, seq_length: int, image
 
 
 # ------------------------------------------------------------------------------------ timing
-def time_steps(step, warmup: int, steps: int, cuda: bool) -> dict:
+def time_steps(step, warmup: int, steps: int, cuda: bool, finish=lambda: None) -> dict:
+    """Mean wall time of `steps` back-to-back steps, one wait for the GPU at the end (a
+    training loop's steady state: a step that does not wait for the GPU overlaps its host
+    work with the previous step's kernels). `finish` reads whatever a lagging step left
+    pending. Per-step times from CUDA events between steps (GPU side)."""
     import torch
 
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(warmup):
         step()
+    finish()
+    sync()
     if cuda:
-        sync()
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        sync()
-        t = time.perf_counter()
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+        marks[0].record()
+    t = time.perf_counter()
+    for i in range(steps):
         step()
-        sync()
-        times.append(time.perf_counter() - t)
-    out = {"step_s": sum(times) / len(times), "step_s_all": times}
+        if cuda:
+            marks[i + 1].record()
+    finish()
+    sync()
+    wall = time.perf_counter() - t
+    each = ([a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])] if cuda
+            else [wall / steps] * steps)
+    out = {"step_s": wall / steps, "step_s_all": each}
     if cuda:
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
 
 
+class Lagged:
+    """Our training loop's pattern (training/trainer.py): launch step n+1, then read step n's
+    logs."""
+
+    def __init__(self, launch):
+        self.launch, self.pending = launch, None
+
+    def __call__(self):
+        launched = self.launch()
+        self.finish()
+        self.pending = launched
+
+    def finish(self):
+        if self.pending is not None:
+            self.pending.result()
+            self.pending = None
+
+
 class PhaseTimer:
-    """Wraps optimizer.step with synchronised timers: the step splits into forward+backward
-    (everything before the optimizer) and the optimizer (grad copy, clip, Adam, param copy)."""
+    """CUDA events around optimizer.step (no waiting, so the timing does not change the step):
+    the GPU time from the end of the backward to the end of the optimizer's kernels (grad
+    copy, clip, Adam, param copy). Read after the timed steps have been waited for."""
 
     def __init__(self, optimizer, cuda: bool):
         import torch
 
-        self.sync = torch.cuda.synchronize if cuda else (lambda: None)
-        self.opt_s: list[float] = []
+        self.cuda, self.marks = cuda, []
         inner = optimizer.step
 
         def step(*a, **kw):
-            self.sync()
-            t = time.perf_counter()
+            if not self.cuda:
+                return inner(*a, **kw)
+            pair = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            pair[0].record()
             out = inner(*a, **kw)
-            self.sync()
-            self.opt_s.append(time.perf_counter() - t)
+            pair[1].record()
+            self.marks.append(pair)
             return out
 
         optimizer.step = step
 
     def mean(self, last: int) -> float:
-        return sum(self.opt_s[-last:]) / max(1, len(self.opt_s[-last:]))
+        done = [a.elapsed_time(b) / 1e3 for a, b in self.marks[-last:]]
+        return sum(done) / max(1, len(done))
 
 
 def free_memory(cuda: bool) -> None:
@@ -317,7 +350,7 @@ def main() -> None:
     from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
     from megatron_latent.training.build import (OptimSettings, build_model, build_optimizer,
                                                 unwrap)
-    from megatron_latent.training.step import eval_losses, train_step
+    from megatron_latent.training.step import eval_losses, launch_step, train_step
 
     cuda = torch.cuda.is_available()  # CPU: a smoke run of the script only (--shape tiny)
     dtype_name = args.dtype or ("bf16" if cuda else "fp32")
@@ -407,6 +440,7 @@ def main() -> None:
             hf.train()
             losses["HF"] = hf_loss(hf, micro_batches, ids, hidden)
             trainable = [p for p in hf.parameters() if p.requires_grad]
+            hf_totals = hf_step_totals(micro_batches, hidden)
             adam = dict(lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, fused=cuda)
             for recipe in args.hf_recipe:
                 name = f"HF {recipe}"
@@ -424,13 +458,13 @@ def main() -> None:
                 free_memory(cuda)
                 hf_phases = PhaseTimer(opt, cuda)
                 r = results[name] = time_steps(
-                    lambda: hf_train_step(hf, opt, trainable, micro_batches, ids, hidden),
+                    lambda: hf_train_step(hf, opt, trainable, micro_batches, ids, hf_totals),
                     args.warmup, args.steps, cuda)
                 r["optimizer_s"], r["gpus"] = hf_phases.mean(args.steps), 1
                 if args.profile and cuda:
                     profile_call(name.replace(" ", "_"),
                                  lambda: hf_train_step(hf, opt, trainable, micro_batches, ids,
-                                                       hidden), trace_dir=args.profile_dir,
+                                                       hf_totals), trace_dir=args.profile_dir,
                                  stacks=args.profile_stacks)
                 opt = hf_phases = None
                 free_memory(cuda)
@@ -461,9 +495,8 @@ def main() -> None:
         losses[name] = eval_losses(model, host_batches, method)
         free_memory(cuda)
         phases = PhaseTimer(optimizer, cuda)
-        r = results[name] = time_steps(
-            lambda: train_step(model, optimizer, host_batches, method), args.warmup, args.steps,
-            cuda)
+        lagged = Lagged(lambda: launch_step(model, optimizer, host_batches, method))
+        r = results[name] = time_steps(lagged, args.warmup, args.steps, cuda, lagged.finish)
         r["optimizer_s"], r["gpus"], r["precision"] = phases.mean(args.steps), world, precision
         if args.profile and cuda:  # every rank steps (collectives); rank 0 prints
             profile_call(name.replace(" ", "_"),

@@ -37,6 +37,8 @@ def hf_loss_terms(hf, mb: dict, ids: dict):
 
 
 def hf_step_totals(micro_batches, hidden: int) -> tuple[float, float]:
+    """(loss tokens, latent elements) of the step; the seeds' Trainer counts them on the host
+    batch, so the timed step is given them (counting GPU tensors would wait for the GPU)."""
     n_ce = sum(float(mb["loss_mask"].sum()) for mb in micro_batches)
     n_lat = sum(float(mb["latent_mask"].sum()) for mb in micro_batches) * hidden
     return n_ce, n_lat
@@ -54,10 +56,10 @@ def hf_loss(hf, micro_batches, ids, hidden) -> dict:
     return {"lm loss": ce, "latent mse": mse, "loss": ce + LAMBDA * mse}
 
 
-def hf_train_step(hf, optimizer, params, micro_batches, ids, hidden) -> None:
+def hf_train_step(hf, optimizer, params, micro_batches, ids, totals) -> None:
     import torch
 
-    n_ce, n_lat = hf_step_totals(micro_batches, hidden)
+    n_ce, n_lat = totals  # hf_step_totals
     optimizer.zero_grad(set_to_none=True)
     for mb in micro_batches:  # gradient accumulation: each term a mean over the step
         ce, sq = hf_loss_terms(hf, mb, ids)

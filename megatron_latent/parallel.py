@@ -86,7 +86,36 @@ def initialize(parallel: ParallelConfig = ParallelConfig(), seed: int = 1234) ->
     from megatron_latent.latent import pipeline_channel
 
     pipeline_channel.setup()
+    _HOST_GROUPS["model"] = _gloo_twin(parallel_state.get_model_parallel_group())
     set_seed(seed)
+
+
+# Gloo twins of process groups, for agreeing on host values (a step's padded length) without a
+# GPU round trip: reading a device result back waits for every kernel queued before it, which
+# would drain the GPU at every step boundary.
+_HOST_GROUPS: dict[str, dist.ProcessGroup | None] = {}
+
+
+def _gloo_twin(group) -> dist.ProcessGroup:
+    """A gloo group over the same ranks as `group` (collective: every rank calls it)."""
+    mine = dist.get_process_group_ranks(group)
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    twin = None
+    for ranks in sorted({tuple(r) for r in everyone}):
+        g = dist.new_group(list(ranks), backend="gloo")
+        if dist.get_rank() in ranks:
+            twin = g
+    return twin
+
+
+def model_parallel_max(value: int) -> int:
+    """The largest `value` over this rank's model-parallel (TP x PP) ranks, agreed on the host
+    through gloo: no GPU work, no wait for the GPU."""
+    t = torch.tensor([value], dtype=torch.int64)
+    if dist.get_world_size(_HOST_GROUPS["model"]) > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_HOST_GROUPS["model"])
+    return int(t)
 
 
 def set_seed(seed: int) -> None:
@@ -110,6 +139,7 @@ def destroy() -> None:
     from megatron_latent.platform import graph_registry
 
     graph_registry.drop_all()  # graphs holding NCCL collectives block the teardown
+    _HOST_GROUPS.clear()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

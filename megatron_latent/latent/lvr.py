@@ -104,7 +104,7 @@ class LVRStep(LatentStep):
         ce_sum, n_ce = (output["ce"].float() * mask).sum(), mask.sum()
         totals = self.batch["step_totals"]
         # each term a mean over the global batch: megatron divides the sum by totals["ce"]
-        scale = totals["ce"] / max(totals["latent"], 1.0)
+        scale = totals["ce"] / totals["latent"].clamp(min=1.0)  # 0-d tensors, on the GPU
         total = ce_sum + self.m.loss_lambda * output["latent_sq"] * scale
         n_lat = float(self.n_latent() * self.m.hidden_size)
         logs = {"lm loss": torch.stack([ce_sum.detach(), n_ce]),

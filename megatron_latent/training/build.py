@@ -113,6 +113,11 @@ def build_optimizer(model_chunks: list[torch.nn.Module], s: OptimSettings):
         chunk.config.grad_scale_func = optimizer.scale_loss
         if isinstance(chunk, DistributedDataParallel):
             chunk.config.no_sync_func = chunk.no_sync
+            if s.clip_grad > 0:
+                # the clip computes the gradient norm anyway and the step checks it is finite
+                # (step.PendingStep); DDP's own check would add a pass over every gradient and
+                # two waits for the GPU per step
+                chunk.ddp_config.check_for_nan_in_grad = False
     return optimizer
 
 

@@ -8,6 +8,7 @@ latent method reads (LVR: latent_mask, latent_index). Every micro-batch of a ste
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -58,21 +59,25 @@ def make_forward_step(method: LatentMethod):
 
 def _normalized_loss(step, totals: dict, output):
     """The step's token-sum loss divided by the global token count, known on the host before
-    the schedule (attach_step_totals): the gradients come out as the global mean's, and
+    the schedule (attach_step_totals; a 0-d device tensor): the gradients come out as the global mean's, and
     build.finalize_grads skips megatron's 1/num_tokens pass over every gradient (6 ms of a 7B
     step). The logs stay token sums (the step's reported means divide them)."""
     total, n, logs = step.loss(output)
-    return total * (1.0 / max(totals["ce"], 1.0)), n, logs
+    return total / totals["ce"].clamp(min=1.0), n, logs
 
 
 def attach_step_totals(method: LatentMethod, micro_batches: list[dict]) -> None:
-    """Count every loss term over all micro-batches and data-parallel ranks (see latent/base)."""
+    """Count every loss term over all micro-batches and data-parallel ranks (see latent/base).
+    The sums stay on the GPU (0-d tensors): copied there from page-locked memory and reduced
+    over data-parallel ranks behind the queued work, so the step starts without waiting for
+    the GPU."""
     counts = [method.count(mb) for mb in micro_batches]
     keys = sorted(counts[0])
-    t = torch.tensor([[c[k] for k in keys] for c in counts], dtype=torch.float64).sum(0)
-    t = t.to(_device())
+    t = torch.tensor([[c[k] for k in keys] for c in counts], dtype=torch.float32).sum(0)
+    if torch.cuda.is_available():
+        t = t.pin_memory().to(_device(), non_blocking=True)
     dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
-    totals = dict(zip(keys, t.tolist()))
+    totals = dict(zip(keys, t.unbind()))
     for mb, own in zip(micro_batches, counts):
         mb["step_totals"], mb["counts"] = totals, own  # own: this micro-batch's, on the host
 
@@ -94,35 +99,88 @@ def _run_schedule(model_chunks, micro_batches: list[dict], forward_step, forward
         pipeline_channel.finish_sends()
 
 
-def _reduce_logs(method: LatentMethod, logs: list[dict]) -> dict | None:
-    """Per-term means over micro-batches and data-parallel ranks, plus the total `loss`, on the
-    last stage; broadcast over the pipeline so every rank returns the same dict."""
-    out = None
-    if parallel_state.is_pipeline_last_stage():
-        keys = sorted(logs[0])
-        pairs = torch.stack([torch.stack([d[k] for k in keys]) for d in logs]).sum(0).double()
-        dist.all_reduce(pairs, group=parallel_state.get_data_parallel_group())
-        out = {k: (p[0] / p[1].clamp(min=1)).item() for k, p in zip(keys, pairs)}
-        out["loss"] = method.total_loss(out)
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        box = [out]
-        dist.broadcast_object_list(box, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                                   group=parallel_state.get_pipeline_model_parallel_group())
-        out = box[0]
-    return out
+class PendingLogs:
+    """A step's logs still on the GPU. The reduction over micro-batches and data-parallel ranks
+    is queued; the values come back by an asynchronous copy to page-locked memory, and
+    `result()` waits for that copy only (an event), not for work queued after it: a loop that
+    launches step n+1 before reading step n's logs never lets the GPU run dry.
+    Under pipeline parallelism `result()` broadcasts from the last stage; every rank calls it
+    at the same point of its loop."""
+
+    def __init__(self, method: LatentMethod, logs: list[dict], grad_norm=None,
+                 update_ok: bool | None = None):
+        self.method, self.update_ok, self.keys = method, update_ok, None
+        extra = [grad_norm.reshape(1).double()] if torch.is_tensor(grad_norm) else []
+        self.grad_norm = None if extra else grad_norm  # a host value (or None) already
+        if parallel_state.is_pipeline_last_stage():
+            self.keys = sorted(logs[0])
+            pairs = torch.stack([torch.stack([d[k] for k in self.keys]) for d in logs]).sum(0)
+            pairs = pairs.double()
+            dist.all_reduce(pairs, group=parallel_state.get_data_parallel_group())
+            extra = [pairs.flatten()] + extra
+        if extra:
+            flat = torch.cat(extra)
+            pinned = flat.is_cuda
+            self.host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=pinned)
+            self.host.copy_(flat, non_blocking=pinned)
+            self.ready = torch.cuda.Event() if pinned else None
+            if self.ready is not None:
+                self.ready.record()
+        else:
+            self.host, self.ready = torch.zeros(0, dtype=torch.float64), None
+
+    def result(self) -> dict:
+        if self.ready is not None:
+            self.ready.synchronize()
+        values, out = self.host.tolist(), None
+        if self.grad_norm is None and len(values) > 2 * len(self.keys or ()):
+            self.grad_norm = values.pop()
+        if self.keys is not None:
+            pairs = [values[2 * i:2 * i + 2] for i in range(len(self.keys))]
+            out = {k: p / max(n, 1.0) for k, (p, n) in zip(self.keys, pairs)}
+            out["loss"] = self.method.total_loss(out)
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            box = [out]
+            dist.broadcast_object_list(
+                box, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                group=parallel_state.get_pipeline_model_parallel_group())
+            out = box[0]
+        return out
 
 
-def train_step(model_chunks, optimizer, micro_batches: list[dict],
-               method: LatentMethod = PlainLM()) -> dict:
-    """Zero grads, forward/backward all micro-batches, optimizer step. Returns the logs (same on
-    every rank): per-term means, `loss`, `grad_norm`, `update_ok`."""
+class PendingStep(PendingLogs):
+    """A launched training step: `result()` gives its logs with `grad_norm` and `update_ok`,
+    and raises if the gradients held a NaN or Inf (the gradient norm is not finite)."""
+
+    def result(self) -> dict:
+        out = super().result()
+        norm = float(self.grad_norm or 0.0)
+        if not math.isfinite(norm):
+            raise FloatingPointError(
+                f"the gradient norm is {norm}: a NaN or Inf reached the gradients (logs: {out}); "
+                "stop and resume from the last checkpoint, with a lower LR or after checking "
+                "the data")
+        return {**out, "grad_norm": norm, "update_ok": self.update_ok}
+
+
+def launch_step(model_chunks, optimizer, micro_batches: list[dict],
+                method: LatentMethod = PlainLM()) -> PendingStep:
+    """Zero grads, forward/backward all micro-batches, optimizer step, all queued on the GPU
+    without waiting for it; the logs come later from the returned PendingStep.result()."""
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     attach_step_totals(method, micro_batches)
     logs = _run_schedule(model_chunks, micro_batches, make_forward_step(method), False)
     ok, grad_norm, _ = optimizer.step()
-    return {**_reduce_logs(method, logs), "grad_norm": float(grad_norm or 0.0), "update_ok": ok}
+    return PendingStep(method, logs, grad_norm, ok)
+
+
+def train_step(model_chunks, optimizer, micro_batches: list[dict],
+               method: LatentMethod = PlainLM()) -> dict:
+    """One step, waited for. Returns the logs (same on every rank): per-term means, `loss`,
+    `grad_norm`, `update_ok`."""
+    return launch_step(model_chunks, optimizer, micro_batches, method).result()
 
 
 @torch.no_grad()
@@ -135,7 +193,7 @@ def eval_losses(model_chunks, micro_batches: list[dict], method: LatentMethod = 
     finally:
         for chunk in model_chunks:
             chunk.train()
-    return _reduce_logs(method, logs)
+    return PendingLogs(method, logs).result()
 
 
 def eval_loss(model_chunks, micro_batches: list[dict], method: LatentMethod = PlainLM()) -> float:

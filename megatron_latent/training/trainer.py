@@ -22,7 +22,7 @@ from megatron_latent.training import state
 from megatron_latent.training.build import (OptimSettings, build_model, build_optimizer,
                                             build_scheduler, unwrap)
 from megatron_latent.training.run_logger import RunLogger
-from megatron_latent.training.step import eval_losses, train_step
+from megatron_latent.training.step import eval_losses, launch_step
 
 
 @dataclass
@@ -101,10 +101,8 @@ def _micro_batches(ds, collate, order: SampleOrder, consumed: int, cfg: TrainCon
     if cfg.pipeline_model_parallel_size > 1:
         pad = cfg.seq_length  # the pipeline sends fixed-shape activations
     else:
-        longest = torch.tensor(max(len(x["input_ids"]) for x in samples),
-                               device=parallel.device())
-        dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=ps.get_model_parallel_group())
-        pad = pad_length(int(longest), cfg.tensor_model_parallel_size)
+        longest = parallel.model_parallel_max(max(len(x["input_ids"]) for x in samples))
+        pad = pad_length(longest, cfg.tensor_model_parallel_size)
     m = cfg.micro_batch_size
     if cfg.pack_sequences:  # one row per micro-batch; PP needs one fixed length for all
         from megatron_latent.data.packing import pack
@@ -169,22 +167,49 @@ def pad_length(longest: int, tp: int) -> int:
 
 
 class _Stop:
-    """SIGTERM/SIGUSR1 (slurm's pre-timeout signal): checkpoint at the end of the step, exit."""
+    """SIGTERM/SIGUSR1 (slurm's pre-timeout signal): checkpoint at the end of a step, exit.
+
+    A signal may reach the ranks a step apart, so they vote: each step queues an all-reduce of
+    its flag behind the step's work, and the loop reads the previous step's result (ready by
+    then) with `agreed()`, the same answer on every rank without draining the GPU."""
 
     def __init__(self):
         self.requested = False
+        self._votes: list = []
         for s in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(s, self._set)
 
     def _set(self, *_):
         self.requested = True
 
-    def agree(self) -> None:
-        """All ranks stop at the same step (a signal may reach them a step apart)."""
-        flag = torch.tensor([int(self.requested)],
-                            device=parallel.device())
+    def vote(self) -> None:
+        flag = torch.tensor([int(self.requested)], dtype=torch.int32)
+        cuda = torch.cuda.is_available()
+        flag = flag.pin_memory().to(parallel.device(), non_blocking=True) if cuda else flag
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self.requested = bool(flag.item())
+        host = torch.empty(1, dtype=torch.int32, pin_memory=cuda)
+        host.copy_(flag, non_blocking=cuda)
+        ready = torch.cuda.Event() if cuda else None
+        if ready is not None:
+            ready.record()
+        self._votes.append((host, ready))
+
+    def agreed(self) -> bool:
+        """Whether any rank asked to stop, by the previous step's vote."""
+        return len(self._votes) >= 2 and self._read(self._votes.pop(0))
+
+    def agree(self) -> None:
+        """Vote and wait for the answer, into `requested` (a loop that waits anyway: RL)."""
+        self.vote()
+        self.requested = self._read(self._votes.pop())
+        self._votes.clear()
+
+    @staticmethod
+    def _read(vote) -> bool:
+        host, ready = vote
+        if ready is not None:
+            ready.synchronize()
+        return bool(host.item())
 
 
 def train(cfg: TrainConfig) -> list[dict]:
@@ -230,23 +255,50 @@ def train(cfg: TrainConfig) -> list[dict]:
         _start_checkpoint_writer()
     stop, history = _Stop(), []
     prefetcher = SamplePrefetcher(train_ds, order, cfg, num_micro)
+    # Step n+1 is launched before step n's logs are read, so the GPU never waits for the host
+    # at a step boundary; a step is finished (its logs read, its gradients checked) before
+    # anything that needs it: evaluation, a checkpoint, the end.
+    in_flight, t_done = None, time.perf_counter()
+
+    def finish():
+        nonlocal in_flight, t_done
+        it, pending, extras = in_flight
+        in_flight = None
+        try:
+            out = pending.result()
+        except FloatingPointError as e:
+            raise FloatingPointError(f"iteration {it}: {e}") from None
+        now = time.perf_counter()
+        out.update(extras, step_s=now - t_done)
+        t_done = now
+        history.append({"iteration": it, **out})
+        log.log(it, {k: v for k, v in out.items() if k != "update_ok"})
+
     try:
         while iteration < cfg.train_iters:
             samples = prefetcher.get(consumed)
             if iteration + 1 < cfg.train_iters:  # the next step's samples load during this one
                 prefetcher.prefetch(consumed + cfg.global_batch_size)
             mbs = _micro_batches(train_ds, coll, order, consumed, cfg, num_micro, samples)
-            t0 = time.perf_counter()
-            out = train_step(model, optimizer, mbs, method)
-            out["step_s"] = time.perf_counter() - t0
-            out["tokens"] = sum(int(mb["input_ids"].numel()) for mb in mbs)
+            launched = launch_step(model, optimizer, mbs, method)
+            stop.vote()
             scheduler.step(increment=1)
             iteration += 1
             consumed += cfg.global_batch_size
-            out["lr"] = scheduler.get_lr(optimizer.param_groups[0])
-            history.append({"iteration": iteration, **out})
-            log.log(iteration, {k: v for k, v in out.items() if k != "update_ok"})
-            if valid_ds is not None and cfg.eval_interval and iteration % cfg.eval_interval == 0:
+            extras = {"tokens": sum(int(mb["input_ids"].numel()) for mb in mbs),
+                      "lr": scheduler.get_lr(optimizer.param_groups[0])}
+            if in_flight is not None:
+                finish()
+            in_flight = (iteration, launched, extras)
+            last = iteration == cfg.train_iters
+            stopping = stop.agreed()
+            evaluate = (valid_ds is not None and cfg.eval_interval
+                        and iteration % cfg.eval_interval == 0)
+            save = cfg.save and (stopping or last or
+                                 (cfg.save_interval and iteration % cfg.save_interval == 0))
+            if evaluate or save or stopping or last:
+                finish()
+            if evaluate:
                 prefetcher.settle()
                 vorder = SampleOrder(len(valid_ds), cfg.seed + 1)
                 vcoll = lambda s, pad_to: collate(s, pad_to=pad_to, **valid_ds.collate_kwargs)  # noqa: E731
@@ -254,13 +306,10 @@ def train(cfg: TrainConfig) -> list[dict]:
                       _micro_batches(valid_ds, vcoll, vorder, k * cfg.global_batch_size, cfg, num_micro)]
                 ev = eval_losses(model, vm, method)
                 log.log(iteration, {f"valid {k}": v for k, v in ev.items()})
-            last = iteration == cfg.train_iters
-            stop.agree()
-            if cfg.save and (stop.requested or last or
-                             (cfg.save_interval and iteration % cfg.save_interval == 0)):
+            if save:
                 prefetcher.settle()
                 _save(cfg, mcfg, model, optimizer, scheduler, iteration, consumed, tokenizer, tok_dir)
-            if stop.requested:
+            if stopping:
                 break
     finally:
         prefetcher.close()

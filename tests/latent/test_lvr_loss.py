@@ -55,7 +55,8 @@ def test_lvr_loss_matches_hf_formula(preset, tiny_ckpts, synthetic_lvr, megatron
     load_hf_weights(model, path)
     method = LVR(lvr_id=ds.ids.lvr, start_id=ds.ids.lvr_start, end_id=ds.ids.lvr_end,
                  hidden_size=cfg.hidden_size, loss_lambda=LAMBDA)
-    mb["step_totals"] = method.count(mb)
+    # what attach_step_totals gives a one-micro-batch, one-rank step: 0-d tensors on the device
+    mb["step_totals"] = {k: torch.tensor(float(v), device=dev) for k, v in method.count(mb).items()}
     step = method.sft_step(mb)
     with torch.no_grad():
         out = model(mb["input_ids"], position_ids=mb["position_ids"],
