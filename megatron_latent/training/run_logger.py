@@ -25,8 +25,11 @@ class RunLogger:
                                     mode=mode, dir=log_dir, reinit="finish_previous")
 
     def log(self, step: int, metrics: dict) -> None:
+        """`metrics["step_s"]`, when given, is the step's own time (the SFT loop measures it:
+        it logs a step one loop pass late); otherwise the time since the last call."""
         now = time.time()
-        step_time, self.t_last = now - self.t_last, now
+        metrics = dict(metrics)
+        step_time, self.t_last = metrics.pop("step_s", now - self.t_last), now
         done = step - self.start_step
         eta = (now - self.t0) / max(done, 1) * (self.total - step)
         if self.rank0:

@@ -258,24 +258,25 @@ def train(cfg: TrainConfig) -> list[dict]:
     # Step n+1 is launched before step n's logs are read, so the GPU never waits for the host
     # at a step boundary; a step is finished (its logs read, its gradients checked) before
     # anything that needs it: evaluation, a checkpoint, the end.
-    in_flight, t_done = None, time.perf_counter()
+    in_flight = None
 
-    def finish():
-        nonlocal in_flight, t_done
-        it, pending, extras = in_flight
+    def finish(end: float | None = None):
+        """Read the step in flight; its time runs from its loop pass's start to `end` (the next
+        step's start, or now), so saves and evaluations are not counted in it."""
+        nonlocal in_flight
+        it, pending, extras, start = in_flight
         in_flight = None
         try:
             out = pending.result()
         except FloatingPointError as e:
             raise FloatingPointError(f"iteration {it}: {e}") from None
-        now = time.perf_counter()
-        out.update(extras, step_s=now - t_done)
-        t_done = now
+        out.update(extras, step_s=(end or time.perf_counter()) - start)
         history.append({"iteration": it, **out})
         log.log(it, {k: v for k, v in out.items() if k != "update_ok"})
 
     try:
         while iteration < cfg.train_iters:
+            start = time.perf_counter()
             samples = prefetcher.get(consumed)
             if iteration + 1 < cfg.train_iters:  # the next step's samples load during this one
                 prefetcher.prefetch(consumed + cfg.global_batch_size)
@@ -288,8 +289,8 @@ def train(cfg: TrainConfig) -> list[dict]:
             extras = {"tokens": sum(int(mb["input_ids"].numel()) for mb in mbs),
                       "lr": scheduler.get_lr(optimizer.param_groups[0])}
             if in_flight is not None:
-                finish()
-            in_flight = (iteration, launched, extras)
+                finish(start)
+            in_flight = (iteration, launched, extras, start)
             last = iteration == cfg.train_iters
             stopping = stop.agreed()
             evaluate = (valid_ds is not None and cfg.eval_interval
