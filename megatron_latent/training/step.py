@@ -58,8 +58,8 @@ def make_forward_step(method: LatentMethod):
 
 
 def _normalized_loss(step, totals: dict, output):
-    """The step's token-sum loss divided by the global token count, known on the host before
-    the schedule (attach_step_totals; a 0-d device tensor): the gradients come out as the global mean's, and
+    """The step's token-sum loss divided by the global token count (attach_step_totals: a 0-d
+    tensor, summed before the schedule runs): the gradients come out as the global mean's, and
     build.finalize_grads skips megatron's 1/num_tokens pass over every gradient (6 ms of a 7B
     step). The logs stay token sums (the step's reported means divide them)."""
     total, n, logs = step.loss(output)
@@ -110,8 +110,10 @@ class PendingLogs:
     def __init__(self, method: LatentMethod, logs: list[dict], grad_norm=None,
                  update_ok: bool | None = None):
         self.method, self.update_ok, self.keys = method, update_ok, None
-        extra = [grad_norm.reshape(1).double()] if torch.is_tensor(grad_norm) else []
-        self.grad_norm = None if extra else grad_norm  # a host value (or None) already
+        # the clip's norm is a device tensor with TE's kernels, a host float (or None) without
+        self.norm_on_device = torch.is_tensor(grad_norm)
+        self.grad_norm = None if self.norm_on_device else grad_norm
+        extra = [grad_norm.reshape(1).double()] if self.norm_on_device else []
         if parallel_state.is_pipeline_last_stage():
             self.keys = sorted(logs[0])
             pairs = torch.stack([torch.stack([d[k] for k in self.keys]) for d in logs]).sum(0)
@@ -133,7 +135,7 @@ class PendingLogs:
         if self.ready is not None:
             self.ready.synchronize()
         values, out = self.host.tolist(), None
-        if self.grad_norm is None and len(values) > 2 * len(self.keys or ()):
+        if self.norm_on_device:
             self.grad_norm = values.pop()
         if self.keys is not None:
             pairs = [values[2 * i:2 * i + 2] for i in range(len(self.keys))]
