@@ -10,7 +10,8 @@ is unchanged. Two paths are ours:
   case a single-row call, exact. Without it megatron runs ~6 unfused kernels per tensor and
   their backward (~14 ms of a 7B-shaped 8-micro-batch LVR step on an H200).
 - The cached path
-keeps the projection's [s, b, groups, (heads_per_group + 2) * d] layout, applies RoPE to all
+(a decode step on a GPU: one Triton kernel for RoPE and the cache write, decode_rope.py) keeps
+the projection's [s, b, groups, (heads_per_group + 2) * d] layout, applies RoPE to all
 heads of a group in one pass, and hands the grouped heads to the cache, which stores each group's
 key and value side by side with one write (fewer, larger kernels: a decode step is launch-bound
 at small batch).
@@ -50,14 +51,17 @@ class CachedSelfAttention(SelfAttention):
         s, b, g = mixed.shape[:3]
         d = self.hidden_size_per_attention_head
         heads = mixed.view(s, b, g, -1, d)  # per group: r query heads, then key, then value
-        if rotary_pos_emb is not None:
-            freqs = rotary_pos_emb[0] if isinstance(rotary_pos_emb, tuple) else rotary_pos_emb
+        scale = self.config.softmax_scale or d ** -0.5
+        freqs = rotary_pos_emb[0] if isinstance(rotary_pos_emb, tuple) else rotary_pos_emb
+        if freqs is not None and inference_context.fused_decode(heads):
+            return self.linear_proj(
+                inference_context.decode_step(self.layer_number, heads, freqs, scale))
+        if freqs is not None:
             cos, sin = inference_context.rope_tables(freqs, heads.dtype, heads.shape[3])
             # megatron's non-interleaved RoPE, x * cos + rotate_half(x) * sin, as three kernels
             # over all heads at once: rotate_half(x) = roll(x, d/2) * [-1.., +1..] (the sign is
             # folded into `sin`); the value slot has cos 1, sin 0 and passes through exactly
             heads = torch.addcmul(heads * cos, heads.roll(d // 2, dims=-1), sin)
-        scale = self.config.softmax_scale or d ** -0.5
         return self.linear_proj(inference_context.attend(self.layer_number, heads, scale))
 
     def _rope_fusable(self, inference_context, rotary_pos_emb) -> bool:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from megatron.core.inference.config import InferenceConfig
 from megatron.core.inference.contexts.base_context import BaseInferenceContext
 
-from megatron_latent.inference import decode_attention
+from megatron_latent.inference import decode_attention, decode_rope
 
 
 class KVCache(BaseInferenceContext):
@@ -44,6 +44,7 @@ class KVCache(BaseInferenceContext):
         # decode steps through the split-K kernel (decode_attention.py) instead of SDPA
         self.split_attention = split_attention
         self._rope = (None, None)
+        self._rope_rows = (None, None)
 
     # ---- megatron-core's context protocol
     def is_static_batching(self) -> bool:
@@ -91,6 +92,25 @@ class KVCache(BaseInferenceContext):
             sin = torch.cat([sin.expand(shape), torch.zeros_like(sin)], dim=-2).to(dtype)
             self._rope = (freqs, (cos, sin))
         return self._rope[1]
+
+    def fused_decode(self, heads: torch.Tensor) -> bool:
+        """Whether this forward is one decode step through the Triton kernels: RoPE and the
+        cache write fused (decode_rope.py), then split-K attention (decode_attention.py)."""
+        return heads.shape[0] == 1 and self.split_attention and decode_attention.available(heads)
+
+    def decode_step(self, layer_number: int, heads: torch.Tensor, freqs: torch.Tensor,
+                    softmax_scale: float) -> torch.Tensor:
+        """heads [1, b, g, r + 2, d] before RoPE, angles [1, b, 1, d] -> context
+        [1, b, g*r*d] (see fused_decode); the cos/sin rows are computed by the first layer."""
+        _, b, g, n, d = heads.shape
+        if b != self.batch_size:
+            raise ValueError(f"KV cache holds {self.batch_size} sequences, forward has {b}")
+        kv = self._buffer(layer_number, heads)
+        if self._rope_rows[0] is not freqs:
+            self._rope_rows = (freqs, decode_rope.rope_rows(freqs, b))
+        q = decode_rope.rope_write(heads[0], *self._rope_rows[1], kv, self.index)
+        out = decode_attention.decode_attention(q, kv, self.mask, softmax_scale)
+        return out.reshape(1, b, g * (n - 2) * d)
 
     def attend(self, layer_number: int, heads: torch.Tensor, softmax_scale: float) -> torch.Tensor:
         """heads [s, b, g, r + 2, d]: per KV group, r query heads then the key and the value

@@ -1,4 +1,4 @@
-"""Checks of the split-K decode attention that run under Triton's CPU interpreter
+"""Checks of the split-K decode attention and the fused decode RoPE + cache write that run under Triton's CPU interpreter
 (TRITON_INTERPRET=1 must be set before triton is imported, hence a separate process:
 tests/inference/test_decode_attention.py runs `python -m megatron_latent.testing.decode_attention_check
 CKPT`). fp32: the interpreter does not model bf16 (the GPU test covers it)."""
@@ -33,6 +33,33 @@ def kernel_cases() -> float:
     return worst
 
 
+def rope_write_cases() -> float:
+    """Largest difference of the fused decode RoPE + cache write (decode_rope.py) from the
+    eager form (rotate_half RoPE on queries and key, index copy into the slot), over the
+    rotated queries and the whole cache (other slots must stay untouched)."""
+    from megatron_latent.inference.decode_rope import rope_rows, rope_write
+
+    torch.manual_seed(0)
+    worst = 0.0
+    for b, g, r, d, n, slot, fb in [(2, 2, 3, 16, 40, 7, 2), (3, 1, 7, 32, 20, 19, 1),
+                                    (1, 4, 1, 64, 9, 0, 1)]:
+        heads = torch.randn(b, g, r + 2, d)
+        freqs = torch.randn(1, fb, 1, d) * 3  # one row for all sequences when fb == 1
+        kv = torch.randn(b, g, n, 2, d)
+        index = torch.tensor([slot])
+        ref_kv = kv.clone()
+        q = rope_write(heads, *rope_rows(freqs, b), kv, index)
+        f = freqs[0, :, 0].expand(b, d)[:, None, None]  # [b, 1, 1, d]
+        half = d // 2
+        rotated = heads[:, :, :r + 1] * f.cos() + torch.cat(
+            [-heads[:, :, :r + 1, half:], heads[:, :, :r + 1, :half]], dim=-1) * f.sin()
+        ref_kv[:, :, slot, 0] = rotated[:, :, r]
+        ref_kv[:, :, slot, 1] = heads[:, :, r + 1]
+        worst = max(worst, (q - rotated[:, :, :r]).abs().max().item(),
+                    (kv - ref_kv).abs().max().item())
+    return worst
+
+
 def generation_case(path: str) -> tuple[bool, float]:
     """Greedy LVR generation with the split-K decode kernel vs SDPA: (same tokens, max logit
     difference)."""
@@ -49,10 +76,12 @@ def generation_case(path: str) -> tuple[bool, float]:
     load_hf_weights(model, path)
     model.eval()
     from megatron_latent.inference import decode_attention as kernel
+    from megatron_latent.inference import decode_rope
 
-    calls = []
-    real = kernel.decode_attention
+    calls, rope_calls = [], []
+    real, real_rope = kernel.decode_attention, decode_rope.rope_write
     kernel.decode_attention = lambda *a, **kw: calls.append(1) or real(*a, **kw)  # count only
+    decode_rope.rope_write = lambda *a, **kw: rope_calls.append(1) or real_rope(*a, **kw)
     proc, ids = lvr_processor(path)
     runs = []
     for split in (False, True):
@@ -60,9 +89,10 @@ def generation_case(path: str) -> tuple[bool, float]:
                         split_attention=split)
         runs.append(gen.generate(demo_prompts(proc), SamplingParams(max_new_tokens=8),
                                  record_logits=True))
-    kernel.decode_attention = real
-    if not calls:
-        raise RuntimeError("the split-K kernel was never called")
+    kernel.decode_attention, decode_rope.rope_write = real, real_rope
+    if not calls or not rope_calls:
+        raise RuntimeError(f"a decode kernel was never called (split-K {len(calls)}, fused "
+                           f"RoPE {len(rope_calls)})")
     same = all(a.tokens == c.tokens for a, c in zip(*runs))
     diff = max((a.logits - c.logits).abs().max().item() for a, c in zip(*runs))
     parallel.destroy()
@@ -71,5 +101,6 @@ def generation_case(path: str) -> tuple[bool, float]:
 
 if __name__ == "__main__":
     print(f"kernel max diff {kernel_cases():.3e}")
+    print(f"rope write max diff {rope_write_cases():.3e}")
     same, diff = generation_case(sys.argv[1])
     print(f"generation same tokens {same} logits max diff {diff:.3e}")

@@ -16,6 +16,8 @@ def test_split_k_decode_attention_matches_sdpa(tiny_ckpts):
     pytest.importorskip("triton")
     out = run_interpreted("megatron_latent.testing.decode_attention_check", tiny_ckpts["tiny-a"])
     kernel = float(re.search(r"kernel max diff (\S+)", out).group(1))
+    rope = float(re.search(r"rope write max diff (\S+)", out).group(1))
+    assert rope <= 1e-5, out
     m = re.search(r"generation same tokens (\w+) logits max diff (\S+)", out)
     assert kernel <= 1e-5, out
     assert m.group(1) == "True" and float(m.group(2)) <= 1e-5, out
