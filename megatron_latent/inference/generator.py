@@ -45,6 +45,20 @@ class Completion:
     logits: torch.Tensor | None = field(default=None, repr=False)  # [len(tokens), vocab]
 
 
+# megatron's compiled bias-dropout-add specialises on sizes 0 and 1 (a decode step's s = 1,
+# batch 1), and the vision tower, prefill lengths and batch sizes add their own entries; past
+# dynamo's default limit of 8 it runs eager for every new shape (one kernel becomes several in
+# each layer: measured in bench_generate, batch 8 run after batch 1)
+RECOMPILE_LIMIT = 64
+
+
+def _allow_shape_variants() -> None:
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
+
+
 class Generator:
     def __init__(self, model, *, rule: LatentRule | None = None, max_context: int | None = None,
                  pad_id: int = 0, cuda_graphs: bool = False, check_every: int = 8,
@@ -64,6 +78,8 @@ class Generator:
         # fed back (no pixels). Recorded log-probs stay those of the unmodified head.
         self.suppress = torch.tensor([self.cfg.image_token_id, self.cfg.video_token_id],
                                      device=self.device)
+        _allow_shape_variants()
+
 
     # ------------------------------------------------------------------ inputs
     def _prepare(self, prompts: list[Prompt], params: SamplingParams) -> dict:
