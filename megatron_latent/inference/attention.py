@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.attention import SelfAttention
 
+from megatron_latent.inference import decode_qkv
 from megatron_latent.inference.kv_cache import KVCache
 
 
@@ -47,15 +48,22 @@ class CachedSelfAttention(SelfAttention):
                              "generation model with sequence_parallel=False")
         if self.config.rotary_interleaved:
             raise NotImplementedError("cached decoding implements non-interleaved RoPE only")
-        mixed, _ = self.get_query_key_value_tensors(hidden_states, None, split_qkv=False)
-        s, b, g = mixed.shape[:3]
         d = self.hidden_size_per_attention_head
-        heads = mixed.view(s, b, g, -1, d)  # per group: r query heads, then key, then value
         scale = self.config.softmax_scale or d ** -0.5
         freqs = rotary_pos_emb[0] if isinstance(rotary_pos_emb, tuple) else rotary_pos_emb
-        if freqs is not None and inference_context.fused_decode(heads):
+        if freqs is not None and inference_context.fused_decode(hidden_states, d):
+            bias = None  # TE's RMSNorm + GEMM with bias, or ours with the bias left to RoPE
+            if decode_qkv.fusable(self.linear_qkv) and not self.config.fp8:
+                mixed, bias = decode_qkv.project(self.linear_qkv, hidden_states)
+            else:
+                mixed, _ = self.get_query_key_value_tensors(hidden_states, None, split_qkv=False)
+            s, b = hidden_states.shape[:2]
+            heads = mixed.view(s, b, self.num_query_groups_per_partition, -1, d)
             return self.linear_proj(
-                inference_context.decode_step(self.layer_number, heads, freqs, scale))
+                inference_context.decode_step(self.layer_number, heads, freqs, scale, bias))
+        mixed, _ = self.get_query_key_value_tensors(hidden_states, None, split_qkv=False)
+        s, b, g = mixed.shape[:3]
+        heads = mixed.view(s, b, g, -1, d)  # per group: r query heads, then key, then value
         if freqs is not None:
             cos, sin = inference_context.rope_tables(freqs, heads.dtype, heads.shape[3])
             # megatron's non-interleaved RoPE, x * cos + rotate_half(x) * sin, as three kernels

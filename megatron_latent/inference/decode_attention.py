@@ -32,10 +32,10 @@ def _head_dim_ok(d: int) -> bool:
     return d >= 16 and d & (d - 1) == 0  # tl.arange and tl.dot want a power of two >= 16
 
 
-def available(q: torch.Tensor) -> bool:
+def available(q: torch.Tensor, head_dim: int | None = None) -> bool:
     """Triton present, q on a GPU (or Triton's CPU interpreter on, as the tests run it) and a
-    head size the kernel takes: otherwise callers use SDPA."""
-    return (triton is not None and _head_dim_ok(q.shape[-1])
+    head size (q's last dimension unless given) the kernel takes: otherwise callers use SDPA."""
+    return (triton is not None and _head_dim_ok(head_dim or q.shape[-1])
             and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
 
 

@@ -23,8 +23,9 @@ from megatron_latent.inference.decode_attention import tl, triton
 if triton is not None:
 
     @triton.jit
-    def _rope_write(X, COS, SIN, KV, Q, IDX, sx_b, sx_g, sx_h, sc_b, skv_b, skv_g, skv_n,
-                    skv_t, sq_b, sq_g, sq_r, G, R: tl.constexpr, D: tl.constexpr):
+    def _rope_write(X, BIAS, COS, SIN, KV, Q, IDX, sx_b, sx_g, sx_h, sc_b, skv_b, skv_g,
+                    skv_n, skv_t, sq_b, sq_g, sq_r, G, R: tl.constexpr, D: tl.constexpr,
+                    HAS_BIAS: tl.constexpr):
         bg = tl.program_id(0)
         b, g = bg // G, bg % G
         cols = tl.arange(0, D)
@@ -32,17 +33,21 @@ if triton is not None:
         cos = tl.load(COS + b * sc_b + cols)
         sin = tl.load(SIN + b * sc_b + cols)
         base = X + b * sx_b + g * sx_g
-        for h in range(0, R):
+        bias = BIAS + g * (R + 2) * D  # the group's slice of the projection's bias
+        for h in tl.static_range(0, R + 2):  # unrolled: h is known when compiling
             x = tl.load(base + h * sx_h + cols).to(tl.float32)
             xr = tl.load(base + h * sx_h + rot).to(tl.float32)
-            tl.store(Q + b * sq_b + g * sq_g + h * sq_r + cols,
-                     (x * cos + xr * sin).to(Q.dtype.element_ty))
-        slot = KV + b * skv_b + g * skv_g + tl.load(IDX) * skv_n
-        k = tl.load(base + R * sx_h + cols).to(tl.float32)
-        kr = tl.load(base + R * sx_h + rot).to(tl.float32)
-        tl.store(slot + cols, (k * cos + kr * sin).to(KV.dtype.element_ty))
-        v = tl.load(base + (R + 1) * sx_h + cols)
-        tl.store(slot + skv_t + cols, v.to(KV.dtype.element_ty))
+            if HAS_BIAS:
+                x += tl.load(bias + h * D + cols).to(tl.float32)
+                xr += tl.load(bias + h * D + rot).to(tl.float32)
+            y = x * cos + xr * sin
+            if h < R:
+                tl.store(Q + b * sq_b + g * sq_g + h * sq_r + cols, y.to(Q.dtype.element_ty))
+            else:
+                # the key (rotated) and the value (as is) into the cache slot
+                out = y if h == R else x
+                slot = KV + b * skv_b + g * skv_g + tl.load(IDX) * skv_n + (h - R) * skv_t
+                tl.store(slot + cols, out.to(KV.dtype.element_ty))
 
 
 def rope_rows(freqs: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,16 +59,17 @@ def rope_rows(freqs: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def rope_write(heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor,
-               index: torch.Tensor) -> torch.Tensor:
-    """Rotate the queries and the key of `heads` [b, g, r + 2, d], write the key and value to
-    `kv[:, :, index]`; returns the rotated queries [b, g, r, d]."""
+               index: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotate the queries and the key of `heads` [b, g, r + 2, d] (plus the projection's
+    `bias` [g * (r + 2) * d] when given: the GEMM then runs without its bias epilogue), write
+    the key and value to `kv[:, :, index]`; returns the rotated queries [b, g, r, d]."""
     b, g, n, d = heads.shape
     r = n - 2
     if heads.stride(-1) != 1 or kv.stride(-1) != 1:
         raise ValueError("heads and the KV buffer need a contiguous last dimension")
     q = torch.empty(b, g, r, d, dtype=heads.dtype, device=heads.device)
-    _rope_write[(b * g,)](heads, cos, sin, kv, q, index, heads.stride(0), heads.stride(1),
-                          heads.stride(2), cos.stride(0), kv.stride(0), kv.stride(1),
-                          kv.stride(2), kv.stride(3), q.stride(0), q.stride(1), q.stride(2),
-                          g, R=r, D=d)
+    _rope_write[(b * g,)](heads, heads if bias is None else bias, cos, sin, kv, q, index,
+                          heads.stride(0), heads.stride(1), heads.stride(2), cos.stride(0),
+                          kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3), q.stride(0),
+                          q.stride(1), q.stride(2), g, R=r, D=d, HAS_BIAS=bias is not None)
     return q

@@ -93,22 +93,24 @@ class KVCache(BaseInferenceContext):
             self._rope = (freqs, (cos, sin))
         return self._rope[1]
 
-    def fused_decode(self, heads: torch.Tensor) -> bool:
+    def fused_decode(self, hidden_states: torch.Tensor, head_dim: int) -> bool:
         """Whether this forward is one decode step through the Triton kernels: RoPE and the
         cache write fused (decode_rope.py), then split-K attention (decode_attention.py)."""
-        return heads.shape[0] == 1 and self.split_attention and decode_attention.available(heads)
+        return (hidden_states.shape[0] == 1 and self.split_attention
+                and decode_attention.available(hidden_states, head_dim))
 
     def decode_step(self, layer_number: int, heads: torch.Tensor, freqs: torch.Tensor,
-                    softmax_scale: float) -> torch.Tensor:
-        """heads [1, b, g, r + 2, d] before RoPE, angles [1, b, 1, d] -> context
-        [1, b, g*r*d] (see fused_decode); the cos/sin rows are computed by the first layer."""
+                    softmax_scale: float, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """heads [1, b, g, r + 2, d] before RoPE (and before the projection's `bias`, if
+        given), angles [1, b, 1, d] -> context [1, b, g*r*d] (see fused_decode); the cos/sin
+        rows are computed by the first layer."""
         _, b, g, n, d = heads.shape
         if b != self.batch_size:
             raise ValueError(f"KV cache holds {self.batch_size} sequences, forward has {b}")
         kv = self._buffer(layer_number, heads)
         if self._rope_rows[0] is not freqs:
             self._rope_rows = (freqs, decode_rope.rope_rows(freqs, b))
-        q = decode_rope.rope_write(heads[0], *self._rope_rows[1], kv, self.index)
+        q = decode_rope.rope_write(heads[0], *self._rope_rows[1], kv, self.index, bias)
         out = decode_attention.decode_attention(q, kv, self.mask, softmax_scale)
         return out.reshape(1, b, g * (n - 2) * d)
 

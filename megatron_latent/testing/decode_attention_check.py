@@ -41,14 +41,17 @@ def rope_write_cases() -> float:
 
     torch.manual_seed(0)
     worst = 0.0
-    for b, g, r, d, n, slot, fb in [(2, 2, 3, 16, 40, 7, 2), (3, 1, 7, 32, 20, 19, 1),
-                                    (1, 4, 1, 64, 9, 0, 1)]:
-        heads = torch.randn(b, g, r + 2, d)
+    for b, g, r, d, n, slot, fb, with_bias in [(2, 2, 3, 16, 40, 7, 2, True),
+                                               (3, 1, 7, 32, 20, 19, 1, False),
+                                               (1, 4, 1, 64, 9, 0, 1, True)]:
+        raw = torch.randn(b, g, r + 2, d)
+        bias = torch.randn(g * (r + 2) * d) if with_bias else None
+        heads = raw + bias.view(g, r + 2, d) if with_bias else raw  # what the kernel adds
         freqs = torch.randn(1, fb, 1, d) * 3  # one row for all sequences when fb == 1
         kv = torch.randn(b, g, n, 2, d)
         index = torch.tensor([slot])
         ref_kv = kv.clone()
-        q = rope_write(heads, *rope_rows(freqs, b), kv, index)
+        q = rope_write(raw, *rope_rows(freqs, b), kv, index, bias)
         f = freqs[0, :, 0].expand(b, d)[:, None, None]  # [b, 1, 1, d]
         half = d // 2
         rotated = heads[:, :, :r + 1] * f.cos() + torch.cat(
@@ -57,6 +60,20 @@ def rope_write_cases() -> float:
         ref_kv[:, :, slot, 1] = heads[:, :, r + 1]
         worst = max(worst, (q - rotated[:, :, :r]).abs().max().item(),
                     (kv - ref_kv).abs().max().item())
+    return worst
+
+
+def rms_norm_cases() -> float:
+    """Largest relative difference of the decode RMSNorm kernel (decode_qkv.py) from the
+    formula, over widths that are and are not powers of two."""
+    from megatron_latent.inference.decode_qkv import rms_norm
+
+    torch.manual_seed(0)
+    worst = 0.0
+    for rows, n in [(1, 48), (5, 100), (8, 64)]:
+        x, w = torch.randn(rows, n) * 3, torch.randn(n)
+        ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+        worst = max(worst, ((rms_norm(x, w, 1e-6) - ref).abs().max() / ref.abs().max()).item())
     return worst
 
 
@@ -102,5 +119,6 @@ def generation_case(path: str) -> tuple[bool, float]:
 if __name__ == "__main__":
     print(f"kernel max diff {kernel_cases():.3e}")
     print(f"rope write max diff {rope_write_cases():.3e}")
+    print(f"rms norm max diff {rms_norm_cases():.3e}")
     same, diff = generation_case(sys.argv[1])
     print(f"generation same tokens {same} logits max diff {diff:.3e}")
