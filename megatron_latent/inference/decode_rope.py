@@ -50,12 +50,18 @@ if triton is not None:
                 tl.store(slot + cols, out.to(KV.dtype.element_ty))
 
 
+def cos_signed_sin(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin with rotate_half's sign folded in: -sin on the first half of the last dim):
+    RoPE is then x * cos + roll(x, d/2) * signed_sin."""
+    half = angles.shape[-1] // 2
+    sin = angles.sin()
+    return angles.cos(), torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+
+
 def rope_rows(freqs: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, signed sin) [b, d] in fp32 from one decode step's angles [1, b or 1, 1, d]."""
-    f = freqs[0, :, 0].float().expand(b, -1)
-    half = f.shape[-1] // 2
-    sin = f.sin()
-    return f.cos().contiguous(), torch.cat([-sin[:, :half], sin[:, half:]], dim=-1).contiguous()
+    cos, sin = cos_signed_sin(freqs[0, :, 0].float().expand(b, -1))
+    return cos.contiguous(), sin.contiguous()
 
 
 def rope_write(heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor,

@@ -84,9 +84,7 @@ class KVCache(BaseInferenceContext):
         computed by the first layer only (megatron computes them in every layer)."""
         if self._rope[0] is not freqs:
             f = freqs.unsqueeze(-2)
-            half = f.shape[-1] // 2
-            cos, sin = f.cos(), f.sin()
-            sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+            cos, sin = decode_rope.cos_signed_sin(f)
             shape = (*f.shape[:-2], heads - 1, f.shape[-1])
             cos = torch.cat([cos.expand(shape), torch.ones_like(cos)], dim=-2).to(dtype)
             sin = torch.cat([sin.expand(shape), torch.zeros_like(sin)], dim=-2).to(dtype)

@@ -20,6 +20,7 @@ from megatron_latent import parallel
 from megatron_latent.data.packing import packed_seq_params
 from megatron_latent.latent import pipeline_channel
 from megatron_latent.latent.base import LatentMethod, PlainLM
+from megatron_latent.platform import host_copy
 from megatron_latent.training.build import unwrap
 
 MODEL_INPUTS = ("input_ids", "position_ids", "pixel_values", "image_grid_thw")
@@ -74,8 +75,7 @@ def attach_step_totals(method: LatentMethod, micro_batches: list[dict]) -> None:
     counts = [method.count(mb) for mb in micro_batches]
     keys = sorted(counts[0])
     t = torch.tensor([[c[k] for k in keys] for c in counts], dtype=torch.float32).sum(0)
-    if torch.cuda.is_available():
-        t = t.pin_memory().to(_device(), non_blocking=True)
+    t = host_copy.upload(t, _device())
     dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
     totals = dict(zip(keys, t.unbind()))
     for mb, own in zip(micro_batches, counts):
@@ -102,8 +102,8 @@ def _run_schedule(model_chunks, micro_batches: list[dict], forward_step, forward
 class PendingLogs:
     """A step's logs still on the GPU. The reduction over micro-batches and data-parallel ranks
     is queued; the values come back by an asynchronous copy to page-locked memory, and
-    `result()` waits for that copy only (an event), not for work queued after it: a loop that
-    launches step n+1 before reading step n's logs never lets the GPU run dry.
+    `result()` waits for that copy only (platform/host_copy.py), not for work queued after it:
+    a loop that launches step n+1 before reading step n's logs never lets the GPU run dry.
     Under pipeline parallelism `result()` broadcasts from the last stage; every rank calls it
     at the same point of its loop."""
 
@@ -120,21 +120,11 @@ class PendingLogs:
             pairs = pairs.double()
             dist.all_reduce(pairs, group=parallel_state.get_data_parallel_group())
             extra = [pairs.flatten()] + extra
-        if extra:
-            flat = torch.cat(extra)
-            pinned = flat.is_cuda
-            self.host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=pinned)
-            self.host.copy_(flat, non_blocking=pinned)
-            self.ready = torch.cuda.Event() if pinned else None
-            if self.ready is not None:
-                self.ready.record()
-        else:
-            self.host, self.ready = torch.zeros(0, dtype=torch.float64), None
+        self.download = host_copy.Download(torch.cat(extra)) if extra else None
 
     def result(self) -> dict:
-        if self.ready is not None:
-            self.ready.synchronize()
-        values, out = self.host.tolist(), None
+        values = self.download.values().tolist() if self.download is not None else []
+        out = None
         if self.norm_on_device:
             self.grad_norm = values.pop()
         if self.keys is not None:

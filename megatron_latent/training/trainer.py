@@ -18,6 +18,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_latent import checkpointing, parallel
+from megatron_latent.platform import host_copy
 from megatron_latent.training import state
 from megatron_latent.training.build import (OptimSettings, build_model, build_optimizer,
                                             build_scheduler, unwrap)
@@ -183,33 +184,20 @@ class _Stop:
         self.requested = True
 
     def vote(self) -> None:
-        flag = torch.tensor([int(self.requested)], dtype=torch.int32)
-        cuda = torch.cuda.is_available()
-        flag = flag.pin_memory().to(parallel.device(), non_blocking=True) if cuda else flag
+        flag = host_copy.upload(torch.tensor([int(self.requested)], dtype=torch.int32),
+                                parallel.device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        host = torch.empty(1, dtype=torch.int32, pin_memory=cuda)
-        host.copy_(flag, non_blocking=cuda)
-        ready = torch.cuda.Event() if cuda else None
-        if ready is not None:
-            ready.record()
-        self._votes.append((host, ready))
+        self._votes.append(host_copy.Download(flag))
 
     def agreed(self) -> bool:
         """Whether any rank asked to stop, by the previous step's vote."""
-        return len(self._votes) >= 2 and self._read(self._votes.pop(0))
+        return len(self._votes) >= 2 and bool(self._votes.pop(0).values().item())
 
     def agree(self) -> None:
         """Vote and wait for the answer, into `requested` (a loop that waits anyway: RL)."""
         self.vote()
-        self.requested = self._read(self._votes.pop())
+        self.requested = bool(self._votes.pop().values().item())
         self._votes.clear()
-
-    @staticmethod
-    def _read(vote) -> bool:
-        host, ready = vote
-        if ready is not None:
-            ready.synchronize()
-        return bool(host.item())
 
 
 def train(cfg: TrainConfig) -> list[dict]:
