@@ -11,6 +11,8 @@ reaches:
   torch  torch.nn.functional.linear (cuBLAS through torch)
   fp8    torch._scaled_mm with the weight in float8_e4m3 (half the bytes; per-tensor scales),
          the activation cast included; m is padded to 16 as the kernel wants
+  triton our split-K skinny GEMM (megatron_latent/inference/decode_gemm.py) with the tiling
+         it picks; `--sweep` also times a grid of tilings and prints the best per shape
 Each call is timed as a CUDA graph of 50 back-to-back calls (no launch gaps), median of 5.
 """
 
@@ -81,14 +83,56 @@ def implementations(k: int, n: int, m: int):
                                     out_dtype=torch.bfloat16)
 
         out["fp8"] = (run_fp8, n * k)
+    from megatron_latent.inference import decode_gemm
+
+    if decode_gemm.triton is not None:
+        out["triton"] = (lambda: decode_gemm.linear(x, w, decode_gemm.tiling_for(m, n, k)),
+                         2 * n * k)
     return out
+
+
+def sweep(k: int, n: int, m: int):
+    """(tiling, seconds) of each tiling in a grid, fastest first."""
+    from megatron_latent.inference import decode_gemm
+
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    ref = torch.nn.functional.linear(x, w).float()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    timed = []
+    for block_n in (32, 64, 128):
+        for block_k in (128, 256):
+            for programs in (2 * sms, 4 * sms):
+                splits = max(1, round(programs / (n // block_n)))
+                for stages in (3, 5):
+                    t = decode_gemm.Tiling(block_n, block_k, splits, stages)
+                    if not decode_gemm.fits(x, w, t):
+                        continue
+                    err = (decode_gemm.linear(x, w, t).float() - ref).abs().max().item()
+                    if err > 0.05 * ref.abs().max().item():
+                        raise AssertionError(f"{t} at {m}x{k}x{n}: error {err}")
+                    timed.append((t, graph_time(lambda: decode_gemm.linear(x, w, t), calls=20)))
+    return sorted(timed, key=lambda r: r[1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--json-out")
+    ap.add_argument("--sweep", action="store_true", help="time a grid of Triton tilings")
     args = ap.parse_args()
+    best = []
+    if args.sweep:
+        print("| gemm | batch | best tiling | us/call | share of HBM | 2nd | 3rd |")
+        print("|---|---|---|---|---|---|---|")
+        for m in args.batch:
+            for name, (k, n) in SHAPES.items():
+                timed = sweep(k, n, m)
+                (t, s), rest = timed[0], timed[1:3]
+                best.append(dict(gemm=name, batch=m, tiling=vars(t), us=s * 1e6,
+                                 share=2 * n * k / s / HBM_BYTES_S))
+                print(f"| {name} | {m} | {t} | {s * 1e6:.1f} | {best[-1]['share']:.0%} | "
+                      + " | ".join(f"{u * 1e6:.1f}" for _, u in rest) + " |", flush=True)
     rows = []
     print(f"# {torch.cuda.get_device_name()}; share of {HBM_BYTES_S / 1e12:.1f} TB/s")
     print("| gemm | k x n | batch | impl | us/call | weight TB/s | share of HBM |")
@@ -112,7 +156,8 @@ def main() -> None:
                 print(f"# batch {m} {impl}: GEMMs of one 7B decode step {step / 1e3:.2f} ms")
     if args.json_out:
         with open(args.json_out, "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+            json.dump({"gpu": torch.cuda.get_device_name(), "rows": rows, "sweep": best}, f,
+                      indent=1)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.attention import SelfAttention
 
-from megatron_latent.inference import decode_qkv
+from megatron_latent.inference import decode_norm_linear
 from megatron_latent.inference.kv_cache import KVCache
 
 
@@ -53,8 +53,8 @@ class CachedSelfAttention(SelfAttention):
         freqs = rotary_pos_emb[0] if isinstance(rotary_pos_emb, tuple) else rotary_pos_emb
         if freqs is not None and inference_context.fused_decode(hidden_states, d):
             bias = None  # TE's RMSNorm + GEMM with bias, or ours with the bias left to RoPE
-            if decode_qkv.fusable(self.linear_qkv) and not self.config.fp8:
-                mixed, bias = decode_qkv.project(self.linear_qkv, hidden_states)
+            if decode_norm_linear.fusable(self.linear_qkv) and not self.config.fp8:
+                mixed, bias = decode_norm_linear.project(self.linear_qkv, hidden_states)
             else:
                 mixed, _ = self.get_query_key_value_tensors(hidden_states, None, split_qkv=False)
             s, b = hidden_states.shape[:2]

@@ -64,9 +64,9 @@ def rope_write_cases() -> float:
 
 
 def rms_norm_cases() -> float:
-    """Largest relative difference of the decode RMSNorm kernel (decode_qkv.py) from the
+    """Largest relative difference of the decode RMSNorm kernel (decode_norm_linear.py) from the
     formula, over widths that are and are not powers of two."""
-    from megatron_latent.inference.decode_qkv import rms_norm
+    from megatron_latent.inference.decode_norm_linear import rms_norm
 
     torch.manual_seed(0)
     worst = 0.0

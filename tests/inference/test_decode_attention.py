@@ -1,5 +1,5 @@
 """Split-K decode attention (inference/decode_attention.py), the fused decode RoPE + cache write
-(decode_rope.py) and the decode RMSNorm (decode_qkv.py) against their eager forms, on the CPU
+(decode_rope.py) and the decode RMSNorm (decode_norm_linear.py) against their eager forms, on the CPU
 through Triton's interpreter (fp32): the kernel alone over awkward shapes and masks, and greedy LVR
 generation with it against generation with SDPA (same tokens, logits within 1e-5). The bf16
 kernel on a GPU: tests/gpu/test_decode_attention_gpu.py."""

@@ -36,18 +36,20 @@ def language_layer_spec(spec: Spec, fused_rope: bool = False) -> ModuleSpec:
         layer = g.get_gpt_layer_with_transformer_engine_spec()
     else:
         layer = g.get_gpt_layer_local_spec(normalization="RMSNorm")
-    return _with_cached_attention(layer, fused_rope)
+    return _with_decoding(layer, fused_rope)
 
 
-def _with_cached_attention(layer: ModuleSpec, fused_rope: bool) -> ModuleSpec:
+def _with_decoding(layer: ModuleSpec, fused_rope: bool) -> ModuleSpec:
     """Swap SelfAttention for its subclass that can also decode from our KV cache and apply
-    mRoPE with TE's fused kernel."""
+    mRoPE with TE's fused kernel, and the layer for its subclass with a fused decode MLP."""
     from megatron_latent.inference.attention import CachedSelfAttention
+    from megatron_latent.inference.layer import CachedTransformerLayer
 
     attn = layer.submodules.self_attention
     attn = replace(attn, module=CachedSelfAttention,
                    params={**attn.params, "fused_rope": fused_rope})
-    return replace(layer, submodules=replace(layer.submodules, self_attention=attn))
+    return replace(layer, module=CachedTransformerLayer,
+                   submodules=replace(layer.submodules, self_attention=attn))
 
 
 def vision_layer_spec(spec: Spec, full_attention_layers: frozenset[int]) -> ModuleSpec:

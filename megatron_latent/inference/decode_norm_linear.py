@@ -1,4 +1,5 @@
-"""A decode step's QKV projection without TE's general RMSNorm kernel and its bias epilogue.
+"""A decode step's norm + projection (the QKV projection and MLP fc1: TE's LayerNormLinear)
+without TE's general RMSNorm kernel and its bias epilogue.
 
 Why: at decode TE's LayerNormLinear runs its general RMSNorm kernel (5.0 us for 8 rows of 3,584
 on an H200) and a GEMM whose bias epilogue picks a slower kernel (11.1 us against 7.5 us
