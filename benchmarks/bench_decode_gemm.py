@@ -11,8 +11,9 @@ reaches:
   torch  torch.nn.functional.linear (cuBLAS through torch)
   fp8    torch._scaled_mm with the weight in float8_e4m3 (half the bytes; per-tensor scales),
          the activation cast included; m is padded to 16 as the kernel wants
-  triton our split-K skinny GEMM (megatron_latent/inference/decode_gemm.py) with the tiling
-         it picks; `--sweep` also times a grid of tilings and prints the best per shape
+  ours   decode_gemm.gemm (megatron_latent/inference/decode_gemm.py), what a decode step runs:
+         our split-K skinny GEMM with the tiling it picks, or cuBLAS where it picks none;
+         `--sweep` first times a grid of our kernel's tilings and prints the best per shape
 Each call is timed as a CUDA graph of 50 back-to-back calls (no launch gaps), median of 5.
 """
 
@@ -85,9 +86,8 @@ def implementations(k: int, n: int, m: int):
         out["fp8"] = (run_fp8, n * k)
     from megatron_latent.inference import decode_gemm
 
-    if decode_gemm.triton is not None:
-        out["triton"] = (lambda: decode_gemm.linear(x, w, decode_gemm.tiling_for(m, n, k)),
-                         2 * n * k)
+    if decode_gemm.triton is not None:  # what a decode step runs: ours where picked, else cuBLAS
+        out["ours"] = (lambda: decode_gemm.gemm(x, w), 2 * n * k)
     return out
 
 
@@ -101,14 +101,17 @@ def sweep(k: int, n: int, m: int):
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     timed = []
     for block_n in (32, 64, 128):
-        for block_k in (128, 256):
-            for programs in (2 * sms, 4 * sms):
+        for block_k in (64, 128):
+            for programs in (2 * sms, 4 * sms, 8 * sms):
                 splits = max(1, round(programs / (n // block_n)))
-                for stages in (3, 5):
+                for stages in (3, 4, 6):
                     t = decode_gemm.Tiling(block_n, block_k, splits, stages)
                     if not decode_gemm.fits(x, w, t):
                         continue
-                    err = (decode_gemm.linear(x, w, t).float() - ref).abs().max().item()
+                    try:
+                        err = (decode_gemm.linear(x, w, t).float() - ref).abs().max().item()
+                    except decode_gemm.triton.runtime.errors.OutOfResources:
+                        continue  # too many stages of too large tiles for shared memory
                     if err > 0.05 * ref.abs().max().item():
                         raise AssertionError(f"{t} at {m}x{k}x{n}: error {err}")
                     timed.append((t, graph_time(lambda: decode_gemm.linear(x, w, t), calls=20)))

@@ -5,15 +5,16 @@ Why: at decode TE's LayerNormLinear runs its general RMSNorm kernel (5.0 us for 
 on an H200) and a GEMM whose bias epilogue picks a slower kernel (11.1 us against 7.5 us
 without bias at the 7B QKV shape, benchmarks/bench_decode_gemm.py and a profile of
 bench_generate). Here: one Triton RMSNorm (one program per row, fp32 statistics as TE), the
-GEMM without bias (torch's cuBLAS picks the kernels TE does), and the bias left to the RoPE
-kernel that reads the projection next (decode_rope.py). The state dict is TE's own module's.
+GEMM without bias (decode_gemm.py: cuBLAS, the kernels TE picks, or ours where faster), and
+the bias returned to the caller's next kernel (QKV's: the RoPE kernel, decode_rope.py). The
+state dict is TE's own module's.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from megatron_latent.inference import decode_gemm
 from megatron_latent.inference.decode_attention import tl, triton
 
 if triton is not None:
@@ -54,5 +55,5 @@ def fusable(linear) -> bool:
 
 def project(linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(norm(x) W^T without the bias, the bias or None) of a `fusable` module."""
-    mixed = F.linear(rms_norm(x, linear.layer_norm_weight, linear.eps), linear.weight)
+    mixed = decode_gemm.gemm(rms_norm(x, linear.layer_norm_weight, linear.eps), linear.weight)
     return mixed, (linear.bias if linear.use_bias else None)

@@ -20,6 +20,7 @@ from functools import partial
 
 import torch
 
+from megatron_latent.inference import decode_gemm
 from megatron_latent.inference.decode_loop import DecodeLoop
 from megatron_latent.inference.kv_cache import KVCache
 from megatron_latent.inference.sampling import SamplingParams, sample
@@ -128,7 +129,8 @@ class Generator:
     # ------------------------------------------------------------------ forwards
     def _head(self, *, hidden_states, output_layer, output_weight, **_):
         last = hidden_states[-1:]  # [1, b, h] final-norm states of the last position
-        logits = self.model.logits(last, output_layer, output_weight, runtime_gather_output=True)
+        logits = self.model.logits(last, output_layer, output_weight, runtime_gather_output=True,
+                                   matmul=decode_gemm.gemm)
         return logits[0, :, : self.cfg.vocab_size].float(), last[0]
 
     def _prefill(self, batch: dict, cache: KVCache):

@@ -2,20 +2,23 @@
 
 In the TE spec the pre-MLP RMSNorm lives inside fc1 (TE's LayerNormLinear), which at decode
 runs TE's general norm kernel (5 us for 8 rows; 28 a step). A fused decode step (the KV cache
-says which forwards are: kv_cache.KVCache.fused_decode) runs the norm as one Triton kernel and
-fc1's GEMM plainly (decode_norm_linear.py), then megatron's own SwiGLU, fc2 and residual add.
-Everything else, and every other forward, is megatron's layer unchanged.
+says which forwards are: kv_cache.KVCache.fused_decode) runs the norm as one Triton kernel,
+fc1's and fc2's GEMMs through decode_gemm (our skinny kernel where it beats cuBLAS), then
+megatron's own SwiGLU, tensor-parallel all-reduce and residual add. Everything else, and every
+other forward, is megatron's layer unchanged.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl
+from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from megatron_latent.inference import decode_norm_linear
+from megatron_latent.inference import decode_gemm, decode_norm_linear
 from megatron_latent.inference.kv_cache import KVCache
 
 
@@ -26,7 +29,13 @@ def mlp_fusable(layer: TransformerLayer) -> bool:
             and cfg.gated_linear_unit and cfg.activation_func is F.silu
             and not cfg.use_te_activation_func and cfg.activation_func_clamp_value is None
             and not cfg.glu_linear_offset and not cfg.fp8
-            and decode_norm_linear.fusable(mlp.linear_fc1))
+            and decode_norm_linear.fusable(mlp.linear_fc1) and _plain_row_parallel(mlp.linear_fc2))
+
+
+def _plain_row_parallel(linear) -> bool:
+    """TE's row-parallel Linear without bias, fp8 or sequence parallelism: x W^T, all-reduced."""
+    return (getattr(linear, "parallel_mode", None) == "row" and not linear.use_bias
+            and not linear.sequence_parallel and type(linear.weight) is torch.nn.Parameter)
 
 
 class CachedTransformerLayer(TransformerLayer):
@@ -36,5 +45,7 @@ class CachedTransformerLayer(TransformerLayer):
                 and mlp_fusable(self)):
             return super()._forward_mlp(hidden_states, inference_context, *args, **kwargs)
         fc1, bias = decode_norm_linear.project(self.mlp.linear_fc1, hidden_states)
-        out_with_bias = self.mlp.linear_fc2(bias_swiglu_impl(fc1, bias))
-        return self._forward_post_mlp(out_with_bias, hidden_states)
+        out = decode_gemm.gemm(bias_swiglu_impl(fc1, bias), self.mlp.linear_fc2.weight)
+        if self.config.tensor_model_parallel_size > 1:
+            out = reduce_from_tensor_model_parallel_region(out, self.tp_group)
+        return self._forward_post_mlp((out, None), hidden_states)

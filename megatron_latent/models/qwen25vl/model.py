@@ -166,11 +166,19 @@ class Qwen25VLModel(MegatronModule):
                 logits, labels, parallel_state.get_tensor_model_parallel_group())
         return self.language_model.compute_language_model_loss(labels, logits)
 
-    def logits(self, hidden_states, output_layer, output_weight, runtime_gather_output=None):
+    def logits(self, hidden_states, output_layer, output_weight, runtime_gather_output=None,
+               matmul=None):
         """[s, b, h] -> [s, b, v] logits; padded vocab rows get the dtype's minimum so they
-        never take probability mass (HF has no such rows)."""
-        logits, _ = output_layer(hidden_states, weight=output_weight,
-                                 runtime_gather_output=runtime_gather_output)
+        never take probability mass (HF has no such rows). `matmul(x, weight)`: the GEMM to
+        use instead of the layer's where it is a plain x W^T (one TP rank, no bias)."""
+        plain = (matmul is not None and output_layer.bias is None
+                 and parallel_state.get_tensor_model_parallel_world_size() == 1)
+        if plain:
+            logits = matmul(hidden_states, output_layer.weight if output_weight is None
+                            else output_weight)
+        else:
+            logits, _ = output_layer(hidden_states, weight=output_weight,
+                                     runtime_gather_output=runtime_gather_output)
         gathered = logits.shape[-1] == self.cfg.padded_vocab_size
         start = 0 if gathered else (
             parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1])
