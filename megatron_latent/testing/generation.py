@@ -55,7 +55,8 @@ def recompute_logits(model, prompt, completion) -> torch.Tensor:
     return logits[0, p - 1: p - 1 + len(completion.tokens)].float().cpu()
 
 
-def generate_run(hf_dir: str, out_path: str, tp: int, pp: int, max_new: int = 10) -> None:
+def generate_run(hf_dir: str, out_path: str, tp: int, pp: int, max_new: int = 10,
+                 spec: str = "local") -> None:
     """Greedy LVR generation at a TP/PP layout; the last stage's TP rank 0 saves the results."""
     from megatron_latent.conversion.hf_load import load_hf_weights
     from megatron_latent.inference.generator import Generator
@@ -65,7 +66,7 @@ def generate_run(hf_dir: str, out_path: str, tp: int, pp: int, max_new: int = 10
 
     parallel.initialize(parallel.ParallelConfig(tp, pp), seed=1)
     cfg = Qwen25VLConfig.from_hf(hf_dir, tensor_model_parallel_size=tp,
-                                 pipeline_model_parallel_size=pp, spec="local")
+                                 pipeline_model_parallel_size=pp, spec=spec)
     dev = parallel.device()
     model = Qwen25VLModel(cfg).to(dev)
     load_hf_weights(model, hf_dir)

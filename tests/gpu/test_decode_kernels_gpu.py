@@ -1,0 +1,115 @@
+"""On a GPU: the skinny decode GEMM (inference/decode_gemm.py) against an fp64 product at the
+7B decode shapes it is picked for, and a whole fused decode step (our RMSNorm and GEMMs in the
+QKV projection and the MLP, the fused RoPE + cache write, split-K attention) against TE's
+modules with eager RoPE and SDPA, on a tiny checkpoint wide enough for our GEMM to be picked,
+at TP=1 and (2 GPUs) TP=2. Run: pytest tests/gpu -s"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_latent.conversion.hf_load import load_hf_weights
+from megatron_latent.inference import decode_gemm
+from megatron_latent.inference.generator import Generator
+from megatron_latent.inference.sampling import SamplingParams
+from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
+from megatron_latent.models.qwen25vl.model import Qwen25VLModel
+from megatron_latent.testing.generation import (demo_prompts, generate_run, lvr_processor,
+                                                lvr_rule, recompute_logits)
+
+pytestmark = pytest.mark.gpu
+SHAPES_7B = {"fc1": (3584, 37888), "fc2": (18944, 3584), "output": (3584, 152064)}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m", [1, 8, 16])
+def test_decode_gemm_as_accurate_as_cublas(dtype, m):
+    """Where tiling_for picks our kernel, its error from the fp64 product is within twice
+    cuBLAS's (both accumulate in fp32; bf16 rounds the output once)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    pytest.importorskip("triton")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    gen = torch.Generator(device="cuda").manual_seed(m)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for name, (k, n) in SHAPES_7B.items():
+        assert decode_gemm.tiling_for(m, n, k, sms) is not None, name
+        w = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).to(dtype)
+        x = torch.randn(2, m, k, device="cuda", generator=gen).to(dtype)[1]  # a strided view
+        ref = x.double() @ w.double().T
+        ours = (decode_gemm.gemm(x, w).double() - ref).abs().max().item()
+        cublas = (torch.nn.functional.linear(x, w).double() - ref).abs().max().item()
+        print(f"\n[{name} m={m} {dtype}] max error ours {ours:.2e} cuBLAS {cublas:.2e}")
+        assert ours <= 2 * cublas + 1e-6 * ref.abs().max().item()
+
+
+def _wide_ckpt(root):
+    """Tiny, but with hidden 128 and MLP 512 so fc1, fc2 and the output layer take our GEMM."""
+    from megatron_latent.testing.tiny_checkpoint import make_tiny_qwen25vl
+
+    return str(make_tiny_qwen25vl(root / "wide", preset="tiny-a", hidden_size=128,
+                                  intermediate_size=512, mrope_section=[4, 6, 6]))
+
+
+@pytest.fixture(scope="module")
+def wide_ckpt(tmp_path_factory):
+    return _wide_ckpt(tmp_path_factory.mktemp("ckpt"))
+
+
+def _te_model(path):
+    model = Qwen25VLModel(Qwen25VLConfig.from_hf(path, spec="te", params_dtype=torch.float32))
+    model = model.cuda().eval()
+    load_hf_weights(model, path)
+    return model
+
+
+def test_fused_decode_with_our_gemm_equals_eager_fp32(wide_ckpt, megatron_single_rank,
+                                                       monkeypatch):
+    """fp32 params: same tokens, every step's logits within TF32's error (TE runs fp32 GEMMs in
+    TF32, ours in full fp32), with our GEMM called in every decode step."""
+    pytest.importorskip("transformer_engine")
+    pytest.importorskip("triton")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    model = _te_model(wide_ckpt)
+    calls = []
+    real = decode_gemm.linear
+    monkeypatch.setattr(decode_gemm, "linear", lambda *a: calls.append(a[1].shape) or real(*a))
+    proc, ids = lvr_processor(wide_ckpt)
+    prompts, params = demo_prompts(proc), SamplingParams(max_new_tokens=12)
+    runs = [Generator(model, rule=lvr_rule(ids), split_attention=split,
+                      pad_id=proc.tokenizer.pad_token_id).generate(prompts, params,
+                                                                   record_logits=True)
+            for split in (False, True)]
+    picked = {tuple(s) for s in calls}
+    print(f"\nour GEMM ran {len(calls)} times on weights {sorted(picked)}")
+    # fc1 (gated: 2 x 512), fc2 and the (tied) output layer
+    assert {(1024, 128), (128, 512), (model.cfg.padded_vocab_size, 128)} <= picked
+    for eager, fused in zip(*runs):
+        diff = (fused.logits - eager.logits).abs().max().item()
+        print(f"fused vs eager decode (fp32): {len(eager.tokens)} steps, logits {diff:.2e}")
+        assert fused.tokens == eager.tokens and diff <= 5e-3
+
+
+def test_fused_decode_tp2_nccl(wide_ckpt, megatron_single_rank, tmp_path):
+    """TE spec at TP=2 (fc2's partial sums all-reduced after our path) against the uncached
+    recompute on one GPU: same greedy tokens as TP=1, logits within TF32's error."""
+    from megatron_latent.testing.distributed import run_distributed
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    pytest.importorskip("transformer_engine")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    out = tmp_path / "gen.pt"
+    run_distributed(generate_run, 2, wide_ckpt, str(out), 2, 1, 10, "te")
+    got = torch.load(out, weights_only=False)["greedy"]
+    model = _te_model(wide_ckpt)
+    proc, ids = lvr_processor(wide_ckpt)
+    prompts = demo_prompts(proc)
+    ref = Generator(model, rule=lvr_rule(ids), pad_id=proc.tokenizer.pad_token_id).generate(
+        prompts, SamplingParams(max_new_tokens=10))
+    for prompt, c, r in zip(prompts, got, ref):
+        assert c.tokens == r.tokens and c.latent_positions == r.latent_positions
+        diff = (recompute_logits(model, prompt, c) - c.logits).abs().max().item()
+        print(f"\n[te tp2 nccl] cached vs recompute logits {diff:.2e}")
+        assert diff <= 5e-3
