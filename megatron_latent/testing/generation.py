@@ -40,6 +40,20 @@ def demo_prompts(processor, latent_first: bool = True):
             build_prompt(processor, "Describe the cat.", [ph[2]])]
 
 
+def agree_until_near_tie(ref, other, tol: float) -> tuple[int, float]:
+    """Two generations of one prompt whose numerics legitimately differ (bf16 kernels, TF32):
+    they must agree up to the first step where `ref`'s top two logits are within 2 * tol (there
+    either token is right and the runs may part). Asserts equal tokens before that step and
+    logits within `tol` up to it; returns (steps compared, max logit difference)."""
+    top2 = ref.logits.float().topk(2, dim=-1).values
+    close = ((top2[:, 0] - top2[:, 1]) < 2 * tol).nonzero()
+    n = int(close[0]) + 1 if len(close) else len(ref.tokens)
+    diff = (other.logits[:n].float() - ref.logits[:n].float()).abs().max().item()
+    assert other.tokens[:n - 1] == ref.tokens[:n - 1], (other.tokens, ref.tokens)
+    assert diff <= tol, f"logits differ by {diff:.3e} in the first {n} steps"
+    return n, diff
+
+
 @torch.no_grad()
 def recompute_logits(model, prompt, completion) -> torch.Tensor:
     """Oracle for cached decoding: one uncached forward over prompt + completion with the

