@@ -65,28 +65,38 @@ def _te_model(path):
     return model
 
 
-def test_fused_decode_with_our_gemm_equals_eager_fp32(wide_ckpt, megatron_single_rank,
-                                                       monkeypatch):
-    """fp32 params, our GEMM called in every decode step: every step's logits equal the
-    uncached recompute's within TF32's error (TE runs fp32 GEMMs in TF32, ours in full fp32),
-    and the eager decode gives the same tokens up to its first near-tie."""
+@pytest.mark.parametrize("ckpt", ["tiny-a", "wide"])
+def test_fused_decode_equals_eager_fp32(ckpt, tiny_ckpts, wide_ckpt, megatron_single_rank,
+                                        monkeypatch):
+    """fp32 params: every step's logits equal the uncached recompute's within TF32's error (TE
+    runs fp32 GEMMs in TF32, ours in full fp32), and the eager decode (TE's modules, eager
+    RoPE, SDPA) gives the same tokens up to its first near-tie. On the wide checkpoint our GEMM
+    runs fc1, fc2 and the output layer in every decode step."""
     pytest.importorskip("transformer_engine")
     pytest.importorskip("triton")
+    from megatron_latent.inference import decode_norm_linear
+    from megatron_latent.inference.layer import mlp_fusable
+
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    model = _te_model(wide_ckpt)
+    path = wide_ckpt if ckpt == "wide" else tiny_ckpts[ckpt]
+    model = _te_model(path)
+    layers = model.language_model.decoder.layers
+    assert all(decode_norm_linear.fusable(layer.self_attention.linear_qkv) for layer in layers)
+    assert all(mlp_fusable(layer) for layer in layers)
+    assert layers[0].self_attention.linear_qkv.use_bias  # Qwen's QKV bias goes through RoPE
     calls = []
     real = decode_gemm.linear
     monkeypatch.setattr(decode_gemm, "linear", lambda *a: calls.append(a[1].shape) or real(*a))
-    proc, ids = lvr_processor(wide_ckpt)
+    proc, ids = lvr_processor(path)
     prompts, params = demo_prompts(proc), SamplingParams(max_new_tokens=12)
     runs = [Generator(model, rule=lvr_rule(ids), split_attention=split,
                       pad_id=proc.tokenizer.pad_token_id).generate(prompts, params,
                                                                    record_logits=True)
             for split in (False, True)]
     picked = {tuple(s) for s in calls}
-    print(f"\nour GEMM ran {len(calls)} times on weights {sorted(picked)}")
-    # fc1 (gated: 2 x 512), fc2 and the (tied) output layer
-    assert {(1024, 128), (128, 512), (model.cfg.padded_vocab_size, 128)} <= picked
+    print(f"\n[{ckpt}] our GEMM ran {len(calls)} times on weights {sorted(picked)}")
+    if ckpt == "wide":  # fc1 (gated: 2 x 512), fc2 and the (tied) output layer
+        assert {(1024, 128), (128, 512), (model.cfg.padded_vocab_size, 128)} <= picked
     for prompt, eager, fused in zip(prompts, *runs):
         # the oracle: one uncached forward over the fused run's own tokens and latents
         full = (recompute_logits(model, prompt, fused) - fused.logits).abs().max().item()
