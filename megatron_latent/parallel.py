@@ -81,6 +81,7 @@ def initialize(parallel: ParallelConfig = ParallelConfig(), seed: int = 1234) ->
             f"({cp}) parallel sizes = {tp * pp * cp}")
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    _destroy_host_groups()  # a re-initialisation must not leave the old twins alive
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp)
     from megatron_latent.latent import pipeline_channel
@@ -107,6 +108,13 @@ def _gloo_twin(group) -> dist.ProcessGroup:
         if dist.get_rank() in ranks:
             twin = g
     return twin
+
+
+def _destroy_host_groups() -> None:
+    for group in _HOST_GROUPS.values():
+        if group is not None and group != dist.GroupMember.NON_GROUP_MEMBER:
+            dist.destroy_process_group(group)
+    _HOST_GROUPS.clear()
 
 
 def model_parallel_max(value: int) -> int:

@@ -1,4 +1,5 @@
-"""Worker bodies for the launcher's own tests (module-level so spawned processes import them)."""
+"""Worker bodies for the launcher's own tests and parallel.py's host groups (module-level so
+spawned processes import them)."""
 
 from __future__ import annotations
 
@@ -44,3 +45,23 @@ def collective_graph_teardown() -> None:
     torch.cuda.synchronize()
     assert torch.equal(y, torch.full_like(x, 2.0)), y[:4]
     parallel.destroy()  # returns, with `graphed` still referenced here
+
+
+def host_max_across_reinit() -> None:
+    """TP=2: the host agreement gives the larger rank's value on both ranks; after re-initialising
+    as TP=1 (two DP replicas) each rank keeps its own, and the TP=2 gloo twin is gone."""
+    from megatron_latent import parallel
+
+    rank = int(os.environ["RANK"])
+    parallel.initialize(parallel.ParallelConfig(tensor_model_parallel_size=2))
+    old = parallel._HOST_GROUPS["model"]
+    assert parallel.model_parallel_max(3 + 4 * rank) == 7
+    parallel.initialize(parallel.ParallelConfig())
+    assert parallel.model_parallel_max(3 + 4 * rank) == 3 + 4 * rank
+    try:
+        dist.get_process_group_ranks(old)
+    except (KeyError, ValueError, RuntimeError):
+        pass  # destroyed
+    else:
+        raise AssertionError("the TP=2 host group outlived the re-initialisation")
+    parallel.destroy()
