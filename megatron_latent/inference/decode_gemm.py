@@ -1,13 +1,15 @@
 """Skinny GEMMs for a decode step: y = x W^T with x [m, k], m a handful of rows, W [n, k].
 
 Why: at decode each GEMM reads its whole weight once, so its time is weight bytes / HBM
-bandwidth. cuBLAS (through torch or TE: the same kernels) streams the wide ones at 85-92% of an
-H200's 4.8 TB/s but the narrow ones (attention output, MLP fc2: n = 3,584) at 57-74%
-(benchmarks/bench_decode_gemm.py). Here every program owns a [BLOCK_N] slice of the output
-columns and a range of k (split-K, so narrow GEMMs still give every SM a few programs); it
-streams its weight tile once, multiplies by all rows of x, and writes fp32 partial sums that a
-second kernel adds in a fixed order (deterministic) and rounds once. With one split the first
-kernel writes the output itself.
+bandwidth. At a handful of rows cuBLAS (through torch or TE: the same kernels) streams the 7B
+MLP's fc1 at 79-80% of an H200's 4.8 TB/s, fc2 at 71-72% and the output layer at 87-88%; this
+kernel streams them at 86-87%, 76-77% and 92-93% (benchmarks/bench_decode_gemm.py --sweep, 1-16
+rows), 0.24-0.28 ms of a 7B decode step. Every program owns a [BLOCK_N] slice of the output
+columns and a range of k (split-K where the GEMM is narrow, so every SM has a few programs); it
+streams its weight tile once, multiplies it by all rows of x, and writes fp32 partial sums that
+a second kernel adds in a fixed order (deterministic) and rounds once. With one split the first
+kernel writes the output itself. Where cuBLAS is as fast (the square QKV and attention-output
+GEMMs, and every GEMM at 64 rows) `gemm` leaves it to cuBLAS.
 """
 
 from __future__ import annotations
@@ -19,16 +21,15 @@ import torch.nn.functional as F
 
 from megatron_latent.inference.decode_attention import tl, triton
 
-
 MAX_ROWS = 16  # past this cuBLAS's tiles win (measured at 64 rows)
 
 
 @dataclass(frozen=True)
 class Tiling:
-    block_n: int = 64
-    block_k: int = 256
+    block_n: int = 64  # output columns a program owns
+    block_k: int = 128  # k per pipelined load
     splits: int = 1  # ranges of k, each summed by its own programs
-    stages: int = 4
+    stages: int = 3  # loads in flight
     warps: int = 4
 
 
@@ -94,10 +95,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, tiling: Tiling) -> torch.Tenso
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     grid = (n // tiling.block_n, splits, -(-m // block_m))
     _partial[grid](rows, weight, part, m, n, rows.stride(0), weight.stride(0),
-                   part.stride(0) if splits > 1 else 0, n, k_blocks, per, EVEN=k_blocks % per == 0,
-                   BLOCK_M=block_m,
-                   BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k, PRECISION=precision,
-                   num_stages=tiling.stages, num_warps=tiling.warps)
+                   part.stride(0) if splits > 1 else 0, n, k_blocks, per,
+                   EVEN=k_blocks % per == 0, BLOCK_M=block_m, BLOCK_N=tiling.block_n,
+                   BLOCK_K=tiling.block_k, PRECISION=precision, num_stages=tiling.stages,
+                   num_warps=tiling.warps)
     if splits > 1:
         block = 1024
         _sum_splits[(-(-m * n // block),)](part, y, m * n, part.stride(0), SPLITS=splits,
