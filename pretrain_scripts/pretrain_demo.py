@@ -38,7 +38,7 @@ def main(argv=None):
 
     from megatron_latent import parallel
     from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
-    from megatron_latent.testing.samples import two_sample_batch
+    from megatron_latent.testing.samples import two_sample_micro_batch
     from megatron_latent.testing.tiny_checkpoint import make_tiny_qwen25vl
     from megatron_latent.training.build import OptimSettings, build_model, build_optimizer
     from megatron_latent.training.run_logger import RunLogger
@@ -62,9 +62,7 @@ def main(argv=None):
                                  params_dtype=torch.bfloat16 if args.bf16 else torch.float32)
     model = build_model(cfg, hf_dir)
     optimizer = build_optimizer(model, OptimSettings(lr=args.lr))
-    batch = two_sample_batch(AutoProcessor.from_pretrained(hf_dir), cfg)
-    mb = {k: batch[k] for k in ("input_ids", "labels", "loss_mask", "pixel_values",
-                                "image_grid_thw", "position_ids")}
+    mb = two_sample_micro_batch(AutoProcessor.from_pretrained(hf_dir), cfg)
     log = RunLogger(args.train_iters, run_name="demo", config=vars(args), wandb_mode=args.wandb_mode)
     for step in range(1, args.train_iters + 1):
         out = train_step(model, optimizer, [mb])

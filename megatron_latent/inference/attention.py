@@ -9,10 +9,10 @@ is unchanged. Two paths are ours:
   row per token: merging s and b of q/k ([s*b, 1, h, d], a view) and of the angles makes every
   case a single-row call, exact. Without it megatron runs ~6 unfused kernels per tensor and
   their backward (~14 ms of a 7B-shaped 8-micro-batch LVR step on an H200).
-- The cached path
-(a decode step on a GPU: one Triton kernel for RoPE and the cache write, decode_rope.py) keeps
-the projection's [s, b, groups, (heads_per_group + 2) * d] layout, applies RoPE to all
-heads of a group in one pass, and hands the grouped heads to the cache, which stores each group's
+- The cached path keeps the projection's [s, b, groups, (heads_per_group + 2) * d] layout
+(a decode step on a GPU: our RMSNorm + GEMM, decode_norm_linear.py, then one Triton kernel
+for the bias, RoPE and the cache write, decode_rope.py), applies RoPE to all heads of a group
+in one pass, and hands the grouped heads to the cache, which stores each group's
 key and value side by side with one write (fewer, larger kernels: a decode step is launch-bound
 at small batch).
 """

@@ -109,6 +109,13 @@ def _sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def sm_count(t: torch.Tensor) -> int:
+    """Streaming multiprocessors of `t`'s GPU (8 off a GPU: Triton's CPU interpreter, tests)."""
+    if not t.is_cuda:
+        return 8
+    return _sms(torch.cuda.current_device() if t.device.index is None else t.device.index)
+
+
 def splits_for(batch_groups: int, length: int, sms: int) -> int:
     """Chunks per (sequence, group): about two blocks per SM in all, at least one tile each."""
     tiles = -(-length // BLOCK_N)
@@ -125,10 +132,7 @@ def decode_attention(q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, scal
     if kv.stride(-1) != 1 or q.stride(-1) != 1:
         raise ValueError("q and the KV buffer need a contiguous last dimension")
     if splits is None:
-        sms = 8  # Triton's CPU interpreter (tests)
-        if q.is_cuda:
-            sms = _sms(torch.cuda.current_device() if q.device.index is None else q.device.index)
-        splits = splits_for(b * g, n, sms)
+        splits = splits_for(b * g, n, sm_count(q))
     per = -(-n // splits)
     chunk = -(-per // BLOCK_N) * BLOCK_N  # keys per chunk, whole tiles
     splits = -(-n // chunk)  # rounding up the chunk can leave fewer chunks

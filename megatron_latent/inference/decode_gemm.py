@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from megatron_latent.inference.decode_attention import tl, triton
+from megatron_latent.inference.decode_attention import sm_count, tl, triton
 
 MAX_ROWS = 16  # past this cuBLAS's tiles win (measured at 64 rows)
 
@@ -130,8 +130,5 @@ def gemm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     m = x.numel() // k
     if triton is None or not x.is_cuda or x.dtype != weight.dtype:
         return F.linear(x, weight)
-    from megatron_latent.inference.decode_attention import _sms
-
-    t = tiling_for(m, n, k, _sms(x.device.index if x.device.index is not None
-                                  else torch.cuda.current_device()))
+    t = tiling_for(m, n, k, sm_count(x))
     return F.linear(x, weight) if t is None or not fits(x, weight, t) else linear(x, weight, t)

@@ -81,7 +81,6 @@ class Generator:
                                      device=self.device)
         _allow_shape_variants()
 
-
     # ------------------------------------------------------------------ inputs
     def _prepare(self, prompts: list[Prompt], params: SamplingParams) -> dict:
         if not prompts:

@@ -13,8 +13,9 @@ micro-batch, a `LatentStep` that the model calls at its two injection points:
 
 `count(micro_batch)` returns the token/element counts of each loss term; the training step sums
 them over all micro-batches and data-parallel ranks into `micro_batch["step_totals"]` (0-d
-tensors on the compute device) before the schedule runs, so each term is a true mean over the global batch; the micro-batch's own counts
-go into `micro_batch["counts"]` (host numbers: a step reads them instead of syncing on the GPU).
+tensors on the compute device) before the schedule runs, so each term is a true mean over the
+global batch; the micro-batch's own counts go into `micro_batch["counts"]` (host numbers: a
+step reads them instead of syncing on the GPU).
 """
 
 from __future__ import annotations

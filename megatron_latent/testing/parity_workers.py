@@ -8,7 +8,7 @@ from megatron.core import parallel_state as ps
 
 from megatron_latent import parallel
 from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
-from megatron_latent.testing.samples import two_sample_batch
+from megatron_latent.testing.samples import MICRO_BATCH_KEYS, two_sample_batch
 from megatron_latent.training.build import OptimSettings, build_model, build_optimizer
 from megatron_latent.training.step import eval_loss, full_logits, train_step
 
@@ -34,8 +34,7 @@ def layout_run(hf_dir: str, out_path: str, layouts: list[dict], seq_length: int 
                                      num_layers_in_first_pipeline_stage=lay.get("first"),
                                      spec=lay.get("spec", "local"))
         batch = two_sample_batch(processor, cfg, seq_length=seq_length)
-        mb = {k: batch[k] for k in ("input_ids", "labels", "loss_mask", "pixel_values",
-                                    "image_grid_thw", "position_ids")}
+        mb = {k: batch[k] for k in MICRO_BATCH_KEYS}
         dist_opt = lay.get("dist_opt", False)
         model = build_model(cfg, hf_dir, use_distributed_optimizer=dist_opt)
         optimizer = build_optimizer(model, OptimSettings(lr=1e-3, use_distributed_optimizer=dist_opt))

@@ -49,3 +49,14 @@ def two_sample_batch(processor, cfg, seq_length: int | None = None) -> dict:
     position_ids, _ = rope_index(ids, enc["image_grid_thw"], image_token_id=cfg.image_token_id,
                                  spatial_merge_size=cfg.spatial_merge_size, attention_mask=attn)
     return {**enc, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
+
+
+# what a training step reads from a micro-batch (training/step.py)
+MICRO_BATCH_KEYS = ("input_ids", "labels", "loss_mask", "pixel_values", "image_grid_thw",
+                    "position_ids")
+
+
+def two_sample_micro_batch(processor, cfg, seq_length: int | None = None) -> dict:
+    """`two_sample_batch` with only the fields a training step reads."""
+    batch = two_sample_batch(processor, cfg, seq_length)
+    return {k: batch[k] for k in MICRO_BATCH_KEYS}

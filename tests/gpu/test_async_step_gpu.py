@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
-from megatron_latent.testing.samples import two_sample_batch
+from megatron_latent.testing.samples import two_sample_micro_batch
 from megatron_latent.training.build import OptimSettings, build_model, build_optimizer
 from megatron_latent.training.step import launch_step, train_step
 
@@ -45,9 +45,7 @@ def test_lagged_steps_equal_waited_steps(tiny_ckpts, megatron_single_rank):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     path = tiny_ckpts["tiny-b"]
     cfg = Qwen25VLConfig.from_hf(path)
-    batch = two_sample_batch(AutoProcessor.from_pretrained(path), cfg)
-    mb = {k: batch[k] for k in ("input_ids", "labels", "loss_mask", "pixel_values",
-                                "image_grid_thw", "position_ids")}
+    mb = two_sample_micro_batch(AutoProcessor.from_pretrained(path), cfg)
     waited = _run(path, [mb, mb], lagged=False)
     lagged = _run(path, [mb, mb], lagged=True)
     for i, (w, g) in enumerate(zip(waited, lagged)):

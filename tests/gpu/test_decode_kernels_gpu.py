@@ -9,12 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_latent.conversion.hf_load import load_hf_weights
 from megatron_latent.inference import decode_gemm
 from megatron_latent.inference.generator import Generator
+from megatron_latent.inference.loading import load_for_generation
 from megatron_latent.inference.sampling import SamplingParams
-from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
-from megatron_latent.models.qwen25vl.model import Qwen25VLModel
 from megatron_latent.testing.generation import (agree_until_near_tie, demo_prompts,
                                                 generate_run, lvr_processor, lvr_rule,
                                                 recompute_logits)
@@ -59,10 +57,7 @@ def wide_ckpt(tmp_path_factory):
 
 
 def _te_model(path):
-    model = Qwen25VLModel(Qwen25VLConfig.from_hf(path, spec="te", params_dtype=torch.float32))
-    model = model.cuda().eval()
-    load_hf_weights(model, path)
-    return model
+    return load_for_generation(path, spec="te", dtype=torch.float32)[0]
 
 
 @pytest.mark.parametrize("ckpt", ["tiny-a", "wide"])

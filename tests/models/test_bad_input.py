@@ -11,7 +11,7 @@ import torch
 from megatron_latent.conversion.hf_load import load_hf_weights
 from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
 from megatron_latent.models.qwen25vl.model import Qwen25VLModel
-from megatron_latent.testing.samples import two_sample_batch
+from megatron_latent.testing.samples import MICRO_BATCH_KEYS, two_sample_batch
 
 
 def test_not_qwen25vl(tmp_path, tiny_ckpts):
@@ -100,8 +100,7 @@ def test_training_step_checks_with_host_counts(model_and_batch, tiny_ckpts):
     _, cfg, b = model_and_batch
     model = build_model(cfg, tiny_ckpts["tiny-a"])
     optimizer = build_optimizer(model, OptimSettings(lr=0.0))
-    mb = {k: b[k] for k in ("input_ids", "labels", "loss_mask", "pixel_values",
-                            "image_grid_thw", "position_ids")}
+    mb = {k: b[k] for k in MICRO_BATCH_KEYS}
     n_img = int((mb["input_ids"] == cfg.image_token_id).sum())
     assert host_token_counts(mb, model[0]) == (n_img, 0)  # counted on the host, exactly
     ids = mb["input_ids"].clone()

@@ -10,20 +10,17 @@ import pytest
 import torch
 
 from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
-from megatron_latent.testing.samples import two_sample_batch
+from megatron_latent.testing.samples import two_sample_micro_batch
 from megatron_latent.training.build import OptimSettings, build_model, build_optimizer, unwrap
 from megatron_latent.training.step import train_step
 from megatron_latent.training.wgrad_fusion import fuse_wgrad_accumulation
-
-KEYS = ("input_ids", "labels", "loss_mask", "pixel_values", "image_grid_thw", "position_ids")
 
 
 def _step(path: str, fused: bool):
     from transformers import AutoProcessor
 
     cfg = Qwen25VLConfig.from_hf(path)
-    batch = two_sample_batch(AutoProcessor.from_pretrained(path), cfg)
-    mb = {k: batch[k] for k in KEYS}
+    mb = two_sample_micro_batch(AutoProcessor.from_pretrained(path), cfg)
     model = build_model(cfg, path, freeze_vision=True)
     switched = fuse_wgrad_accumulation(unwrap(model[0]), linears=False) if fused else []
     optimizer = build_optimizer(model, OptimSettings(lr=1e-3))

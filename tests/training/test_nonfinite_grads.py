@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
-from megatron_latent.testing.samples import two_sample_batch
+from megatron_latent.testing.samples import two_sample_micro_batch
 from megatron_latent.training.build import OptimSettings, build_model, build_optimizer, unwrap
 from megatron_latent.training.step import launch_step, train_step
 
@@ -21,9 +21,7 @@ def _setup(path, clip_grad):
 
     torch.manual_seed(0)
     cfg = Qwen25VLConfig.from_hf(path)
-    batch = two_sample_batch(AutoProcessor.from_pretrained(path), cfg)
-    mb = {k: batch[k] for k in ("input_ids", "labels", "loss_mask", "pixel_values",
-                                "image_grid_thw", "position_ids")}
+    mb = two_sample_micro_batch(AutoProcessor.from_pretrained(path), cfg)
     model = build_model(cfg, path)
     optimizer = build_optimizer(model, OptimSettings(lr=1e-3, clip_grad=clip_grad))
     return model, optimizer, mb

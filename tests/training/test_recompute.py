@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
-from megatron_latent.testing.samples import two_sample_batch
+from megatron_latent.testing.samples import two_sample_micro_batch
 from megatron_latent.training.build import OptimSettings, build_model, build_optimizer, unwrap
 from megatron_latent.training.step import train_step
 
@@ -20,9 +20,7 @@ MODES = {"none": {}, "selective": dict(recompute_granularity="selective"),
 def _two_steps(path, processor, over):
     torch.manual_seed(0)
     cfg = Qwen25VLConfig.from_hf(path, **over)
-    batch = two_sample_batch(processor, cfg)
-    mb = {k: batch[k] for k in ("input_ids", "labels", "loss_mask", "pixel_values",
-                                "image_grid_thw", "position_ids")}
+    mb = two_sample_micro_batch(processor, cfg)
     model = build_model(cfg, path)
     calls = {"core_attention": 0, "mlp": 0}
     for layer in unwrap(model[0]).language_model.decoder.layers:

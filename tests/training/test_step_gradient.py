@@ -11,11 +11,10 @@ import torch.nn.functional as F
 
 from megatron_latent.conversion.hf_mapping import NameTable
 from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
-from megatron_latent.testing.samples import two_sample_batch
+from megatron_latent.testing.samples import MICRO_BATCH_KEYS, two_sample_batch
 from megatron_latent.training.build import OptimSettings, build_model, build_optimizer, unwrap
 from megatron_latent.training.step import train_step
 
-KEYS = ("input_ids", "labels", "loss_mask", "pixel_values", "image_grid_thw", "position_ids")
 COMPARED = ["language_model.embedding.word_embeddings.weight",
             "language_model.decoder.layers.1.self_attention.linear_qkv.weight",
             "language_model.decoder.layers.0.mlp.linear_fc2.weight",
@@ -28,7 +27,7 @@ def test_step_gradient_is_the_global_mean_gradient(tiny_ckpts, megatron_single_r
     path = tiny_ckpts["tiny-b"]  # untied output layer
     cfg = Qwen25VLConfig.from_hf(path)
     batch = two_sample_batch(AutoProcessor.from_pretrained(path), cfg)
-    first = {k: batch[k] for k in KEYS}
+    first = {k: batch[k] for k in MICRO_BATCH_KEYS}
     second = dict(first, loss_mask=first["loss_mask"].clone())
     second["loss_mask"][0] = 0  # the second micro-batch counts the second sample only
     assert first["loss_mask"].sum() != second["loss_mask"].sum()
