@@ -11,7 +11,7 @@ reaches:
   torch  torch.nn.functional.linear (cuBLAS through torch)
   fp8    torch._scaled_mm with the weight in float8_e4m3 (half the bytes; per-tensor scales),
          the activation cast included; m is padded to 16 as the kernel wants
-  ours   decode_gemm.gemm (megatron_latent/inference/decode_gemm.py), what a decode step runs:
+  ours   decode_gemm.gemm (megatron_latent/ops/decode_gemm.py), what a decode step runs:
          our split-K skinny GEMM with the tiling it picks, or cuBLAS where it picks none;
          `--sweep` first times a grid of our kernel's tilings and prints the best per shape
 Each call is timed as a CUDA graph of 50 back-to-back calls (no launch gaps), median of 5.
@@ -84,7 +84,7 @@ def implementations(k: int, n: int, m: int):
                                     out_dtype=torch.bfloat16)
 
         out["fp8"] = (run_fp8, n * k)
-    from megatron_latent.inference import decode_gemm
+    from megatron_latent.ops import decode_gemm
 
     if decode_gemm.triton is not None:  # what a decode step runs: ours where picked, else cuBLAS
         out["ours"] = (lambda: decode_gemm.gemm(x, w), 2 * n * k)
@@ -93,7 +93,7 @@ def implementations(k: int, n: int, m: int):
 
 def sweep(k: int, n: int, m: int):
     """(tiling, seconds) of each tiling in a grid, fastest first."""
-    from megatron_latent.inference import decode_gemm
+    from megatron_latent.ops import decode_gemm
 
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)

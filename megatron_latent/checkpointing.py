@@ -2,7 +2,8 @@
 metadata needed to rebuild the model, written atomically.
 
 Layout of a checkpoint directory:
-    megatron_latent.json                 model config (the HF config dict), spec, dtype
+    megatron_latent.json                 model config (the HF config dict), spec, dtype, the latent
+                                         method and its hyper-parameters
     hf/                                  tokenizer / processor / chat-template files (and config.json)
     latest_checkpointed_iteration.txt    the newest complete iteration (Megatron-LM's name)
     iter_0000100/                        one dist checkpoint: model [+ optimizer, rng, train state]
@@ -58,14 +59,19 @@ def is_checkpoint(path: str | Path) -> bool:
 
 
 def write_metadata(ckpt: str | Path, hf_config: dict, spec: str, params_dtype: torch.dtype,
-                   hf_side_dir: str | Path | None, *, vision_ffn_divisible_by: int) -> None:
+                   hf_side_dir: str | Path | None, *, vision_ffn_divisible_by: int,
+                   latent_method: dict | None = None) -> None:
     """Rank 0 only. Copies the tokenizer/processor files so the checkpoint is self-contained.
-    `vision_ffn_divisible_by`: the model's vision-MLP padding, which fixes its stored shapes."""
+    `vision_ffn_divisible_by`: the model's vision-MLP padding, which fixes its stored shapes.
+    `latent_method`: {"name", "hparams"} (latent.registry.describe), so that generation,
+    evaluation, RL and the converters rebuild the same method without flags."""
     ckpt = Path(ckpt)
     ckpt.mkdir(parents=True, exist_ok=True)
     meta = {"format_version": 1, "model": "qwen2_5_vl", "hf_config": hf_config, "spec": spec,
             "params_dtype": str(params_dtype).removeprefix("torch."),
             "vision_ffn_divisible_by": vision_ffn_divisible_by}
+    if latent_method is not None:
+        meta["latent_method"] = latent_method
     _atomic_write_text(ckpt / META, json.dumps(meta, indent=2))
     if hf_side_dir is not None:
         (ckpt / "hf").mkdir(exist_ok=True)

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_latent.platform import cpu_shim
+from megatron_latent.platform.devices import device  # noqa: F401  (parallel.device)
 
 
 @dataclass(frozen=True)
@@ -46,13 +47,6 @@ def _env_from_slurm() -> None:
                                capture_output=True, text=True, check=True).stdout.split()[0]
         os.environ["MASTER_ADDR"] = first
     os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ["SLURM_JOB_ID"]) % 12000))
-
-
-def device() -> torch.device:
-    """This rank's compute device: its GPU, or the CPU (the CPU shim's world)."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def initialize(parallel: ParallelConfig = ParallelConfig(), seed: int = 1234) -> None:

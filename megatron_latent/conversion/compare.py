@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_latent import checkpointing, parallel
-from megatron_latent.testing.samples import two_sample_batch
+from megatron_latent.data.sample_inputs import two_sample_batch
 
 
 def compare(hf_dir: str | Path, ckpt: str | Path, tp: int = 1, pp: int = 1) -> dict | None:

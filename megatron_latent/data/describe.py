@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import bisect
 
-from megatron_latent.data.lvr_records import bbox_token_indices
+from megatron_latent.data.llava_records import bbox_token_indices
 
 
 def describe_sample(dataset, i: int) -> dict:

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from megatron_latent.data.lvr_records import (IMAGE_PLACEHOLDER, LVR_PLACEHOLDER, LvrDataError,
+from megatron_latent.data.llava_records import (IMAGE_PLACEHOLDER, LVR_PLACEHOLDER, LvrDataError,
                                               Record, bbox_token_indices, load_records)
 from megatron_latent.data.lvr_tokens import TokenIds, load_hf_processing
 

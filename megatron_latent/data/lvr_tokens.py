@@ -9,7 +9,7 @@ from pathlib import Path
 LVR_TOKENS = ("<|lvr_start|>", "<|lvr|>", "<|lvr_end|>")
 
 
-def _single_id(tokenizer, token: str) -> int:
+def _single_id(tokenizer, token: str) -> int:  # noqa: see latent.tokens.single_id
     i = tokenizer.convert_tokens_to_ids(token)
     if i is None or tokenizer.encode(token, add_special_tokens=False) != [i]:
         raise ValueError(f"{token} does not tokenize to one id with this tokenizer "

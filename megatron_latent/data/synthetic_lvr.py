@@ -91,7 +91,7 @@ _PHOTOS: dict[str, Image.Image] = {}
 
 def _photo(name: str) -> Image.Image:
     if name not in _PHOTOS:
-        from megatron_latent.testing.samples import sample_photo
+        from megatron_latent.data.sample_inputs import sample_photo
 
         _PHOTOS[name] = sample_photo(name)
     return _PHOTOS[name]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_latent.inference.kv_cache import KVCache
+from megatron_latent.models.qwen25vl.kv_cache import KVCache
 from megatron_latent.inference.sampling import SamplingParams, policy_logprobs
 
 

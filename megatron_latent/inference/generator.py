@@ -20,9 +20,9 @@ from functools import partial
 
 import torch
 
-from megatron_latent.inference import decode_gemm
+from megatron_latent.ops import decode_gemm
 from megatron_latent.inference.decode_loop import DecodeLoop
-from megatron_latent.inference.kv_cache import KVCache
+from megatron_latent.models.qwen25vl.kv_cache import KVCache
 from megatron_latent.inference.sampling import SamplingParams, sample
 from megatron_latent.inference.stages import StageLink
 from megatron_latent.latent.decoding import LatentRule

@@ -35,7 +35,7 @@ def setup() -> None:
     if _group is not None:
         # NCCL makes a separate communicator for point-to-point traffic on first use; make it
         # now with one send/recv while both ranks are here (an all_reduce would not)
-        from megatron_latent.parallel import device
+        from megatron_latent.platform.devices import device
 
         dev = device()
         buf = torch.zeros(1, device=dev)

@@ -1,13 +1,14 @@
 """LVR stage-2 (RL) prompts: LLaVA-style JSON without <image> tokens, the gpt turn holding the
 reference ("<answer>X</answer>"). A records file or a meta JSON listing them, as in SFT.
-Bad records raise LvrDataError naming the file, record and field."""
+Bad records raise DataError naming the file, record and field."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_latent.data.lvr_records import RESERVED, LvrDataError, _read_json, _sources
+from megatron_latent.data.errors import DataError
+from megatron_latent.data.llava_records import RESERVED, _read_json, _sources
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,7 @@ class RLPrompt:
 
 def _record(raw, file, i: int, folder: Path) -> RLPrompt:
     def fail(field, msg):
-        raise LvrDataError(file, i, field, msg)
+        raise DataError(file, i, field, msg)
 
     if not isinstance(raw, dict):
         fail(None, f"expected an object, got {type(raw).__name__}")
@@ -58,8 +59,8 @@ def load_rl_prompts(data_path, image_folder=None) -> list[RLPrompt]:
     out = []
     for file, folder, obj in _sources(path, _read_json(path), image_folder):
         if not isinstance(obj, list):
-            raise LvrDataError(file, None, None, "expected a JSON list of records", "json")
+            raise DataError(file, None, None, "expected a JSON list of records", "json")
         out += [_record(raw, file, i, Path(folder)) for i, raw in enumerate(obj)]
     if not out:
-        raise LvrDataError(path, None, None, "no records", "json")
+        raise DataError(path, None, None, "no records", "json")
     return out

@@ -3,7 +3,7 @@ skipped and counted), sampling settings, and completion text for the rewards."""
 
 from __future__ import annotations
 
-from megatron_latent.data.lvr_records import LvrDataError
+from megatron_latent.data.errors import DataError
 from megatron_latent.data.lvr_tokens import add_lvr_tokens
 from megatron_latent.inference.loading import open_image, stop_ids
 from megatron_latent.inference.prompts import build_prompt
@@ -33,7 +33,7 @@ class PromptBuilder:
                 try:
                     images.append(open_image(path))
                 except ValueError as e:
-                    raise LvrDataError(path, None, f"image[{k}]", f"{rec.id}: {e}") from e
+                    raise DataError(path, None, f"image[{k}]", f"{rec.id}: {e}") from e
             p = build_prompt(self.processor, rec.question, images, system=self.cfg.system_prompt,
                              answer_prefix=self.cfg.answer_prefix)
             if len(p.input_ids) > limit:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 def kernel_cases() -> float:
     """Largest |split-K - SDPA| over shapes with r not a power of two, one and many chunks, a
     chunk with no visible key, and keys past the last full tile."""
-    from megatron_latent.inference.decode_attention import decode_attention
+    from megatron_latent.ops.decode_attention import decode_attention
 
     torch.manual_seed(0)
     worst = 0.0
@@ -38,7 +38,7 @@ def rope_write_cases() -> float:
     """Largest difference of the fused decode RoPE + cache write (decode_rope.py) from the
     eager form (rotate_half RoPE on queries and key, index copy into the slot), over the
     rotated queries and the whole cache (other slots must stay untouched)."""
-    from megatron_latent.inference.decode_rope import rope_rows, rope_write
+    from megatron_latent.ops.decode_rope import rope_rows, rope_write
 
     torch.manual_seed(0)
     worst = 0.0
@@ -67,7 +67,7 @@ def rope_write_cases() -> float:
 def rms_norm_cases() -> float:
     """Largest relative difference of the decode RMSNorm kernel (decode_norm_linear.py) from the
     formula, over widths that are and are not powers of two."""
-    from megatron_latent.inference.decode_norm_linear import rms_norm
+    from megatron_latent.ops.decode_norm_linear import rms_norm
 
     torch.manual_seed(0)
     worst = 0.0
@@ -83,7 +83,7 @@ def gemm_cases() -> float:
     one and several k ranges (one uneven: its surplus blocks load zeros), one row and rows past
     one tile of 16, and x with a row stride (a [1, b, k] slice); plus `tiling_for`'s picks for
     the 7B shapes on a 132-SM GPU, against what the H200 sweep measured (none for QKV)."""
-    from megatron_latent.inference.decode_gemm import Tiling, linear, tiling_for
+    from megatron_latent.ops.decode_gemm import Tiling, linear, tiling_for
 
     torch.manual_seed(0)
     worst = 0.0
@@ -118,8 +118,8 @@ def generation_case(path: str) -> tuple[bool, float]:
     model = Qwen25VLModel(Qwen25VLConfig.from_hf(path))
     load_hf_weights(model, path)
     model.eval()
-    from megatron_latent.inference import decode_attention as kernel
-    from megatron_latent.inference import decode_rope
+    from megatron_latent.ops import decode_attention as kernel
+    from megatron_latent.ops import decode_rope
 
     calls, rope_calls = [], []
     real, real_rope = kernel.decode_attention, decode_rope.rope_write

@@ -1,4 +1,4 @@
-"""On a GPU: the split-K decode attention kernel (inference/decode_attention.py) equals SDPA at a
+"""On a GPU: the split-K decode attention kernel (ops/decode_attention.py) equals SDPA at a
 7B decode shape in bf16 and fp32, and generation with it gives the tokens of generation with
 SDPA (TE spec, bf16; graphed and eager runs of each agree). Run: pytest tests/gpu -s"""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_latent.inference.decode_attention import decode_attention
+from megatron_latent.ops.decode_attention import decode_attention
 from megatron_latent.inference.generator import Generator
 from megatron_latent.inference.sampling import SamplingParams
 from megatron_latent.testing.generation import (agree_until_near_tie, demo_prompts,

@@ -1,4 +1,4 @@
-"""On a GPU: the skinny decode GEMM (inference/decode_gemm.py) against an fp64 product at the
+"""On a GPU: the skinny decode GEMM (ops/decode_gemm.py) against an fp64 product at the
 7B decode shapes it is picked for, and a whole fused decode step (our RMSNorm and GEMMs in the
 QKV projection and the MLP, the fused RoPE + cache write, split-K attention) against TE's
 modules with eager RoPE and SDPA, on a tiny checkpoint wide enough for our GEMM to be picked,
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_latent.inference import decode_gemm
+from megatron_latent.ops import decode_gemm
 from megatron_latent.inference.generator import Generator
 from megatron_latent.inference.loading import load_for_generation
 from megatron_latent.inference.sampling import SamplingParams
@@ -69,8 +69,8 @@ def test_fused_decode_equals_eager_fp32(ckpt, tiny_ckpts, wide_ckpt, megatron_si
     runs fc1, fc2 and the output layer in every decode step."""
     pytest.importorskip("transformer_engine")
     pytest.importorskip("triton")
-    from megatron_latent.inference import decode_norm_linear
-    from megatron_latent.inference.layer import mlp_fusable
+    from megatron_latent.ops import decode_norm_linear
+    from megatron_latent.models.qwen25vl.cached_layer import mlp_fusable
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     path = wide_ckpt if ckpt == "wide" else tiny_ckpts[ckpt]

@@ -1,5 +1,5 @@
 """On a GPU with TE: the LLM's mRoPE through TE's fused kernel (one angle row per token,
-inference/attention.py) gives the same loss and gradients as megatron's unfused RoPE, for a
+models/qwen25vl/cached_attention.py) gives the same loss and gradients as megatron's unfused RoPE, for a
 padded batch of two samples (a row of angles per sample) and for the same samples packed in one
 THD row (positions restarting per sample). fp32 with TF32 off. TE's kernel takes sin/cos of
 angles up to position x inv_freq (hundreds of radians) in fast-math single precision, so the two
@@ -15,7 +15,7 @@ import torch
 from megatron_latent.conversion.hf_load import load_hf_weights
 from megatron_latent.data import LvrSftDataset, collate
 from megatron_latent.data.packing import pack, packed_seq_params
-from megatron_latent.inference.attention import CachedSelfAttention
+from megatron_latent.models.qwen25vl.cached_attention import CachedSelfAttention
 from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
 from megatron_latent.models.qwen25vl.model import Qwen25VLModel
 

@@ -1,4 +1,4 @@
-"""Split-K decode attention (inference/decode_attention.py), the fused decode RoPE + cache write
+"""Split-K decode attention (ops/decode_attention.py), the fused decode RoPE + cache write
 (decode_rope.py), the decode RMSNorm (decode_norm_linear.py) and the skinny decode GEMM
 (decode_gemm.py) against their eager forms, on the CPU
 through Triton's interpreter (fp32): the kernel alone over awkward shapes and masks, and greedy LVR

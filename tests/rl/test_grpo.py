@@ -125,7 +125,7 @@ def test_bad_input(rl_setup, synthetic_lvr, tmp_path):
         PromptBuilder(path, cfg, gcfg).build(records[:6])
     bad = tmp_path / "bad.json"
     bad.write_text('[{"image": "nope.png", "conversations": []}]')
-    from megatron_latent.data.lvr_records import LvrDataError
+    from megatron_latent.data.llava_records import LvrDataError
 
     with pytest.raises(LvrDataError, match=r"bad.json: record 0: field 'image': file not found"):
         load_rl_prompts(bad)

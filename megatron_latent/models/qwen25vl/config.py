@@ -244,7 +244,7 @@ class Qwen25VLConfig:
             hidden_dropout=0.0, attention_dropout=0.0,
             use_cpu_initialization=not torch.cuda.is_available(),
             # megatron's RoPE fusion stays off: TE's fused RoPE takes one position row, mRoPE has
-            # one per sample (the LLM's attention fuses it its own way: inference/attention.py).
+            # one per sample (the LLM's attention fuses it its own way: models/qwen25vl/cached_attention.py).
             # Weight-gradient accumulation fusion needs TE and DDP's main_grad buffers.
             apply_rope_fusion=False, bias_activation_fusion=fuse, masked_softmax_fusion=fuse,
             bias_dropout_fusion=fuse, persist_layer_norm=False,

@@ -28,7 +28,7 @@ def _require_te(spec: Spec) -> None:
 
 
 def language_layer_spec(spec: Spec, fused_rope: bool = False) -> ModuleSpec:
-    """`fused_rope`: TE's fused RoPE kernel for mRoPE (inference/attention.py)."""
+    """`fused_rope`: TE's fused RoPE kernel for mRoPE (models/qwen25vl/cached_attention.py)."""
     from megatron.core.models.gpt import gpt_layer_specs as g
 
     _require_te(spec)
@@ -42,8 +42,8 @@ def language_layer_spec(spec: Spec, fused_rope: bool = False) -> ModuleSpec:
 def _with_decoding(layer: ModuleSpec, fused_rope: bool) -> ModuleSpec:
     """Swap SelfAttention for its subclass that can also decode from our KV cache and apply
     mRoPE with TE's fused kernel, and the layer for its subclass with a fused decode MLP."""
-    from megatron_latent.inference.attention import CachedSelfAttention
-    from megatron_latent.inference.layer import CachedTransformerLayer
+    from megatron_latent.models.qwen25vl.cached_attention import CachedSelfAttention
+    from megatron_latent.models.qwen25vl.cached_layer import CachedTransformerLayer
 
     attn = layer.submodules.self_attention
     attn = replace(attn, module=CachedSelfAttention,

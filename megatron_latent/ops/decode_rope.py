@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_latent.inference.decode_attention import tl, triton
+from megatron_latent.ops.decode_attention import tl, triton
 
 if triton is not None:
 

@@ -19,6 +19,8 @@ from typing import Callable
 
 import numpy as np
 
+from megatron_latent.data.errors import DataError
+
 IMAGE_PLACEHOLDER, LVR_PLACEHOLDER = "<image>", "<lvr>"
 ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 # Literal token strings that would corrupt the layout if they reached the tokenizer from text.
@@ -27,15 +29,8 @@ RESERVED = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "
             "<|lvr_end|>")
 
 
-class LvrDataError(ValueError):
-    """A bad input. The message names the file, the record index and the field; `reason` is a
-    short category used to count skipped records."""
-
-    def __init__(self, file, index, field, message: str, reason: str = "invalid"):
-        self.file, self.index, self.field, self.reason = str(file), index, field, reason
-        where = f"record {index}" if index is not None else "(whole file)"
-        what = f"field {field!r}: " if field else ""
-        super().__init__(f"{file}: {where}: {what}{message}")
+# the data error of every loader (the LVR name is kept for existing callers)
+LvrDataError = DataError
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from megatron.core.inference.config import InferenceConfig
 from megatron.core.inference.contexts.base_context import BaseInferenceContext
 
-from megatron_latent.inference import decode_attention, decode_rope
+from megatron_latent.ops import decode_attention, decode_rope
 
 
 class KVCache(BaseInferenceContext):

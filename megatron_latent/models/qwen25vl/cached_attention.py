@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.attention import SelfAttention
 
-from megatron_latent.inference import decode_norm_linear
-from megatron_latent.inference.kv_cache import KVCache
+from megatron_latent.ops import decode_norm_linear
+from megatron_latent.models.qwen25vl.kv_cache import KVCache
 
 
 class CachedSelfAttention(SelfAttention):

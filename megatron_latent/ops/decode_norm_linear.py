@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from megatron_latent.inference import decode_gemm
-from megatron_latent.inference.decode_attention import tl, triton
+from megatron_latent.ops import decode_gemm
+from megatron_latent.ops.decode_attention import tl, triton
 
 if triton is not None:
 

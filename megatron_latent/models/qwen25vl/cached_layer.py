@@ -18,8 +18,8 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from megatron_latent.inference import decode_gemm, decode_norm_linear
-from megatron_latent.inference.kv_cache import KVCache
+from megatron_latent.ops import decode_gemm, decode_norm_linear
+from megatron_latent.models.qwen25vl.kv_cache import KVCache
 
 
 def mlp_fusable(layer: TransformerLayer) -> bool:

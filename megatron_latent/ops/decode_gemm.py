@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from megatron_latent.inference.decode_attention import sm_count, tl, triton
+from megatron_latent.ops.decode_attention import sm_count, tl, triton
 
 MAX_ROWS = 16  # past this cuBLAS's tiles win (measured at 64 rows)
 

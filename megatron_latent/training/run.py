@@ -1,0 +1,161 @@
+"""The run scaffold every training loop (SFT, RL) shares: its config base, where a run starts
+(resume, a pretrained checkpoint, HF weights), the model/optimizer/scheduler set-up, the stop
+signals, checkpoint saves with the run's metadata, and the flat config for logging."""
+
+from __future__ import annotations
+
+import json
+import signal
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_latent import checkpointing, parallel
+from megatron_latent.platform import host_copy
+from megatron_latent.training import state
+from megatron_latent.training.build import (OptimSettings, build_model, build_optimizer,
+                                            build_scheduler, unwrap)
+
+
+@dataclass
+class LoopConfig:
+    """What every training loop (SFT, RL) takes: data, weights, checkpoints, layout, schedule,
+    logging. The loops' configs extend it."""
+
+    data_path: str
+    hf_dir: str | None = None  # initial weights (HF); or a Megatron checkpoint via `load`
+    pretrained_checkpoint: str | None = None  # initial weights from a megatron_latent checkpoint
+    load: str | None = None
+    save: str | None = None
+    save_interval: int = 0
+    keep_last: int | None = None
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    spec: str = "local"
+    bf16: bool = False
+    seq_length: int = 4096
+    train_iters: int = 100
+    lr_warmup_iters: int = 0
+    lr_decay_style: str = "cosine"
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    freeze_vision: bool = True
+    freeze_merger: bool = True
+    min_pixels: int = 128 * 28 * 28
+    max_pixels: int = 5120 * 28 * 28
+    seed: int = 1234
+    wandb_project: str = "megatron_latent"
+    wandb_exp_name: str | None = None
+    wandb_mode: str | None = None
+    log_dir: str | None = None
+    model_overrides: dict = field(default_factory=dict)  # Qwen25VLConfig fields (fp8, recompute)
+
+
+class StopSignals:
+    """SIGTERM/SIGUSR1 (slurm's pre-timeout signal): checkpoint at the end of a step, exit.
+
+    A signal may reach the ranks a step apart, so they vote: each step queues an all-reduce of
+    its flag behind the step's work, and the loop reads the previous step's result (ready by
+    then) with `agreed()`, the same answer on every rank without draining the GPU."""
+
+    def __init__(self):
+        self.requested = False
+        self._votes: list = []
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(s, self._set)
+
+    def _set(self, *_):
+        self.requested = True
+
+    def vote(self) -> None:
+        flag = host_copy.upload(torch.tensor([int(self.requested)], dtype=torch.int32),
+                                parallel.device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self._votes.append(host_copy.Download(flag))
+
+    def agreed(self) -> bool:
+        """Whether any rank asked to stop, by the previous step's vote."""
+        return len(self._votes) >= 2 and bool(self._votes.pop(0).values().item())
+
+    def agree(self) -> None:
+        """Vote and wait for the answer, into `requested` (a loop that waits anyway: RL)."""
+        self.vote()
+        self.requested = bool(self._votes.pop().values().item())
+        self._votes.clear()
+
+
+def resolve_start(cfg: LoopConfig, overrides: dict):
+    """Where a run starts. `--load` holding a checkpoint: resume it (a requeued job finds its
+    own saves there). Otherwise a fresh run from `--pretrained-checkpoint` (a megatron_latent
+    checkpoint, e.g. the SFT run for RL) or `--hf-dir`. -> (resume, model config, tokenizer dir)."""
+    from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
+
+    if cfg.load is not None and checkpointing.is_checkpoint(cfg.load):
+        src, resume = cfg.load, True
+    elif cfg.pretrained_checkpoint is not None:
+        if not checkpointing.is_checkpoint(cfg.pretrained_checkpoint):
+            raise ValueError(f"--pretrained-checkpoint {cfg.pretrained_checkpoint}: not a "
+                             "megatron_latent checkpoint (no complete iteration)")
+        src, resume = cfg.pretrained_checkpoint, False
+    elif cfg.hf_dir is not None:
+        return False, Qwen25VLConfig.from_hf(cfg.hf_dir, **overrides), cfg.hf_dir
+    else:
+        raise ValueError("give --hf-dir or --pretrained-checkpoint (initial weights), or --load "
+                         f"with a checkpoint to resume (--load {cfg.load!r} holds none)")
+    return resume, checkpointing.config_from_checkpoint(src, **overrides), str(Path(src) / "hf")
+
+
+def setup_training(cfg, mcfg, resume: bool):
+    """Model (DDP), optimizer and scheduler from a loop config (SFT or RL); on resume, the exact
+    train state, or just the weights of a converted checkpoint.
+    -> (model chunks, optimizer, scheduler, iteration, consumed samples)."""
+    fresh_from_ckpt = not resume and cfg.pretrained_checkpoint is not None
+    model = build_model(mcfg, None if resume or fresh_from_ckpt else cfg.hf_dir,
+                        use_distributed_optimizer=cfg.optim.use_distributed_optimizer,
+                        freeze_vision=cfg.freeze_vision, freeze_merger=cfg.freeze_merger)
+    if fresh_from_ckpt:
+        checkpointing.load_model(cfg.pretrained_checkpoint, unwrap(model[0]))
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train_iters, cfg.lr_warmup_iters,
+                                cfg.lr_decay_style)
+    iteration, consumed = 0, 0
+    if resume:
+        if state.saved_train_state(cfg.load) is not None:
+            ts = state.load(cfg.load, model, optimizer, scheduler)
+            iteration, consumed = ts["iteration"], ts["consumed_samples"]
+        else:  # a converted (model-only) checkpoint: start training from its weights
+            checkpointing.load_model(cfg.load, unwrap(model[0]))
+    return model, optimizer, scheduler, iteration, consumed
+
+
+def start_checkpoint_writer() -> None:
+    """Start megatron-core's checkpoint-writer manager process (spawned once, reused by every
+    save) with SIGTERM/SIGUSR1 ignored (SIG_IGN survives exec): slurm signals every process of
+    the job step, and the manager dying of them would make the save on that signal fail."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        filesystem_async.get_write_results_queue()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def save(cfg, mcfg, model, optimizer, scheduler, iteration, consumed, tokenizer, tok_dir):
+    # metadata first: a published iteration must always be loadable
+    if dist.get_rank() == 0 and not (Path(cfg.save) / checkpointing.META).is_file():
+        hf_config = json.loads((Path(tok_dir) / "config.json").read_text())
+        checkpointing.write_metadata(cfg.save, hf_config, mcfg.spec, mcfg.params_dtype, tok_dir,
+                                     vision_ffn_divisible_by=mcfg.vision_ffn_divisible_by)
+        tokenizer.save_pretrained(Path(cfg.save) / "hf")  # with the added latent tokens
+    dist.barrier()
+    state.save(cfg.save, iteration, model, optimizer, scheduler,
+               {"iteration": iteration, "consumed_samples": consumed}, keep_last=cfg.keep_last)
+
+
+def flat_config(cfg: TrainConfig) -> dict:
+    d = asdict(cfg)
+    d.update({f"optim.{k}": v for k, v in d.pop("optim").items()})
+    return d
