@@ -23,6 +23,7 @@ setup(
         "tqdm",
         "numpy",
         "pillow",
+        "pyarrow",  # parquet records (Zebra-CoT / HyLaR-SFT-Data, RL parquet)
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]"],

@@ -57,7 +57,7 @@ def main() -> None:
                           train_iters=args.steps, lr_warmup_iters=10,
                           optim=OptimSettings(lr=args.lr, min_lr=args.lr / 10),
                           min_pixels=224 * 224 // 4, max_pixels=448 * 448, seed=1234,
-                          wandb_mode="disabled", model_overrides=over)
+                          wandb_mode="disabled", model_overrides=over, latent_method="lvr")
         hist = train(cfg)
         parallel.destroy()
         curves[name] = [h["loss"] for h in hist]

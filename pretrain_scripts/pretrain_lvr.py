@@ -1,65 +1,14 @@
-"""LVR stage-1 SFT on megatron-core (latent steps regress the box's visual tokens).
-
-    torchrun --nproc-per-node 8 pretrain_scripts/pretrain_lvr.py \\
-        --hf-dir Qwen2.5-VL-7B-Instruct --data-path data/meta_data_lvr_sft_stage1.json \\
-        --tensor-model-parallel-size 2 --micro-batch-size 1 --global-batch-size 64 \\
-        --seq-length 8192 --train-iters 2500 --lr 1e-5 --lr-warmup-iters 50 --bf16 \\
-        --save ckpt/lvr7b --load ckpt/lvr7b --save-interval 250
-
-Flags follow Megatron-LM's names. `--load` on a directory with a checkpoint resumes exactly
-(model, optimizer, scheduler, RNG, data position); on a converted checkpoint it starts from its
-weights. With neither, `--hf-dir` gives the initial weights.
-"""
+"""LVR stage-1 SFT: `pretrain_sft.py` with `--latent-method lvr` by default (the flags are
+pretrain_sft.py's; `--lvr-loss-lambda` weighs the latent MSE)."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def parse_args(argv=None):
-    from megatron_latent.training.cli import add_common_args
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p, lr=1e-5, decay="cosine")
-    a = p.add_argument
-    a("--valid-data-path")
-    a("--eval-interval", type=int, default=0)
-    a("--eval-iters", type=int, default=1)
-    a("--sequence-parallel", action="store_true")
-    a("--micro-batch-size", type=int, default=1)
-    a("--global-batch-size", type=int, default=1)
-    a("--lvr-loss-lambda", type=float, default=0.1)
-    a("--max-pixels", type=int, default=5120 * 28 * 28)
-    a("--skip-bad-samples", action="store_true", help="skip (and count) bad records instead of failing")
-    a("--pack-sequences", action="store_true",
-      help="THD packing: each micro-batch's samples in one row, no padding (TE spec)")
-    return p.parse_args(argv)
-
-
-def config_from_args(args):
-    from megatron_latent.training.cli import common_config
-    from megatron_latent.training.trainer import TrainConfig
-
-    return TrainConfig(
-        **common_config(args), valid_data_path=args.valid_data_path,
-        eval_interval=args.eval_interval, eval_iters=args.eval_iters,
-        sequence_parallel=args.sequence_parallel, micro_batch_size=args.micro_batch_size,
-        global_batch_size=args.global_batch_size, lvr_lambda=args.lvr_loss_lambda,
-        max_pixels=args.max_pixels, skip_bad_samples=args.skip_bad_samples,
-        pack_sequences=args.pack_sequences)
-
-
-def main(argv=None):
-    from megatron_latent import parallel
-    from megatron_latent.training.trainer import train
-
-    train(config_from_args(parse_args(argv)))
-    parallel.destroy()
-
+from pretrain_sft import main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    main(default_method="lvr")

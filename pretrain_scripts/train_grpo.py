@@ -7,7 +7,8 @@ weights).
         --micro-batch-size 8 --max-new-tokens 512 --seq-length 4096 --bf16 \\
         --train-iters 500 --lr 5e-6 --save ckpt/lvr7b-grpo --load ckpt/lvr7b-grpo
 
-Same checkpoint, resume and logging flags as pretrain_lvr.py. Per step it logs reward (and each
+Same checkpoint, resume and logging flags as pretrain_sft.py; the latent method is the
+--pretrained-checkpoint's (recorded in it). Per step it logs reward (and each
 reward term), KL, clip fraction, response length, latent-span rate, rollout and train seconds.
 """
 
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def parse_args(argv=None):
+    from megatron_latent.latent import registry
     from megatron_latent.training.cli import add_common_args
 
     p = argparse.ArgumentParser(description=__doc__,
@@ -35,9 +37,10 @@ def parse_args(argv=None):
     a("--temperature", type=float, default=0.9)
     a("--top-p", type=float, default=1.0)
     a("--top-k", type=int, default=50)
-    a("--latent-method", choices=["lvr", "none"], default="lvr")
-    a("--latent-mode", default="steps")
-    a("--latent-steps", type=int, default=8)
+    registry.add_args(p, default=None)  # default: the --pretrained-checkpoint's method
+    a("--latent-mode", default=None, help="default: the method's (LVR steps, HyLaR forced)")
+    a("--latent-steps", type=int, default=None,
+      help="latent steps or their cap (default: the method's: LVR 8, HyLaR 32)")
     a("--answer-prefix", default="", help='text after the assistant header, e.g. "<|lvr_start|>"')
     a("--system-prompt", default="You are a helpful assistant.")
     a("--rewards", default="accuracy:1.0,format:1.0", help="name:weight,...")
@@ -54,14 +57,17 @@ def parse_args(argv=None):
 
 
 def config_from_args(args):
+    from megatron_latent.latent import registry
     from megatron_latent.rl.loop import GRPOConfig
     from megatron_latent.training.cli import common_config
 
+    hparams = registry.hparams_from_args(args.latent_method, args) if args.latent_method else {}
     return GRPOConfig(
         **common_config(args), reference=args.reference, prompts_per_step=args.prompts_per_step,
         group_size=args.group_size, micro_batch_size=args.micro_batch_size,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, latent_method=args.latent_method, latent_mode=args.latent_mode,
+        top_k=args.top_k, latent_method=args.latent_method, latent_hparams=hparams,
+        latent_mode=args.latent_mode,
         latent_steps=args.latent_steps, answer_prefix=args.answer_prefix,
         system_prompt=args.system_prompt or None, rewards=args.rewards,
         reward_module=args.reward_module,

@@ -109,8 +109,6 @@ def main(argv=None):
         p.error(f"--batch-size must be >= 1, got {a.batch_size}")
     if a.limit is not None and a.limit < 1:
         p.error(f"--limit must be >= 1, got {a.limit}")
-    if a.latent_steps_sweep and a.latent_method == "none":
-        p.error("--latent-steps-sweep needs a --latent-method other than 'none'")
 
     from megatron_latent.eval.vqa_data import (VqaDataError, read_vqa_jsonl,
                                                write_predictions_jsonl)
@@ -130,8 +128,8 @@ def main(argv=None):
 
     from megatron_latent import parallel
     from megatron_latent.inference.generator import Generator
-    from megatron_latent.inference.loading import (is_output_rank, latent_rule_from_args,
-                                                   load_for_generation, stop_ids)
+    from megatron_latent.inference.loading import (is_output_rank, load_for_generation,
+                                                   stop_ids)
     from megatron_latent.inference.sampling import SamplingParams
 
     try:
@@ -144,16 +142,16 @@ def main(argv=None):
     out = Path(a.out)
     parallel.initialize(parallel.ParallelConfig(a.tp, a.pp), seed=a.seed)
     try:
-        model, processor, _ = load_for_generation(a.ckpt, tp=a.tp, pp=a.pp, spec=a.spec,
-                                                    dtype=a.dtype)
+        model, processor, _, method = load_for_generation(
+            a.ckpt, tp=a.tp, pp=a.pp, spec=a.spec, dtype=a.dtype, latent_method=a.latent_method)
         tok = processor.tokenizer
         params.stop_ids = stop_ids(tok)
-        rules = [latent_rule_from_args(tok, a.latent_method, a.latent_mode, k,
-                                       a.latent_threshold) for k in values]  # check all first
+        rules = [method.decode_program(a.latent_mode, k, a.latent_threshold)
+                 for k in values]  # check all first
         writer = is_output_rank()
         runs = []
         for k, rule in zip(values, rules):
-            steps = k if rule is not None else None
+            steps = rule.steps if rule is not None else None
             gen = Generator(model, rule=rule, pad_id=tok.pad_token_id or 0)
             rows = evaluate(gen, processor, items, params, a, steps,
                             progress=writer and sys.stderr.isatty())
@@ -165,14 +163,14 @@ def main(argv=None):
                 print(label + _accuracy_line(n_ok, len(rows)), flush=True)
             runs.append({"latent_steps": steps, "correct": n_ok, "total": len(rows),
                          "accuracy": n_ok / len(rows), "predictions": str(path)})
-    except (ValueError, FileNotFoundError) as e:  # VqaDataError, bad --ckpt, no HyLaR tokens
+    except (ValueError, FileNotFoundError) as e:  # VqaDataError, bad --ckpt or method
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
         parallel.destroy()
     if writer:
         summary = {"ckpt": str(a.ckpt), "data": str(a.data), "items": len(items),
-                   "latent_method": a.latent_method, "latent_mode": a.latent_mode,
+                   "latent_method": method.name, "latent_mode": a.latent_mode,
                    "answer_prefix": a.answer_prefix, "max_new_tokens": a.max_new_tokens,
                    "temperature": a.temperature,
                    "accuracy": {str(r["latent_steps"] if r["latent_steps"] is not None else "none"):

@@ -41,9 +41,8 @@ def main(argv=None):
         p.error(str(e))
     from megatron_latent import parallel
     from megatron_latent.inference.generator import Generator
-    from megatron_latent.inference.loading import (is_output_rank, latent_rule_from_args,
-                                                   load_for_generation, render_completion,
-                                                   stop_ids)
+    from megatron_latent.inference.loading import (is_output_rank, load_for_generation,
+                                                   render_completion, stop_ids)
     from megatron_latent.inference.prompts import build_prompt
     from megatron_latent.inference.sampling import SamplingParams
 
@@ -54,11 +53,10 @@ def main(argv=None):
         p.error(str(e))
     parallel.initialize(parallel.ParallelConfig(a.tp, a.pp), seed=a.seed)
     try:
-        model, processor, _ = load_for_generation(a.ckpt, tp=a.tp, pp=a.pp, spec=a.spec,
-                                                    dtype=a.dtype)
+        model, processor, _, method = load_for_generation(
+            a.ckpt, tp=a.tp, pp=a.pp, spec=a.spec, dtype=a.dtype, latent_method=a.latent_method)
         tok = processor.tokenizer
-        rule = latent_rule_from_args(tok, a.latent_method, a.latent_mode, a.latent_steps,
-                                     a.latent_threshold)
+        rule = method.decode_program(a.latent_mode, a.latent_steps, a.latent_threshold)
         params.stop_ids = stop_ids(tok)
         prompt = build_prompt(processor, a.prompt, images, system=a.system,
                               answer_prefix=a.answer_prefix)
@@ -73,7 +71,7 @@ def main(argv=None):
                                   "latent_norms": c.latents.norm(dim=-1).tolist()}))
             else:
                 print(text)
-    except (ValueError, FileNotFoundError) as e:  # bad --ckpt, no HyLaR tokens, prompt too long
+    except (ValueError, FileNotFoundError) as e:  # bad --ckpt or method, prompt too long
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

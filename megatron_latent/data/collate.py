@@ -35,7 +35,7 @@ def collate(samples: list[dict], *, pad_id: int, image_token_id: int, lvr_token_
     for r, (n, x) in enumerate(zip(lengths, samples)):
         input_ids[r, :n], labels[r, :n], loss_mask[r, :n] = x["input_ids"], x["labels"], x["loss_mask"]
         attention_mask[r, :n] = 1
-    latent_mask = (input_ids == lvr_token_id) & attention_mask.bool()
+    latent_mask = (input_ids == (-1 if lvr_token_id is None else lvr_token_id)) & attention_mask.bool()
     latent_index = latent_targets(samples, latent_mask, spatial_merge_size)
     image_grid_thw = torch.cat([x["image_grid_thw"] for x in samples]).long()
     position_ids, _ = rope_index(input_ids, image_grid_thw, image_token_id=image_token_id,

@@ -41,7 +41,7 @@ def pack(samples: list[dict], *, pad_id: int, image_token_id: int, lvr_token_id:
     input_ids = torch.cat(ids)[None]
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(torch.tensor(lengths), 0)
-    latent_mask = input_ids == lvr_token_id
+    latent_mask = input_ids == (-1 if lvr_token_id is None else lvr_token_id)
     latent_index = latent_targets(samples, latent_mask, spatial_merge_size)
     return {"input_ids": input_ids, "labels": torch.cat(labels)[None],
             "loss_mask": torch.cat(loss)[None].float(),

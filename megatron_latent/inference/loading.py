@@ -1,9 +1,11 @@
-"""Load a model + processor for generation, and turn CLI latent flags into a `LatentRule`.
+"""Load a model, its processor and its latent method for generation.
 
 `load_for_generation` takes either checkpoint kind:
 - an HF Qwen2.5-VL directory (config.json + safetensors + processor files), or
 - a megatron_latent checkpoint (megatron_latent.json, hf/ processor files, iter_NNNNNNN/),
   recognised by `checkpointing.is_checkpoint`; it loads at any TP/PP.
+The latent method is the one the checkpoint recorded (`latent_method_record`), unless the caller
+names one; it adds its tokens to the processor's tokenizer and gives the decode program.
 The caller initialises the process groups first (`megatron_latent.parallel.initialize`) at the
 same TP/PP, and every rank of the model-parallel group calls this.
 """
@@ -16,10 +18,11 @@ from pathlib import Path
 import torch
 
 from megatron_latent import checkpointing
-from megatron_latent.latent.decoding import MODES, LatentRule
+from megatron_latent.latent import registry
+from megatron_latent.latent.decoding import MODES
 
-LATENT_METHODS = ("none", "lvr", "hylar")
-HYLAR_TOKENS = ("<|canvas_start|>", "<|canvas|>", "<|canvas_end|>")
+# the HF export's record of the method (conversion writes it beside the HF files)
+HF_METHOD_FILE = "latent_method.json"
 
 
 def _as_dtype(dtype) -> torch.dtype | None:
@@ -46,13 +49,29 @@ def _check_parallel(tp: int, pp: int) -> None:
                            f"initialised with tp={got[0]}, pp={got[1]}")
 
 
-def load_for_generation(path, *, tp: int = 1, pp: int = 1, spec: str = "local", dtype=None):
-    """(model, processor, cfg) on this rank: the model in eval mode on cuda (else cpu), with
-    sequence parallelism off; the processor's tokenizer has the LVR tokens added. `dtype`
-    (torch.dtype or its name) defaults to the checkpoint's own."""
+def latent_method_record(path) -> dict:
+    """{"name", "hparams"} of the method a checkpoint was trained with: a megatron_latent
+    checkpoint's metadata (LVR for those written before methods were recorded); an HF dir's
+    `latent_method.json` (our export), or a method's own config keys (`registry.detect_hf`);
+    else "none"."""
+    path = Path(path)
+    if checkpointing.is_checkpoint(path):
+        return registry.checkpoint_record(checkpointing.read_metadata(path))
+    if (path / HF_METHOD_FILE).is_file():
+        return json.loads((path / HF_METHOD_FILE).read_text())
+    config = path / "config.json"
+    detected = registry.detect_hf(json.loads(config.read_text())) if config.is_file() else None
+    return detected or {"name": "none", "hparams": {}}
+
+
+def load_for_generation(path, *, tp: int = 1, pp: int = 1, spec: str = "local", dtype=None,
+                        latent_method: str | None = None):
+    """(model, processor, cfg, method) on this rank: the model in eval mode on cuda (else cpu),
+    with sequence parallelism off and the method's side modules; the processor's tokenizer
+    has the method's tokens added. `latent_method`: a registered name to use instead of the
+    checkpoint's own. `dtype` (torch.dtype or its name) defaults to the checkpoint's own."""
     from transformers import AutoProcessor
 
-    from megatron_latent.data.lvr_tokens import add_lvr_tokens
     from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
     from megatron_latent.models.qwen25vl.model import Qwen25VLModel
 
@@ -80,11 +99,18 @@ def load_for_generation(path, *, tp: int = 1, pp: int = 1, spec: str = "local", 
                                     f"{checkpointing.META}) nor an HF checkpoint (no config.json)")
         cfg = Qwen25VLConfig.from_hf(path, **layout, params_dtype=dtype or _hf_dtype(path))
         proc_dir = path
+    processor = AutoProcessor.from_pretrained(proc_dir)
+    record = latent_method_record(path)
+    if latent_method is not None and latent_method != record["name"]:
+        record = {"name": latent_method, "hparams": {}}
+    method = registry.from_record(record, processor.tokenizer, cfg)
 
     from megatron_latent.parallel import device
+    from megatron.core import parallel_state as ps
 
-    device = device()
-    model = Qwen25VLModel(cfg).to(device)
+    modules = method.build_modules(cfg, pre_process=ps.is_pipeline_first_stage(),
+                                   post_process=ps.is_pipeline_last_stage())
+    model = Qwen25VLModel(cfg, latent_modules=modules).to(device())
     if megatron:
         checkpointing.load_model(path, model)
     else:
@@ -92,9 +118,7 @@ def load_for_generation(path, *, tp: int = 1, pp: int = 1, spec: str = "local", 
 
         load_hf_weights(model, path)
     model.eval()
-    processor = AutoProcessor.from_pretrained(proc_dir)
-    add_lvr_tokens(processor.tokenizer, cfg.vocab_size)
-    return model, processor, cfg
+    return model, processor, cfg, method
 
 
 def is_output_rank() -> bool:
@@ -108,49 +132,10 @@ def is_output_rank() -> bool:
             and ps.get_data_parallel_rank() == 0)
 
 
-def _token_ids(tokenizer, tokens: tuple[str, ...]) -> dict[str, int] | None:
-    vocab = tokenizer.get_vocab()
-    if any(t not in vocab for t in tokens):
-        return None
-    return {t: vocab[t] for t in tokens}
-
-
 def stop_ids(tokenizer) -> tuple[int, ...]:
     """`<|im_end|>` and `<|endoftext|>`, those the tokenizer has."""
     vocab = tokenizer.get_vocab()
     return tuple(vocab[t] for t in ("<|im_end|>", "<|endoftext|>") if t in vocab)
-
-
-def latent_rule_from_args(tokenizer, method: str, mode: str | None = None, steps: int = 8,
-                          threshold: float = 0.5) -> LatentRule | None:
-    """The decoding rule for a latent method: "none" -> None; "lvr" -> the LVR method's rule
-    (mode default "steps"); "hylar" -> a rule in mode "forced" on the canvas tokens."""
-    if method not in LATENT_METHODS:
-        raise ValueError(f"unknown latent method {method!r}; expected one of {LATENT_METHODS}")
-    if mode is not None and mode not in MODES:
-        raise ValueError(f"unknown latent mode {mode!r}; expected one of {MODES}")
-    if method == "none":
-        return None
-    if method == "lvr":
-        from megatron_latent.latent.lvr import LVR, TOKENS
-
-        ids = _token_ids(tokenizer, TOKENS)
-        if ids is None:
-            raise ValueError(f"the tokenizer has no LVR tokens {TOKENS}; add them with "
-                             "megatron_latent.data.lvr_tokens.add_lvr_tokens (load_for_generation "
-                             "does)")
-        lvr = LVR(lvr_id=ids["<|lvr|>"], start_id=ids["<|lvr_start|>"],
-                  end_id=ids["<|lvr_end|>"], hidden_size=0)
-        return lvr.decode_rule(mode or "steps", steps, threshold)
-    ids = _token_ids(tokenizer, HYLAR_TOKENS)
-    if ids is None:
-        missing = [t for t in HYLAR_TOKENS if t not in tokenizer.get_vocab()]
-        raise ValueError(f"this checkpoint has no HyLaR tokens: its tokenizer lacks {missing}; "
-                         "use a HyLaR-trained checkpoint, or latent method 'lvr' or 'none'")
-    if mode not in (None, "forced"):
-        raise ValueError(f"HyLaR decodes in latent mode 'forced' only, got {mode!r}")
-    return LatentRule(ids["<|canvas_start|>"], ids["<|canvas|>"], ids["<|canvas_end|>"],
-                      "forced", steps, threshold)
 
 
 def latent_runs(latent_positions: list[int]) -> list[tuple[int, int]]:
@@ -200,12 +185,14 @@ def add_latent_args(p) -> None:
     """Prompt and latent-decoding flags shared by tools/generate.py and tools/eval_vqa.py."""
     p.add_argument("--system", default=None, help="system message (default: the template's)")
     p.add_argument("--answer-prefix", default="",
-                   help="text appended after the assistant header, e.g. '<|lvr_start|>'")
-    p.add_argument("--latent-method", choices=LATENT_METHODS, default="none")
+                   help="text appended after the assistant header, e.g. a span's start token")
+    p.add_argument("--latent-method", choices=registry.names(), default=None,
+                   help="default: the checkpoint's own (recorded at training or export)")
     p.add_argument("--latent-mode", choices=MODES, default=None,
-                   help="default: 'steps' for lvr, 'forced' for hylar")
-    p.add_argument("--latent-steps", type=int, default=8,
-                   help="latent steps (mode 'steps') or their cap (other modes)")
+                   help="default: the method's own decode mode")
+    p.add_argument("--latent-steps", type=int, default=None,
+                   help="latent steps (mode 'steps') or their cap (other modes); default: the "
+                        "method's")
     p.add_argument("--latent-threshold", type=float, default=0.5,
                    help="p(end) threshold of mode 'threshold'")
 

@@ -1,12 +1,24 @@
 """The interface every latent method implements, used the same way by SFT, generation and RL.
 
-A `LatentMethod` (one per recipe, holding its token ids and hyper-parameters) makes, for each
-micro-batch, a `LatentStep` that the model calls at its two injection points:
+A `LatentMethod` (one registered class per recipe: latent/registry.py) owns, behind this one
+interface, everything that differs between recipes:
 
-- `inject(embeddings [b, s, h], image_features [n, h]) -> embeddings` on the first pipeline stage,
+- its tokens (`tokens`, added in that order, `special_tokens` as its released checkpoints have
+  them) and hyper-parameters (`hparams()`, recorded in every checkpoint it writes);
+- its side modules (`build_modules`): built with the model on the right pipeline stage, held at
+  `model.latent_modules`, so DDP, the optimizer (`optimizer_overrides`, `frozen_patterns`), the
+  dist checkpoint and the converters (`side_names`) see them like any other parameter;
+- its data (`sft_dataset`: a dataset with `collate(samples, pad_to)`);
+- its training step (`count`, `sft_step` -> a `LatentStep`, `total_loss`);
+- its decode program (`decode_program`: latent.decoding);
+- its RL terms (`rl_untrained_ids`, `rl_format_reward`).
+
+For each micro-batch, a `LatentStep` is what the model calls at its two injection points:
+
+- `inject(embeddings [b, s, h], image_features [n, h], modules)` on the first pipeline stage,
   after image features are scattered in and before the sequence-parallel scatter: overwrite the
   input embeddings at latent positions (SFT: teacher-forcing targets; RL: recorded rollout
-  latents; generation: the fed-back hidden state);
+  latents; generation: the fed-back vectors); `modules` = the method's side modules;
 - `head(model, hidden_states=[s, b, h] final-norm, output_layer=..., ...)` on the last stage, as
   GPTModel's output processor: whatever the loss (or the decoder) needs;
 - `loss(output) -> (loss_sum, n_tokens, logs)`: megatron's per-token loss contract.
@@ -24,9 +36,12 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from megatron_latent.latent import tokens as token_utils
+
 
 class LatentStep(ABC):
-    def inject(self, embeddings: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
+    def inject(self, embeddings: torch.Tensor, image_features: torch.Tensor | None,
+               modules=None) -> torch.Tensor:
         return embeddings
 
     @abstractmethod
@@ -41,6 +56,65 @@ class LatentStep(ABC):
 class LatentMethod(ABC):
     name: str = "base"
     tokens: tuple[str, ...] = ()
+    special_tokens: bool = True
+    # the cap (or quota) of latent inputs per span at generation when the user gives none
+    default_latent_steps: int = 8
+
+    # ------------------------------------------------------------ construction
+    @classmethod
+    def add_tokens(cls, tokenizer, vocab_size: int) -> dict[str, int]:
+        """Add this method's tokens (order and specialness fixed) -> {token: id}."""
+        if not cls.tokens:
+            return {}
+        return token_utils.add_tokens(tokenizer, cls.tokens, vocab_size,
+                                      special=cls.special_tokens)
+
+    @classmethod
+    def create(cls, token_ids: dict[str, int], model_cfg, **hparams) -> "LatentMethod":
+        """The method for a model config, its token ids and hyper-parameters (`hparams()`)."""
+        return cls(**hparams)
+
+    def hparams(self) -> dict:
+        """JSON-able hyper-parameters, recorded in checkpoints; `create` takes them back."""
+        return {}
+
+    @classmethod
+    def detect_hf(cls, hf_config: dict) -> dict | None:
+        """A record {"name", "hparams"} if an HF config.json is this method's release."""
+        return None
+
+    @classmethod
+    def add_args(cls, parser) -> None:
+        """This method's command-line flags (Megatron-LM style names)."""
+
+    @classmethod
+    def hparams_from_args(cls, args) -> dict:
+        return {}
+
+    # ------------------------------------------------------------ side modules
+    def build_modules(self, model_cfg, *, pre_process: bool, post_process: bool):
+        """The method's own trainable modules for this pipeline stage (a torch module whose
+        parameters become `latent_modules.*` of the model), or None."""
+        return None
+
+    def optimizer_overrides(self) -> dict[tuple[str, ...], float]:
+        """{fnmatch name patterns: LR} for parameter groups with their own LR."""
+        return {}
+
+    def frozen_patterns(self) -> tuple[str, ...]:
+        """fnmatch name patterns of side-module parameters to freeze (no grad, no optimizer
+        state), e.g. by a --freeze flag of the method."""
+        return ()
+
+    def side_names(self) -> dict[str, str]:
+        """Our parameter name (`latent_modules.<...>`) -> the name in the method's side
+        safetensors file on HF export; {} when the modules go nowhere (dropped on export)."""
+        return {}
+
+    # ------------------------------------------------------------ data and training
+    def sft_dataset(self, data_path, **kwargs):
+        """The SFT dataset for this method (`collate(samples, pad_to)`, `pack(...)`)."""
+        raise NotImplementedError(f"latent method {self.name!r} has no SFT data loader")
 
     @abstractmethod
     def sft_step(self, micro_batch: dict) -> LatentStep:
@@ -53,15 +127,30 @@ class LatentMethod(ABC):
         """The reported loss from the per-term means of the logs (e.g. "lm loss")."""
         return means["lm loss"]
 
-    def decode_rule(self, mode: str = "steps", steps: int = 8, threshold: float = 0.5):
-        """The generation rule (latent.decoding.LatentRule) for a latent mode; None: no latents."""
+    # ------------------------------------------------------------ generation and RL
+    def decode_program(self, mode: str | None = None, steps: int | None = None,
+                       threshold: float = 0.5):
+        """What generation does at latent events (latent.decoding.LatentRule); None: none."""
+        return None
+
+    def rl_untrained_ids(self) -> tuple[int, ...]:
+        """Sampled completion ids that get no policy or KL term (besides latent positions)."""
+        return ()
+
+    def rl_format_reward(self):
+        """The method's `format` reward (fn(completion, reference) -> float), or None."""
         return None
 
 
 class PlainLM(LatentMethod):
     """No latent steps: next-token CE only (the default head of the model)."""
 
-    name = "plain"
+    name = "none"
+
+    def sft_dataset(self, data_path, **kwargs):
+        from megatron_latent.data.lvr_dataset import LvrSftDataset
+
+        return LvrSftDataset(data_path, latent_tokens=False, **kwargs)
 
     def sft_step(self, micro_batch: dict) -> LatentStep:
         return _PlainStep(micro_batch)
@@ -88,7 +177,7 @@ class InjectLatents(LatentStep):
             raise ValueError(f"{int(mask.sum())} latent positions but {vectors.shape[0]} vectors")
         self.mask, self.vectors = mask, vectors
 
-    def inject(self, embeddings, image_features):
+    def inject(self, embeddings, image_features, modules=None):
         vec = self.vectors.to(embeddings.device, embeddings.dtype)
         return embeddings.masked_scatter(self.mask.to(embeddings.device).unsqueeze(-1), vec)
 

@@ -17,8 +17,10 @@ from megatron_latent.data.lvr_tokens import LVR_TOKENS as TOKENS
 from megatron_latent.latent import pipeline_channel
 from megatron_latent.latent.base import LatentMethod, LatentStep
 from megatron_latent.latent.decoding import LatentRule
+from megatron_latent.latent.registry import register
 
 
+@register
 @dataclass
 class LVR(LatentMethod):
     lvr_id: int
@@ -28,6 +30,30 @@ class LVR(LatentMethod):
     loss_lambda: float = 0.1
     name = "lvr"
     tokens = TOKENS
+
+    @classmethod
+    def create(cls, token_ids, model_cfg, loss_lambda: float = 0.1) -> "LVR":
+        return cls(lvr_id=token_ids["<|lvr|>"], start_id=token_ids["<|lvr_start|>"],
+                   end_id=token_ids["<|lvr_end|>"], hidden_size=model_cfg.hidden_size,
+                   loss_lambda=loss_lambda)
+
+    def hparams(self) -> dict:
+        return {"loss_lambda": self.loss_lambda}
+
+    @classmethod
+    def add_args(cls, parser) -> None:
+        parser.add_argument("--lvr-loss-lambda", type=float, default=None,
+                            help="LVR: weight of the latent MSE (default 0.1)")
+
+    @classmethod
+    def hparams_from_args(cls, args) -> dict:
+        lam = getattr(args, "lvr_loss_lambda", None)
+        return {} if lam is None else {"loss_lambda": lam}
+
+    def sft_dataset(self, data_path, **kwargs):
+        from megatron_latent.data.lvr_dataset import LvrSftDataset
+
+        return LvrSftDataset(data_path, **kwargs)
 
     def sft_step(self, micro_batch: dict) -> "LVRStep":
         return LVRStep(self, micro_batch)
@@ -43,8 +69,19 @@ class LVR(LatentMethod):
     def total_loss(self, means: dict) -> float:
         return means["lm loss"] + self.loss_lambda * means.get("latent mse", 0.0)
 
-    def decode_rule(self, mode: str = "steps", steps: int = 8, threshold: float = 0.5):
-        return LatentRule(self.start_id, self.lvr_id, self.end_id, mode, steps, threshold)
+    def decode_program(self, mode: str | None = None, steps: int | None = None,
+                       threshold: float = 0.5):
+        return LatentRule(self.start_id, self.lvr_id, self.end_id, mode or "steps",
+                          self.default_latent_steps if steps is None else steps, threshold)
+
+    def rl_untrained_ids(self) -> tuple[int, ...]:
+        # seed-methods.md 2.7: the span's opener gets no policy or KL term
+        return (self.start_id,)
+
+    def rl_format_reward(self):
+        from megatron_latent.eval.formats import make_format_reward
+
+        return make_format_reward(TOKENS[0], TOKENS[2])
 
 
 def predictor_mask(latent_mask: torch.Tensor) -> torch.Tensor:
@@ -65,7 +102,7 @@ class LVRStep(LatentStep):
             return round(latent / self.m.hidden_size)
         return int(self.batch["latent_mask"].sum())
 
-    def inject(self, embeddings, image_features):
+    def inject(self, embeddings, image_features, modules=None):
         mask, index = self.batch["latent_mask"], self.batch["latent_index"]
         if self.n_latent() != index.numel():
             raise ValueError(f"{self.n_latent()} <|lvr|> tokens but {index.numel()} latent targets")

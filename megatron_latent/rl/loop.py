@@ -21,10 +21,10 @@ from megatron_latent.rl.objective import RLObjective, TokenScorer
 from megatron_latent.training.build import OptimSettings, build_model, unwrap
 from megatron_latent.training.run_logger import RunLogger
 from megatron_latent.training.step import forward_outputs, train_step
-from megatron_latent.training.trainer import (LoopConfig, SampleOrder, _flat, _save,
-                                              _start_checkpoint_writer, _Stop, pad_length,
-                                              resolve_start,
-                                              setup_training)
+from megatron_latent.training.run import (LoopConfig, StopSignals, flat_config, resolve_method,
+                                          resolve_start, save, setup_training,
+                                          start_checkpoint_writer)
+from megatron_latent.training.trainer import SampleOrder, pad_length
 
 
 @dataclass
@@ -37,9 +37,8 @@ class GRPOConfig(LoopConfig):
     temperature: float = 0.9
     top_p: float = 1.0
     top_k: int = 50
-    latent_method: str = "lvr"
-    latent_mode: str = "steps"
-    latent_steps: int = 8
+    latent_mode: str | None = None  # None: the method's own (LVR "steps", HyLaR "forced")
+    latent_steps: int | None = None  # None: the method's default (LVR 8, HyLaR 32)
     answer_prefix: str = ""
     system_prompt: str | None = "You are a helpful assistant."
     rewards: str = "accuracy:1.0,format:1.0"
@@ -108,10 +107,10 @@ def _dp_mean(values: dict) -> dict:
 
 def run_grpo(cfg: GRPOConfig) -> list[dict]:
     from megatron_latent.inference.generator import Generator
-    from megatron_latent.inference.loading import latent_rule_from_args
     from megatron_latent.rl.data import load_rl_prompts
     from megatron_latent.rl.rewards import (group_advantages, import_reward_module,
-                                            parse_reward_spec, score_completions)
+                                            parse_reward_spec, score_completions,
+                                            with_method_rewards)
     from megatron_latent.rl.rollout import rollout_micro_batches
     from megatron_latent.rl.step_data import PromptBuilder
 
@@ -128,27 +127,27 @@ def run_grpo(cfg: GRPOConfig) -> list[dict]:
         raise ValueError("the KL term needs a frozen reference: give --reference (or the initial "
                          "weights, --pretrained-checkpoint / --hf-dir)")
     builder = PromptBuilder(tok_dir, mcfg, cfg)
-    rule = latent_rule_from_args(builder.tokenizer, cfg.latent_method, cfg.latent_mode,
-                                 cfg.latent_steps)
+    method = resolve_method(cfg, resume, builder.tokenizer, mcfg)
+    rule = method.decode_program(cfg.latent_mode, cfg.latent_steps)
     if cfg.reward_module:
         import_reward_module(cfg.reward_module)
-    reward_spec = parse_reward_spec(cfg.rewards)
+    rewards_known = with_method_rewards(method)
+    reward_spec = parse_reward_spec(cfg.rewards, rewards_known)
     records = load_rl_prompts(cfg.data_path)
 
-    model, optimizer, scheduler, iteration, consumed = setup_training(cfg, mcfg, resume)
+    model, optimizer, scheduler, iteration, consumed = setup_training(cfg, mcfg, resume, method)
     reference = _Reference(mcfg, ref_source, cfg.offload_reference) if cfg.kl_beta else None
     policy = unwrap(model[0])
     generator = Generator(policy, rule=rule, pad_id=builder.pad_id, cuda_graphs=cfg.cuda_graphs,
                           max_context=cfg.seq_length)
     objective = RLObjective(GRPOLoss(cfg.eps_low, cfg.eps_high, cfg.kl_beta), cfg.temperature)
-    exclude = (rule.start_id,) if rule is not None else ()
     order = SampleOrder(len(records), cfg.seed)
     log = RunLogger(cfg.train_iters, project=cfg.wandb_project, run_name=cfg.wandb_exp_name,
-                    config=_flat(cfg), wandb_mode=cfg.wandb_mode, log_dir=cfg.log_dir,
+                    config=flat_config(cfg), wandb_mode=cfg.wandb_mode, log_dir=cfg.log_dir,
                     start_step=iteration)
     if cfg.save:
-        _start_checkpoint_writer()
-    stop, history, per_rank = _Stop(), [], cfg.prompts_per_step // dp
+        start_checkpoint_writer()
+    stop, history, per_rank = StopSignals(), [], cfg.prompts_per_step // dp
     while iteration < cfg.train_iters:
         idx = order.take(consumed, cfg.prompts_per_step)[dp_rank * per_rank:(dp_rank + 1) * per_rank]
         prompts, refs, ids, skipped = builder.build([records[i] for i in idx])
@@ -162,13 +161,13 @@ def run_grpo(cfg: GRPOConfig) -> list[dict]:
         texts = [builder.completion_text(c) for c in comps]
         g_refs = [r for r in refs for _ in range(cfg.group_size)]
         g_ids = [f"{i}/{k}" for i in ids for k in range(cfg.group_size)]
-        rewards, parts = score_completions(texts, g_refs, reward_spec, g_ids)
+        rewards, parts = score_completions(texts, g_refs, reward_spec, g_ids, rewards_known)
         adv = group_advantages(rewards, cfg.group_size)
         longest = max(len(p.input_ids) + len(c.tokens) for p, c in zip(rollouts, comps))
         pad_to = pad_length(longest, tp)
         mbs = rollout_micro_batches(rollouts, comps, adv, cfg=mcfg, pad_id=builder.pad_id,
                                     micro_batch_size=cfg.micro_batch_size, pad_to=pad_to,
-                                    exclude_ids=exclude)
+                                    exclude_ids=method.rl_untrained_ids())
         t1 = time.perf_counter()
         if reference is not None:
             for mb, ref_lp in zip(mbs, reference.score(mbs, cfg.temperature)):
@@ -198,8 +197,8 @@ def run_grpo(cfg: GRPOConfig) -> list[dict]:
         stop.agree()
         if cfg.save and (stop.requested or last or
                          (cfg.save_interval and iteration % cfg.save_interval == 0)):
-            _save(cfg, mcfg, model, optimizer, scheduler, iteration, consumed,
-                  builder.tokenizer, tok_dir)
+            save(cfg, mcfg, model, optimizer, scheduler, iteration, consumed,
+                 builder.tokenizer, tok_dir, method)
         if stop.requested:
             break
     log.finish()

@@ -1,4 +1,4 @@
-"""Rule-based rewards for LVR stage-2 (GRPO) and group-relative advantages.
+"""Rule-based rewards for GRPO and group-relative advantages.
 
 A reward is a plain function `fn(completion: str, reference: str) -> float`. Rewards are named in
 a registry and combined by a spec such as "accuracy:1.0,format:0.5".
@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from megatron_latent.eval.answers import answers_match, extract_answer
+from megatron_latent.eval.formats import make_format_reward  # noqa: F401  (re-export)
 
 RewardFn = Callable[[str, str], float]
 
@@ -32,27 +33,15 @@ def accuracy_reward(completion: str, reference: str) -> float:
     return 1.0 if answers_match(pred, reference if ref is None else ref) else 0.0
 
 
-def make_format_reward(start: str = "<|lvr_start|>", end: str = "<|lvr_end|>") -> RewardFn:
-    """1.0 if the completion is `start ... end <answer>...</answer>`, with optional surrounding
-    whitespace and one optional trailing <|im_end|> or <|endoftext|>; else 0.0."""
-    if not start or not end:
-        raise ValueError(f"format reward: start and end tokens must be non-empty, got "
-                         f"{start!r}, {end!r}")
-    # DOTALL: the seed's pattern omitted it, so any newline inside the latent span or the answer
-    # failed the format. We match across newlines because latent spans render as placeholder
-    # tokens and the decoded text may wrap.
-    pattern = re.compile(rf"\s*{re.escape(start)}.*?{re.escape(end)}\s*<answer>.*?</answer>\s*"
-                         r"(?:<\|im_end\|>|<\|endoftext\|>)?\s*", re.DOTALL)
-
-    def format_reward(completion: str, reference: str) -> float:
-        return 1.0 if pattern.fullmatch(completion) else 0.0
-
-    return format_reward
+# the method-independent rewards; a latent method adds its own (`format`) through
+# `with_method_rewards`
+REWARDS: dict[str, RewardFn] = {"accuracy": accuracy_reward}
 
 
-format_reward = make_format_reward()
-
-REWARDS: dict[str, RewardFn] = {"accuracy": accuracy_reward, "format": format_reward}
+def with_method_rewards(method) -> dict[str, RewardFn]:
+    """The registry plus the latent method's rewards (its `format`)."""
+    fmt = method.rl_format_reward()
+    return {**REWARDS, **({"format": fmt} if fmt is not None else {})}
 
 
 def register_reward(name: str, fn: RewardFn, overwrite: bool = False) -> None:
@@ -65,7 +54,7 @@ def register_reward(name: str, fn: RewardFn, overwrite: bool = False) -> None:
     REWARDS[name] = fn
 
 
-def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
+def parse_reward_spec(spec: str, rewards: dict | None = None) -> list[tuple[str, float]]:
     """Parse e.g. "accuracy:1.0,format:0.5" -> [("accuracy", 1.0), ("format", 0.5)]; a bare name
     weighs 1.0."""
     out: list[tuple[str, float]] = []
@@ -80,17 +69,18 @@ def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
             raise ValueError(f"reward spec {spec!r}: weight {weight_text!r} of {name!r} is not "
                              f"a number") from None
         out.append((name, weight))
-    _check_spec(out, where=f"reward spec {spec!r}")
+    _check_spec(out, where=f"reward spec {spec!r}", rewards=rewards)
     return out
 
 
-def _check_spec(spec: list[tuple[str, float]], where: str) -> None:
+def _check_spec(spec: list[tuple[str, float]], where: str, rewards: dict | None = None) -> None:
+    rewards = REWARDS if rewards is None else rewards
     if not spec:
         raise ValueError(f"{where}: no rewards")
     names = [name for name, _ in spec]
     for name, weight in spec:
-        if name not in REWARDS:
-            raise ValueError(f"{where}: unknown reward {name!r}; known: {sorted(REWARDS)}")
+        if name not in rewards:
+            raise ValueError(f"{where}: unknown reward {name!r}; known: {sorted(rewards)}")
         if not math.isfinite(weight):
             raise ValueError(f"{where}: weight of {name!r} is {weight}, not finite")
         if names.count(name) > 1:
@@ -111,7 +101,7 @@ def _call(name: str, fn: RewardFn, completion: str, reference: str, where: str) 
 
 
 def score_completions(completions: list[str], references: list[str], spec: list[tuple[str, float]],
-                      sample_ids: list[str] | None = None
+                      sample_ids: list[str] | None = None, rewards: dict | None = None
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(weighted total [n], {reward name: values [n]}), float32. A failing reward raises
     RewardError naming it and the sample: a silent 0 would train on a wrong signal."""
@@ -120,11 +110,12 @@ def score_completions(completions: list[str], references: list[str], spec: list[
         raise ValueError(f"{n} completions but {len(references)} references")
     if sample_ids is not None and len(sample_ids) != n:
         raise ValueError(f"{n} completions but {len(sample_ids)} sample ids")
-    _check_spec(spec, where="score_completions")
+    rewards = REWARDS if rewards is None else rewards
+    _check_spec(spec, where="score_completions", rewards=rewards)
     components: dict[str, torch.Tensor] = {}
     total = torch.zeros(n, dtype=torch.float64)
     for name, weight in spec:
-        fn = REWARDS[name]
+        fn = rewards[name]
         values = []
         for i, (c, r) in enumerate(zip(completions, references)):
             where = f"sample {i}" + (f" (id {sample_ids[i]!r})" if sample_ids is not None else "")

@@ -4,7 +4,6 @@ skipped and counted), sampling settings, and completion text for the rewards."""
 from __future__ import annotations
 
 from megatron_latent.data.errors import DataError
-from megatron_latent.data.lvr_tokens import add_lvr_tokens
 from megatron_latent.inference.loading import open_image, stop_ids
 from megatron_latent.inference.prompts import build_prompt
 from megatron_latent.inference.sampling import SamplingParams
@@ -18,8 +17,7 @@ class PromptBuilder:
         self.processor = AutoProcessor.from_pretrained(tok_dir)
         self.processor.image_processor.size = {"shortest_edge": cfg.min_pixels,
                                                "longest_edge": cfg.max_pixels}
-        self.tokenizer = self.processor.tokenizer
-        add_lvr_tokens(self.tokenizer, mcfg.vocab_size)
+        self.tokenizer = self.processor.tokenizer  # the latent method adds its tokens
         self.pad_id = self.tokenizer.pad_token_id
         self.stop_ids = stop_ids(self.tokenizer)
 
@@ -57,6 +55,6 @@ class PromptBuilder:
 
     def completion_text(self, completion) -> str:
         """What the rewards see: the answer prefix (it opened the answer) + the decoded
-        completion with special tokens kept (latent positions show as <|lvr|>)."""
+        completion with special tokens kept (latent positions show as the method's latent token)."""
         return self.cfg.answer_prefix + self.tokenizer.decode(completion.tokens,
                                                               skip_special_tokens=False)

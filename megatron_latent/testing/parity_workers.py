@@ -98,6 +98,7 @@ def train_runs(runs: dict, out_path: str) -> None:
     for name, kw in runs.items():
         kw = dict(kw)
         optim = OptimSettings(**kw.pop("optim", {}))
+        kw.setdefault("latent_method", "lvr")
         results[name] = train(TrainConfig(**kw, optim=optim, wandb_mode="disabled"))
         ps.destroy_model_parallel()
     if dist.get_rank() == 0:

@@ -18,16 +18,25 @@ from megatron_latent.training.wgrad_fusion import fuse_wgrad_accumulation
 
 def build_model(cfg: Qwen25VLConfig, hf_dir: str | Path | None = None, *, wrap_ddp: bool = True,
                 use_distributed_optimizer: bool = False, freeze_vision: bool = False,
-                freeze_merger: bool = False) -> list[torch.nn.Module]:
-    """One model chunk per rank (no virtual pipeline yet), weights from `hf_dir` if given."""
+                freeze_merger: bool = False, latent_method=None) -> list[torch.nn.Module]:
+    """One model chunk per rank (no virtual pipeline yet), weights from `hf_dir` if given;
+    `latent_method`'s side modules built with it on this stage (frozen as the method says)."""
+    from megatron.core import parallel_state
+
     from megatron_latent.conversion.hf_load import load_hf_weights
 
-    model = Qwen25VLModel(cfg)
+    modules = None
+    if latent_method is not None:
+        modules = latent_method.build_modules(
+            cfg, pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage())
+    model = Qwen25VLModel(cfg, latent_modules=modules)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     if hf_dir is not None:
         load_hf_weights(model, hf_dir)
-    freeze([model], vision_tower=freeze_vision, merger=freeze_merger)
+    freeze([model], vision_tower=freeze_vision, merger=freeze_merger,
+           extra=latent_method.frozen_patterns() if latent_method is not None else ())
     if not wrap_ddp:
         return [model]
     ddp_config = DistributedDataParallelConfig(
@@ -74,18 +83,22 @@ VISION_TOWER = ("*vision.patch_embed*", "*vision.decoder*")
 MERGER = ("*vision.merger*",)
 
 
-def freeze(model_chunks, vision_tower: bool = False, merger: bool = False) -> None:
-    """Call before DDP wrapping: frozen parameters get no grad buffers nor optimizer state."""
+def freeze(model_chunks, vision_tower: bool = False, merger: bool = False,
+           extra: tuple[str, ...] = ()) -> None:
+    """Call before DDP wrapping: frozen parameters get no grad buffers nor optimizer state.
+    `extra`: more fnmatch name patterns (a latent method's frozen side modules)."""
     from fnmatch import fnmatch
 
-    patterns = (VISION_TOWER if vision_tower else ()) + (MERGER if merger else ())
+    patterns = (VISION_TOWER if vision_tower else ()) + (MERGER if merger else ()) + tuple(extra)
     for chunk in model_chunks:
         for name, p in chunk.named_parameters():
             if any(fnmatch(name, pat) for pat in patterns):
                 p.requires_grad_(False)
 
 
-def build_optimizer(model_chunks: list[torch.nn.Module], s: OptimSettings):
+def build_optimizer(model_chunks: list[torch.nn.Module], s: OptimSettings,
+                    lr_overrides: dict[tuple[str, ...], float] | None = None):
+    """`lr_overrides`: {fnmatch name patterns: LR}, e.g. a latent method's side modules."""
     from megatron.core.optimizer.optimizer_config import ParamKey
 
     cfg0 = model_chunks[0].config
@@ -102,7 +115,8 @@ def build_optimizer(model_chunks: list[torch.nn.Module], s: OptimSettings):
         exp_avg_sq_dtype=torch.float32)
     overrides = {}
     merger_lr = s.merger_lr if s.merger_lr is not None else s.vision_lr
-    for patterns, lr in ((VISION_TOWER, s.vision_lr), (MERGER, merger_lr)):
+    groups = ((VISION_TOWER, s.vision_lr), (MERGER, merger_lr), *(lr_overrides or {}).items())
+    for patterns, lr in groups:
         if lr is not None:  # the scheduler scales max_lr/min_lr of each group alike
             overrides[ParamKey(name=patterns)] = {"max_lr": lr, "min_lr": s.min_lr * lr / s.lr}
     optimizer = get_megatron_optimizer(opt_cfg, model_chunks, config_overrides=overrides or None)

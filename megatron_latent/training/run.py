@@ -50,6 +50,10 @@ class LoopConfig:
     wandb_mode: str | None = None
     log_dir: str | None = None
     model_overrides: dict = field(default_factory=dict)  # Qwen25VLConfig fields (fp8, recompute)
+    # the latent method (latent/registry.py) and the hyper-parameters given on the command line;
+    # None: the starting checkpoint's method (a run from HF weights then needs one)
+    latent_method: str | None = None
+    latent_hparams: dict = field(default_factory=dict)
 
 
 class StopSignals:
@@ -106,17 +110,47 @@ def resolve_start(cfg: LoopConfig, overrides: dict):
     return resume, checkpointing.config_from_checkpoint(src, **overrides), str(Path(src) / "hf")
 
 
-def setup_training(cfg, mcfg, resume: bool):
-    """Model (DDP), optimizer and scheduler from a loop config (SFT or RL); on resume, the exact
-    train state, or just the weights of a converted checkpoint.
-    -> (model chunks, optimizer, scheduler, iteration, consumed samples)."""
+def resolve_method(cfg: LoopConfig, resume: bool, tokenizer, mcfg):
+    """The run's latent method, its tokens added to `tokenizer`. Resuming: the checkpoint's
+    (another --latent-method is an error; hyper-parameters given on the command line win and
+    are printed). From a pretrained checkpoint: its method unless --latent-method names one.
+    From HF weights: --latent-method."""
+    from megatron_latent.latent import registry
+
+    src = cfg.load if resume else cfg.pretrained_checkpoint
+    record = None
+    if src is not None:
+        record = registry.checkpoint_record(checkpointing.read_metadata(src))
+    if resume and cfg.latent_method not in (None, record["name"]):
+        raise ValueError(f"--latent-method {cfg.latent_method}: the checkpoint in --load "
+                         f"{cfg.load} was trained with {record['name']!r}; resume it with that "
+                         "method, or start a new run (--pretrained-checkpoint) to change it")
+    if record is None or cfg.latent_method not in (None, record["name"]):
+        if cfg.latent_method is None:
+            raise ValueError(f"give --latent-method (one of {', '.join(registry.names())}): "
+                             "a run from HF weights has no recorded method")
+        return registry.build(cfg.latent_method, tokenizer, mcfg, cfg.latent_hparams)
+    changed = {k: (record["hparams"].get(k), v) for k, v in cfg.latent_hparams.items()
+               if record["hparams"].get(k) != v}
+    if changed and dist.get_rank() == 0:
+        print(f"latent method {record['name']}: hyper-parameters from the command line replace "
+              f"the checkpoint's (old, new): {changed}", flush=True)
+    return registry.from_record(record, tokenizer, mcfg, **cfg.latent_hparams)
+
+
+def setup_training(cfg, mcfg, resume: bool, method=None):
+    """Model (DDP), optimizer and scheduler from a loop config (SFT or RL), with the latent
+    method's side modules; on resume, the exact train state, or just the weights of a converted
+    checkpoint. -> (model chunks, optimizer, scheduler, iteration, consumed samples)."""
     fresh_from_ckpt = not resume and cfg.pretrained_checkpoint is not None
     model = build_model(mcfg, None if resume or fresh_from_ckpt else cfg.hf_dir,
                         use_distributed_optimizer=cfg.optim.use_distributed_optimizer,
-                        freeze_vision=cfg.freeze_vision, freeze_merger=cfg.freeze_merger)
+                        freeze_vision=cfg.freeze_vision, freeze_merger=cfg.freeze_merger,
+                        latent_method=method)
     if fresh_from_ckpt:
         checkpointing.load_model(cfg.pretrained_checkpoint, unwrap(model[0]))
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim,
+                                method.optimizer_overrides() if method is not None else None)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train_iters, cfg.lr_warmup_iters,
                                 cfg.lr_decay_style)
     iteration, consumed = 0, 0
@@ -143,19 +177,24 @@ def start_checkpoint_writer() -> None:
             signal.signal(s, h)
 
 
-def save(cfg, mcfg, model, optimizer, scheduler, iteration, consumed, tokenizer, tok_dir):
+def save(cfg, mcfg, model, optimizer, scheduler, iteration, consumed, tokenizer, tok_dir,
+         method=None):
     # metadata first: a published iteration must always be loadable
     if dist.get_rank() == 0 and not (Path(cfg.save) / checkpointing.META).is_file():
+        from megatron_latent.latent import registry
+
         hf_config = json.loads((Path(tok_dir) / "config.json").read_text())
-        checkpointing.write_metadata(cfg.save, hf_config, mcfg.spec, mcfg.params_dtype, tok_dir,
-                                     vision_ffn_divisible_by=mcfg.vision_ffn_divisible_by)
+        checkpointing.write_metadata(
+            cfg.save, hf_config, mcfg.spec, mcfg.params_dtype, tok_dir,
+            vision_ffn_divisible_by=mcfg.vision_ffn_divisible_by,
+            latent_method=registry.describe(method) if method is not None else None)
         tokenizer.save_pretrained(Path(cfg.save) / "hf")  # with the added latent tokens
     dist.barrier()
     state.save(cfg.save, iteration, model, optimizer, scheduler,
                {"iteration": iteration, "consumed_samples": consumed}, keep_last=cfg.keep_last)
 
 
-def flat_config(cfg: TrainConfig) -> dict:
+def flat_config(cfg: LoopConfig) -> dict:
     d = asdict(cfg)
     d.update({f"optim.{k}": v for k, v in d.pop("optim").items()})
     return d

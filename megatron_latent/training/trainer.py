@@ -6,22 +6,17 @@ step.py (one step through the pipeline schedule) and state.py (exact resume).
 
 from __future__ import annotations
 
-import json
-import signal
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_latent import checkpointing, parallel
-from megatron_latent.platform import host_copy
-from megatron_latent.training import state
-from megatron_latent.training.build import (OptimSettings, build_model, build_optimizer,
-                                            build_scheduler, unwrap)
+from megatron_latent import parallel
+from megatron_latent.training.run import (LoopConfig, StopSignals, flat_config, resolve_method,
+                                          resolve_start, save, setup_training,
+                                          start_checkpoint_writer)
 from megatron_latent.training.run_logger import RunLogger
 from megatron_latent.training.step import eval_losses, launch_step
 
@@ -34,7 +29,6 @@ class TrainConfig(LoopConfig):
     sequence_parallel: bool = False
     micro_batch_size: int = 1
     global_batch_size: int = 1
-    lvr_lambda: float = 0.1
     skip_bad_samples: bool = False
     pack_sequences: bool = False  # THD: a micro-batch's samples in one row (TE spec)
 
@@ -60,7 +54,7 @@ def _my_indices(order: SampleOrder, consumed: int, cfg: TrainConfig, num_micro: 
     return order.take(consumed, cfg.global_batch_size)[r * n:(r + 1) * n]
 
 
-def _micro_batches(ds, collate, order: SampleOrder, consumed: int, cfg: TrainConfig,
+def _micro_batches(ds, order: SampleOrder, consumed: int, cfg: TrainConfig,
                    num_micro: int, samples: list | None = None) -> list[dict]:
     """This data-parallel rank's micro-batches for one global batch, all padded to one length
     (`samples`: this rank's samples when already loaded, e.g. by a `SamplePrefetcher`)."""
@@ -73,13 +67,12 @@ def _micro_batches(ds, collate, order: SampleOrder, consumed: int, cfg: TrainCon
         pad = pad_length(longest, cfg.tensor_model_parallel_size)
     m = cfg.micro_batch_size
     if cfg.pack_sequences:  # one row per micro-batch; PP needs one fixed length for all
-        from megatron_latent.data.packing import pack
-
         multiple = m * cfg.seq_length if cfg.pipeline_model_parallel_size > 1 else \
             16 * cfg.tensor_model_parallel_size
-        return [_pinned(pack(samples[k * m:(k + 1) * m], pad_to_multiple=multiple,
-                             **ds.collate_kwargs)) for k in range(num_micro)]
-    return [_pinned(collate(samples[k * m:(k + 1) * m], pad_to=pad)) for k in range(num_micro)]
+        return [_pinned(ds.pack(samples[k * m:(k + 1) * m], pad_to_multiple=multiple))
+                for k in range(num_micro)]
+    return [_pinned(ds.collate(samples[k * m:(k + 1) * m], pad_to=pad))
+            for k in range(num_micro)]
 
 
 def _pinned(batch: dict) -> dict:
@@ -135,10 +128,7 @@ def pad_length(longest: int, tp: int) -> int:
 
 
 def train(cfg: TrainConfig) -> list[dict]:
-    from megatron_latent.data.collate import collate
-    from megatron_latent.data.lvr_dataset import LvrSftDataset
-    from megatron_latent.data.lvr_tokens import load_hf_processing
-    from megatron_latent.latent.lvr import LVR
+    from megatron_latent.data.processing import load_hf_processing
 
     tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
     if cfg.pack_sequences and cfg.spec != "te":
@@ -152,30 +142,27 @@ def train(cfg: TrainConfig) -> list[dict]:
                      **cfg.model_overrides)
     resume, mcfg, tok_dir = resolve_start(cfg, overrides)
     tokenizer, image_processor, vocab = load_hf_processing(tok_dir)
+    method = resolve_method(cfg, resume, tokenizer, mcfg)
     ds_kw = dict(tokenizer=tokenizer, image_processor=image_processor, vocab_size=vocab,
                  seq_length=cfg.seq_length, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
                  skip_bad=cfg.skip_bad_samples)
-    train_ds = LvrSftDataset(cfg.data_path, **ds_kw)
-    valid_ds = LvrSftDataset(cfg.valid_data_path, **ds_kw) if cfg.valid_data_path else None
-    ids = train_ds.ids
-    method = LVR(lvr_id=ids.lvr, start_id=ids.lvr_start, end_id=ids.lvr_end,
-                 hidden_size=mcfg.hidden_size, loss_lambda=cfg.lvr_lambda)
+    train_ds = method.sft_dataset(cfg.data_path, **ds_kw)
+    valid_ds = method.sft_dataset(cfg.valid_data_path, **ds_kw) if cfg.valid_data_path else None
 
-    model, optimizer, scheduler, iteration, consumed = setup_training(cfg, mcfg, resume)
+    model, optimizer, scheduler, iteration, consumed = setup_training(cfg, mcfg, resume, method)
 
     dp = ps.get_data_parallel_world_size()
     if cfg.global_batch_size % (cfg.micro_batch_size * dp):
         raise ValueError(f"global batch {cfg.global_batch_size} is not a multiple of micro batch "
                          f"{cfg.micro_batch_size} x data parallel {dp}")
     num_micro = cfg.global_batch_size // (cfg.micro_batch_size * dp)
-    coll = lambda samples, pad_to: collate(samples, pad_to=pad_to, **train_ds.collate_kwargs)  # noqa: E731
     order = SampleOrder(len(train_ds), cfg.seed)
     log = RunLogger(cfg.train_iters, project=cfg.wandb_project, run_name=cfg.wandb_exp_name,
-                    config=_flat(cfg), wandb_mode=cfg.wandb_mode, log_dir=cfg.log_dir,
+                    config=flat_config(cfg), wandb_mode=cfg.wandb_mode, log_dir=cfg.log_dir,
                     start_step=iteration)
     if cfg.save:
-        _start_checkpoint_writer()
-    stop, history = _Stop(), []
+        start_checkpoint_writer()
+    stop, history = StopSignals(), []
     prefetcher = SamplePrefetcher(train_ds, order, cfg, num_micro)
     # Step n+1 is launched before step n's logs are read, so the GPU never waits for the host
     # at a step boundary; a step is finished (its logs read, its gradients checked) before
@@ -202,7 +189,7 @@ def train(cfg: TrainConfig) -> list[dict]:
             samples = prefetcher.get(consumed)
             if iteration + 1 < cfg.train_iters:  # the next step's samples load during this one
                 prefetcher.prefetch(consumed + cfg.global_batch_size)
-            mbs = _micro_batches(train_ds, coll, order, consumed, cfg, num_micro, samples)
+            mbs = _micro_batches(train_ds, order, consumed, cfg, num_micro, samples)
             launched = launch_step(model, optimizer, mbs, method)
             stop.vote()
             scheduler.step(increment=1)
@@ -224,14 +211,14 @@ def train(cfg: TrainConfig) -> list[dict]:
             if evaluate:
                 prefetcher.settle()
                 vorder = SampleOrder(len(valid_ds), cfg.seed + 1)
-                vcoll = lambda s, pad_to: collate(s, pad_to=pad_to, **valid_ds.collate_kwargs)  # noqa: E731
                 vm = [mb for k in range(cfg.eval_iters) for mb in
-                      _micro_batches(valid_ds, vcoll, vorder, k * cfg.global_batch_size, cfg, num_micro)]
+                      _micro_batches(valid_ds, vorder, k * cfg.global_batch_size, cfg, num_micro)]
                 ev = eval_losses(model, vm, method)
                 log.log(iteration, {f"valid {k}": v for k, v in ev.items()})
             if save:
                 prefetcher.settle()
-                _save(cfg, mcfg, model, optimizer, scheduler, iteration, consumed, tokenizer, tok_dir)
+                save(cfg, mcfg, model, optimizer, scheduler, iteration, consumed, tokenizer, tok_dir,
+                     method)
             if stopping:
                 break
     finally:

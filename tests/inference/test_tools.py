@@ -16,9 +16,9 @@ from megatron_latent.conversion.hf_load import load_hf_weights
 from megatron_latent.eval.answers import score_prediction
 from megatron_latent.inference.generator import Completion, Generator
 from megatron_latent.eval.vqa_data import format_question, read_vqa_jsonl
-from megatron_latent.inference.loading import (answer_text, latent_rule_from_args,
-                                               load_for_generation, open_image,
+from megatron_latent.inference.loading import (answer_text, load_for_generation, open_image,
                                                render_completion)
+from megatron_latent.latent import registry
 from megatron_latent.inference.prompts import build_prompt
 from megatron_latent.inference.sampling import SamplingParams
 from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
@@ -188,29 +188,36 @@ def test_eval_vqa_bad_data(images, tmp_path):
     assert not (tmp_path / "p.jsonl").exists()
 
 
-def test_latent_rule_from_args(oracle):
+def test_method_decode_programs(oracle):
     tok, ids = oracle[2].tokenizer, oracle[3]
-    assert latent_rule_from_args(tok, "none", None, 4, 0.5) is None
-    rule = latent_rule_from_args(tok, "lvr", None, 4, 0.5)
-    assert rule == lvr_rule(ids, "steps", 4, 0.5)
-    assert latent_rule_from_args(tok, "lvr", "threshold", 5, 0.3) == lvr_rule(ids, "threshold",
-                                                                               5, 0.3)
-    with pytest.raises(ValueError, match="no HyLaR tokens.*canvas_start"):
-        latent_rule_from_args(tok, "hylar", None, 4, 0.5)
-    with pytest.raises(ValueError, match="unknown latent method 'coconut'.*'none', 'lvr', 'hylar'"):
-        latent_rule_from_args(tok, "coconut", None, 4, 0.5)
+    cfg = Qwen25VLConfig.from_hf(oracle[0])
+    assert registry.build("none", tok, cfg).decode_program(None, 4, 0.5) is None
+    lvr = registry.build("lvr", tok, cfg)
+    assert lvr.decode_program(None, 4, 0.5) == lvr_rule(ids, "steps", 4, 0.5)
+    assert lvr.decode_program("threshold", 5, 0.3) == lvr_rule(ids, "threshold", 5, 0.3)
+    assert lvr.decode_program().steps == 8
+    with pytest.raises(ValueError, match="unknown latent method 'coconut'.*hylar, lvr, none"):
+        registry.build("coconut", tok, cfg)
 
 
-def test_hylar_rule_is_forced(oracle):
-    tok = lvr_processor(oracle[0])[0].tokenizer  # a private copy: the oracle's stays as is
-    tok.add_tokens(["<|canvas_start|>", "<|canvas|>", "<|canvas_end|>"], special_tokens=True)
-    rule = latent_rule_from_args(tok, "hylar", None, 6, 0.5)
+def test_hylar_tokens_and_forced_rule(oracle):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(oracle[0])  # a private copy without LVR's tokens
+    n = len(tok)
+    hylar = registry.build("hylar", tok, Qwen25VLConfig.from_hf(oracle[0]))
     v = tok.get_vocab()
+    # HyLaR's order and specialness: canvas first, non-special (released checkpoints' ids)
+    assert [v[t] for t in ("<|canvas|>", "<|canvas_start|>", "<|canvas_end|>")] == [n, n + 1, n + 2]
+    assert not any(t.special for t in tok.added_tokens_decoder.values()
+                   if t.content.startswith("<|canvas"))
+    rule = hylar.decode_program(None, 6)
     assert (rule.mode, rule.steps) == ("forced", 6)
     assert (rule.start_id, rule.latent_id, rule.end_id) == (
         v["<|canvas_start|>"], v["<|canvas|>"], v["<|canvas_end|>"])
+    assert hylar.decode_program().steps == 32  # 2 x canvas tokens, HyLaR's cap
     with pytest.raises(ValueError, match="'forced' only"):
-        latent_rule_from_args(tok, "hylar", "steps", 6, 0.5)
+        hylar.decode_program("steps", 6)
 
 
 def test_render_completion(oracle):

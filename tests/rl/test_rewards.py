@@ -5,11 +5,14 @@ import math
 import pytest
 import torch
 
-from megatron_latent.rl.rewards import (REWARDS, RewardError, accuracy_reward, format_reward,
+from megatron_latent.rl.rewards import (REWARDS, RewardError, accuracy_reward,
                                         group_advantages, make_format_reward, parse_reward_spec,
                                         register_reward, score_completions)
 
 GOOD = "<|lvr_start|><|lvr|><|lvr|><|lvr_end|> <answer>B</answer>"
+
+format_reward = make_format_reward("<|lvr_start|>", "<|lvr_end|>")
+WITH_FORMAT = {**REWARDS, "format": format_reward}  # what the RL loop gives LVR
 
 
 @pytest.fixture
@@ -59,12 +62,12 @@ def test_make_format_reward_custom_tokens():
     assert fn("<think>x</think><answer>y</answer>", "") == 1.0
     assert fn(GOOD, "") == 0.0
     with pytest.raises(ValueError, match="non-empty"):
-        make_format_reward(start="")
+        make_format_reward(start="", end="<|lvr_end|>")
 
 
 def test_parse_reward_spec():
-    assert parse_reward_spec("accuracy:1.0, format:0.5") == [("accuracy", 1.0), ("format", 0.5)]
-    assert parse_reward_spec("format") == [("format", 1.0)]
+    assert parse_reward_spec("accuracy:1.0, format:0.5", WITH_FORMAT) == [("accuracy", 1.0), ("format", 0.5)]
+    assert parse_reward_spec("format", WITH_FORMAT) == [("format", 1.0)]
     assert parse_reward_spec("accuracy:-2") == [("accuracy", -2.0)]
 
 
@@ -79,7 +82,12 @@ def test_parse_reward_spec():
 ])
 def test_parse_reward_spec_errors(spec, message):
     with pytest.raises(ValueError, match=message):
-        parse_reward_spec(spec)
+        parse_reward_spec(spec, WITH_FORMAT)
+
+
+def test_format_is_the_methods():
+    with pytest.raises(ValueError, match="unknown reward 'format'"):  # no method: no format
+        parse_reward_spec("format")
 
 
 def test_register_reward_errors(extra_rewards):
@@ -96,7 +104,8 @@ def test_register_reward_errors(extra_rewards):
 def test_score_completions():
     completions = [GOOD, "<answer>B</answer>", GOOD.replace(">B<", ">C<")]
     references = ["<answer>B</answer>"] * 3
-    total, parts = score_completions(completions, references, [("accuracy", 1.0), ("format", 0.5)])
+    total, parts = score_completions(completions, references, [("accuracy", 1.0), ("format", 0.5)],
+                                     rewards=WITH_FORMAT)
     assert parts["accuracy"].tolist() == [1.0, 1.0, 0.0]
     assert parts["format"].tolist() == [1.0, 0.0, 1.0]
     assert total.tolist() == [1.5, 1.0, 0.5]
@@ -127,15 +136,15 @@ def test_raising_reward_names_sample_id(extra_rewards):
     with pytest.raises(RewardError, match="reward 'boom' raised on sample 2 \\(id 'img-3'\\): "
                                           "KeyError: 'missing field'") as info:
         score_completions(["zero", "one", "two"], ["r"] * 3, [("format", 1.0), ("boom", 1.0)],
-                          sample_ids=["img-1", "img-2", "img-3"])
+                          sample_ids=["img-1", "img-2", "img-3"], rewards={**WITH_FORMAT, **REWARDS})
     assert isinstance(info.value.__cause__, KeyError)
 
 
 def test_score_completions_argument_errors():
     with pytest.raises(ValueError, match="2 completions but 1 references"):
-        score_completions(["a", "b"], ["a"], [("format", 1.0)])
+        score_completions(["a", "b"], ["a"], [("accuracy", 1.0)])
     with pytest.raises(ValueError, match="2 completions but 3 sample ids"):
-        score_completions(["a", "b"], ["a", "b"], [("format", 1.0)], sample_ids=["1", "2", "3"])
+        score_completions(["a", "b"], ["a", "b"], [("accuracy", 1.0)], sample_ids=["1", "2", "3"])
     with pytest.raises(ValueError, match="unknown reward 'bleu'"):
         score_completions(["a"], ["a"], [("bleu", 1.0)])
     with pytest.raises(ValueError, match="no rewards"):

@@ -30,7 +30,11 @@ from megatron_latent.ops import cross_entropy as ops_ce
 
 class Qwen25VLModel(MegatronModule):
     def __init__(self, cfg: Qwen25VLConfig, pre_process: Optional[bool] = None,
-                 post_process: Optional[bool] = None, vp_stage: Optional[int] = None):
+                 post_process: Optional[bool] = None, vp_stage: Optional[int] = None,
+                 latent_modules: Optional[torch.nn.Module] = None):
+        """`latent_modules`: the latent method's own modules for this stage (its
+        `build_modules`); their parameters are the model's `latent_modules.*`, so DDP, the
+        optimizer and the dist checkpoint treat them like any other."""
         lm_config = cfg.language_transformer_config()
         super().__init__(config=lm_config)
         self.cfg = cfg
@@ -40,6 +44,7 @@ class Qwen25VLModel(MegatronModule):
             post_process = parallel_state.is_pipeline_last_stage()
         self.pre_process, self.post_process = pre_process, post_process
         self.vision = Qwen25VisionModel(cfg) if pre_process else None
+        self.latent_modules = latent_modules
         self.language_model = GPTModel(
             config=lm_config,
             transformer_layer_spec=specs.language_layer_spec(cfg.spec, cfg.fused_rope),
@@ -110,7 +115,7 @@ class Qwen25VLModel(MegatronModule):
                     "features")
             emb = emb.masked_scatter(is_image.unsqueeze(-1), feats.to(emb.dtype))
         if latent is not None:
-            emb = latent.inject(emb, feats)
+            emb = latent.inject(emb, feats, self.latent_modules)
         return emb.transpose(0, 1).contiguous()
 
     # ------------------------------------------------------------ forward
