@@ -33,6 +33,8 @@ class DecodeLoop:
                     "logprobs": torch.zeros(b, n_new, device=dev),
                     "feed": torch.zeros(b, n_new, dtype=torch.bool, device=dev),
                     "latents": torch.zeros(b, n_new, hidden, dtype=dtype, device=dev),
+                    # log-prob of each fed vector as a sampled action (0: deterministic)
+                    "latent_logprobs": torch.zeros(b, n_new, device=dev),
                     "length": torch.full((b,), n_new, dtype=torch.long, device=dev),
                     "finished": torch.zeros(b, dtype=torch.bool, device=dev)}
 
@@ -55,7 +57,7 @@ class DecodeLoop:
         r = self.rec
         r["tokens"].fill_(self.pad_id)
         r["length"].fill_(r["tokens"].shape[1])
-        for k in ("logprobs", "feed", "latents", "finished"):
+        for k in ("logprobs", "feed", "latents", "latent_logprobs", "finished"):
             r[k].zero_()
 
     def take(self, out) -> None:
@@ -68,9 +70,11 @@ class DecodeLoop:
         b = self.next_pos.shape[0]
         return (self.next_pos + self.j).view(1, b, 1).expand(3, b, 1)
 
-    def record(self, appended, feed, params: SamplingParams):
+    def record(self, appended, feed, params: SamplingParams, vectors=None, vector_logp=None):
         """Step j of every row (rows already finished keep the padding); returns what the next
-        forward consumes: (ids, feed-the-hidden-state mask)."""
+        forward consumes: (ids, feed mask, vectors). `vectors` [b, h]: what a latent step feeds
+        (default the hidden state), `vector_logp` [b]: their log-probs as sampled actions."""
+        vectors = self.hidden if vectors is None else vectors
         r, col = self.rec, self.j.view(1)
         done = r["finished"]
         logp = policy_logprobs(self.logits, params).gather(1, appended.unsqueeze(1))[:, 0]
@@ -79,9 +83,12 @@ class DecodeLoop:
         r["tokens"].index_copy_(1, col, tokens.unsqueeze(1))
         r["logprobs"].index_copy_(1, col, torch.where(feed | done, 0.0, logp).unsqueeze(1))
         r["feed"].index_copy_(1, col, feed.unsqueeze(1))
-        latents = torch.where(feed.unsqueeze(1), self.hidden.to(r["latents"].dtype), 0)
+        latents = torch.where(feed.unsqueeze(1), vectors.to(r["latents"].dtype), 0)
         r["latents"].index_copy_(1, col, latents.unsqueeze(1))
+        if vector_logp is not None:
+            r["latent_logprobs"].index_copy_(1, col, torch.where(feed, vector_logp, 0.0)
+                                             .unsqueeze(1))
         stop_now = ~done & ~feed & self.is_stop[appended]
         r["length"].copy_(torch.where(stop_now, self.j + 1, r["length"]))
         r["finished"].copy_(done | stop_now)
-        return tokens, feed
+        return tokens, feed, vectors

@@ -9,8 +9,9 @@ sync (decode_loop.py), so on a GPU it replays as one CUDA graph (PP=1); the host
 finished rows every `check_every` steps only.
 
 Each request returns its tokens (latent positions hold the method's latent id), the policy
-log-prob of each token (0 at latent positions), and the vectors fed at latent positions: the
-RL step trains on exactly these.
+log-prob of each token (0 at latent positions), the vectors fed at latent positions and their
+log-probs as sampled actions (0 for a deterministic program): the RL step trains on exactly
+these.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from megatron_latent.inference.decode_loop import DecodeLoop
 from megatron_latent.models.qwen25vl.kv_cache import KVCache
 from megatron_latent.inference.sampling import SamplingParams, sample
 from megatron_latent.inference.stages import StageLink
-from megatron_latent.latent.decoding import LatentRule
 from megatron_latent.models.qwen25vl.rope_index import rope_index
 
 
@@ -43,6 +43,8 @@ class Completion:
     latent_positions: list[int]  # indices into `tokens` whose input was a fed-back hidden state
     latents: torch.Tensor  # [len(latent_positions), hidden]
     finish_reason: str  # "stop" or "length"
+    # log-prob of each fed vector as a sampled action [len(latent_positions)] (0: deterministic)
+    latent_logprobs: list[float] = field(default_factory=list)
     logits: torch.Tensor | None = field(default=None, repr=False)  # [len(tokens), vocab]
 
 
@@ -61,7 +63,7 @@ def _allow_shape_variants() -> None:
 
 
 class Generator:
-    def __init__(self, model, *, rule: LatentRule | None = None, max_context: int | None = None,
+    def __init__(self, model, *, rule=None, max_context: int | None = None,
                  pad_id: int = 0, cuda_graphs: bool = False, check_every: int = 8,
                  split_attention: bool = True, max_graphs: int = 4):
         self.model, self.cfg, self.rule = model, model.cfg, rule
@@ -162,15 +164,17 @@ class Generator:
 
     # ------------------------------------------------------------------ one iteration
     def _choose(self, loop: DecodeLoop, params: SamplingParams):
-        """Sample from the last logits, apply the latent rule, record step j (last stage)."""
+        """Sample from the last logits, apply the decode program, record step j (last stage).
+        -> (ids, feed mask, vectors) for the next forward."""
         tok = sample(loop.logits, params, loop.gen, self.suppress)
         if self.rule is None:
             feed = torch.zeros_like(tok, dtype=torch.bool)
-        else:
-            end_prob = (loop.logits.softmax(-1)[:, self.rule.end_id]
-                        if self.rule.needs_end_prob else None)
-            tok, feed = self.rule.step(loop.state, loop.consumed, tok, end_prob)
-        return loop.record(tok, feed, params)
+            return loop.record(tok, feed, params)
+        end_prob = (loop.logits.softmax(-1)[:, self.rule.end_id]
+                    if self.rule.needs_end_prob else None)
+        tok, feed = self.rule.step(loop.state, loop.consumed, tok, end_prob)
+        vectors, logp = self.rule.feed_vectors(loop.state, loop.hidden, feed, loop.gen)
+        return loop.record(tok, feed, params, vectors, logp)
 
     def _advance(self, loop: DecodeLoop, ids, feed, latent) -> None:
         """The forward of the chosen ids (or latents); its outputs replace the last ones."""
@@ -181,8 +185,7 @@ class Generator:
     def _iteration(self, loop: DecodeLoop, params: SamplingParams, last: bool) -> None:
         ids = feed = latent = None
         if self.link.last:
-            ids, feed = self._choose(loop, params)
-            latent = loop.hidden
+            ids, feed, latent = self._choose(loop, params)
         b, h = loop.consumed.shape[0], self.cfg.hidden_size
         ids, feed, latent = self.link.from_last(ids, feed, latent, b, h)
         if not last:
@@ -255,6 +258,7 @@ class Generator:
                 tokens=rec["tokens"][i, :n].tolist(), logprobs=rec["logprobs"][i, :n].tolist(),
                 latent_positions=feed.nonzero().flatten().tolist(),
                 latents=rec["latents"][i, :n][feed].float(),
+                latent_logprobs=rec["latent_logprobs"][i, :n][feed].tolist(),
                 finish_reason="stop" if bool(rec["finished"][i]) else "length",
                 logits=None if logits is None else logits[i, :n]))
         return out

@@ -4,7 +4,7 @@
 - an HF Qwen2.5-VL directory (config.json + safetensors + processor files), or
 - a megatron_latent checkpoint (megatron_latent.json, hf/ processor files, iter_NNNNNNN/),
   recognised by `checkpointing.is_checkpoint`; it loads at any TP/PP.
-The latent method is the one the checkpoint recorded (`latent_method_record`), unless the caller
+The latent method is the one the checkpoint recorded (`registry.record_for`), unless the caller
 names one; it adds its tokens to the processor's tokenizer and gives the decode program.
 The caller initialises the process groups first (`megatron_latent.parallel.initialize`) at the
 same TP/PP, and every rank of the model-parallel group calls this.
@@ -21,8 +21,6 @@ from megatron_latent import checkpointing
 from megatron_latent.latent import registry
 from megatron_latent.latent.decoding import MODES
 
-# the HF export's record of the method (conversion writes it beside the HF files)
-HF_METHOD_FILE = "latent_method.json"
 
 
 def _as_dtype(dtype) -> torch.dtype | None:
@@ -47,21 +45,6 @@ def _check_parallel(tp: int, pp: int) -> None:
     if got != (tp, pp):
         raise RuntimeError(f"load_for_generation(tp={tp}, pp={pp}), but the parallel state was "
                            f"initialised with tp={got[0]}, pp={got[1]}")
-
-
-def latent_method_record(path) -> dict:
-    """{"name", "hparams"} of the method a checkpoint was trained with: a megatron_latent
-    checkpoint's metadata (LVR for those written before methods were recorded); an HF dir's
-    `latent_method.json` (our export), or a method's own config keys (`registry.detect_hf`);
-    else "none"."""
-    path = Path(path)
-    if checkpointing.is_checkpoint(path):
-        return registry.checkpoint_record(checkpointing.read_metadata(path))
-    if (path / HF_METHOD_FILE).is_file():
-        return json.loads((path / HF_METHOD_FILE).read_text())
-    config = path / "config.json"
-    detected = registry.detect_hf(json.loads(config.read_text())) if config.is_file() else None
-    return detected or {"name": "none", "hparams": {}}
 
 
 def load_for_generation(path, *, tp: int = 1, pp: int = 1, spec: str = "local", dtype=None,
@@ -100,7 +83,7 @@ def load_for_generation(path, *, tp: int = 1, pp: int = 1, spec: str = "local", 
         cfg = Qwen25VLConfig.from_hf(path, **layout, params_dtype=dtype or _hf_dtype(path))
         proc_dir = path
     processor = AutoProcessor.from_pretrained(proc_dir)
-    record = latent_method_record(path)
+    record = registry.record_for(path) or {"name": "none", "hparams": {}}
     if latent_method is not None and latent_method != record["name"]:
         record = {"name": latent_method, "hparams": {}}
     method = registry.from_record(record, processor.tokenizer, cfg)

@@ -1,11 +1,17 @@
-"""When generation feeds hidden states back instead of tokens: one rule per latent mode.
+"""A latent method's decode program: what generation does at latent events.
 
 After each forward the generator has, per row, the input it just consumed, the sampled token and
-the last final-norm hidden state. `LatentRule.step` decides, on device and for the whole batch,
-what is appended to the sequence and whether the next input is that token's embedding or the
-hidden state (a latent step). Latent positions are appended as `latent_id`, so a finished
-sequence is in the training format (start, latent x n, end) and RL can replay it in one
-parallel forward with the recorded vectors injected at those positions.
+the last final-norm hidden state. A program (a method's `decode_program`) decides, on device and
+for the whole batch and without host syncs (a decode iteration replays as one CUDA graph):
+- `step`: what is appended to the sequence (the sampled token, or a forced one) and whether the
+  next input is that token's embedding or a vector (a latent step);
+- `feed_vectors`: the vector fed at a latent step and the log-probability of it as a sampled
+  action (0 for a deterministic one). `LatentRule` feeds the hidden state back unchanged; a
+  method with a stochastic latent policy (a Gaussian around the hidden state) overrides it,
+  drawing from the loop's generator, and RL's importance ratio then needs the recorded log-prob.
+Latent positions are appended as `latent_id`, so a finished sequence is in the training format
+(start, latent x n, end) and RL can replay it in one parallel forward with the recorded vectors
+injected at those positions.
 
 Modes (seed-methods.md 2.6 and 3.6). Entry is always on the forward whose input was `start_id`,
 and its hidden state is the first latent input:
@@ -77,3 +83,9 @@ class LatentRule:
         state["active"].copy_(feed)
         state["fed"].copy_(torch.where(feed, fed + 1, fed))
         return appended, feed
+
+    def feed_vectors(self, state: dict, hidden: torch.Tensor, feed: torch.Tensor,
+                     generator: torch.Generator | None = None):
+        """(vectors [b, h] fed where `feed`, log-prob [b] of each as a sampled action): the
+        hidden state itself, a deterministic action."""
+        return hidden, torch.zeros(hidden.shape[0], device=hidden.device)

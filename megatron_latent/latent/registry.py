@@ -11,6 +11,8 @@ import importlib
 from megatron_latent.latent.base import LatentMethod, PlainLM
 
 _METHODS: dict[str, type[LatentMethod]] = {}
+# an HF export's record of its method, beside config.json (conversion writes it)
+HF_METHOD_FILE = "latent_method.json"
 # modules that register the built-in methods when imported (imported on first lookup)
 _BUILTIN = ("megatron_latent.latent.lvr", "megatron_latent.latent.hylar")
 
@@ -59,6 +61,24 @@ def checkpoint_record(meta: dict) -> dict:
     """The method record in a checkpoint's metadata; checkpoints written before methods were
     recorded hold LVR (the only method then)."""
     return meta.get("latent_method") or {"name": "lvr", "hparams": {}}
+
+
+def record_for(path) -> dict | None:
+    """{"name", "hparams"} of the method a checkpoint dir was trained with: a megatron_latent
+    checkpoint's metadata; an HF dir's `latent_method.json` (our export) or a method's own
+    config keys (`detect_hf`); None when an HF dir says nothing."""
+    import json
+    from pathlib import Path
+
+    from megatron_latent import checkpointing
+
+    path = Path(path)
+    if checkpointing.is_checkpoint(path):
+        return checkpoint_record(checkpointing.read_metadata(path))
+    if (path / HF_METHOD_FILE).is_file():
+        return json.loads((path / HF_METHOD_FILE).read_text())
+    config = path / "config.json"
+    return detect_hf(json.loads(config.read_text())) if config.is_file() else None
 
 
 def from_record(record: dict, tokenizer, model_cfg, **override) -> LatentMethod:

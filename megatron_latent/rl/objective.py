@@ -28,7 +28,7 @@ class RLStep(LatentStep):
     def __init__(self, batch: dict, temperature: float, loss: PolicyLoss | None):
         self.batch, self.temperature, self.policy_loss = batch, temperature, loss
 
-    def inject(self, embeddings, image_features):
+    def inject(self, embeddings, image_features, modules=None):
         recorded = InjectLatents(self.batch["latent_mask"], self.batch["latent_vectors"])
         return recorded.inject(embeddings, image_features)
 

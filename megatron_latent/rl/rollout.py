@@ -2,8 +2,9 @@
 recorded latents at their positions, the rollout's log-probs as the PPO "old" policy.
 
 Trained tokens (loss_mask): every completion token except latent positions and the method's
-excluded ids (LVR: <|lvr_start|>); so for LVR, from <|lvr_start|> up to <|lvr_end|> (exclusive)
-nothing gets a policy or KL term, while <|lvr_end|> and the text do (seed-methods.md 2.7).
+excluded ids (`rl_untrained_ids`; for LVR its span opener, so from the opener up to the span's
+end token (exclusive) nothing gets a policy or KL term, while the end and the text do:
+seed-methods.md 2.7).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def _micro_batch(prompts, comps, adv, cfg, pad_id, pad_to, exclude_ids) -> dict:
     old = torch.zeros(b, pad_to)
     real = torch.zeros(b, pad_to, dtype=torch.bool)
     latent_mask = torch.zeros(b, pad_to, dtype=torch.bool)
-    vectors, pixels, grids = [], [], []
+    vectors, vector_logp, pixels, grids = [], [], [], []
     for i, (p, c) in enumerate(zip(prompts, comps)):
         n_p, n = len(p.input_ids), len(p.input_ids) + len(c.tokens)
         full = torch.tensor(list(p.input_ids) + list(c.tokens))
@@ -59,6 +60,7 @@ def _micro_batch(prompts, comps, adv, cfg, pad_id, pad_to, exclude_ids) -> dict:
                 loss_mask[i, n_p - 1 + j] = 1.0
         old[i, n_p - 1: n - 1] = torch.tensor(c.logprobs)
         vectors.append(c.latents)
+        vector_logp.append(torch.tensor(c.latent_logprobs or [0.0] * len(c.latent_positions)))
         if p.pixel_values is not None:
             pixels.append(p.pixel_values)
             grids.append(p.image_grid_thw)
@@ -68,4 +70,7 @@ def _micro_batch(prompts, comps, adv, cfg, pad_id, pad_to, exclude_ids) -> dict:
     return {"input_ids": ids, "labels": labels, "loss_mask": loss_mask, "position_ids": positions,
             "pixel_values": torch.cat(pixels) if pixels else None, "image_grid_thw": grid,
             "latent_mask": latent_mask, "latent_vectors": torch.cat(vectors),
+            # the rollout's log-prob of each fed vector as a sampled action (a stochastic
+            # latent policy's old log-prob; 0 for deterministic programs)
+            "latent_old_logprobs": torch.cat(vector_logp).float(),
             "old_logprobs": old, "advantages": adv.float()}

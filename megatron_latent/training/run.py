@@ -114,13 +114,11 @@ def resolve_method(cfg: LoopConfig, resume: bool, tokenizer, mcfg):
     """The run's latent method, its tokens added to `tokenizer`. Resuming: the checkpoint's
     (another --latent-method is an error; hyper-parameters given on the command line win and
     are printed). From a pretrained checkpoint: its method unless --latent-method names one.
-    From HF weights: --latent-method."""
+    From HF weights: the method their export recorded, else --latent-method."""
     from megatron_latent.latent import registry
 
-    src = cfg.load if resume else cfg.pretrained_checkpoint
-    record = None
-    if src is not None:
-        record = registry.checkpoint_record(checkpointing.read_metadata(src))
+    src = cfg.load if resume else (cfg.pretrained_checkpoint or cfg.hf_dir)
+    record = registry.record_for(src) if src is not None else None
     if resume and cfg.latent_method not in (None, record["name"]):
         raise ValueError(f"--latent-method {cfg.latent_method}: the checkpoint in --load "
                          f"{cfg.load} was trained with {record['name']!r}; resume it with that "
@@ -128,7 +126,7 @@ def resolve_method(cfg: LoopConfig, resume: bool, tokenizer, mcfg):
     if record is None or cfg.latent_method not in (None, record["name"]):
         if cfg.latent_method is None:
             raise ValueError(f"give --latent-method (one of {', '.join(registry.names())}): "
-                             "a run from HF weights has no recorded method")
+                             f"the HF weights in {cfg.hf_dir} record no method")
         return registry.build(cfg.latent_method, tokenizer, mcfg, cfg.latent_hparams)
     changed = {k: (record["hparams"].get(k), v) for k, v in cfg.latent_hparams.items()
                if record["hparams"].get(k) != v}

@@ -137,7 +137,8 @@ def test_nan_reward_is_a_named_error(rl_setup, synthetic_lvr):
 
     path, cfg, proc, ids = rl_setup
     register_reward("loop_nan", lambda c, r: float("nan"))
-    kw = dict(data_path=str(synthetic_lvr / "meta_rl.json"), hf_dir=path, prompts_per_step=1,
+    kw = dict(data_path=str(synthetic_lvr / "meta_rl.json"),
+              latent_method="lvr", hf_dir=path, prompts_per_step=1,
               group_size=2, micro_batch_size=2, seq_length=1024, max_new_tokens=4,
               rewards="loop_nan:1.0", train_iters=1, max_pixels=112 * 112,
               wandb_mode="disabled")
@@ -155,7 +156,8 @@ def test_reward_rises_two_processes(tiny_ckpts, synthetic_lvr, tmp_path):
     from megatron_latent.testing.distributed import run_distributed
     from megatron_latent.testing.rl_workers import grpo_run
 
-    kw = dict(data_path=str(synthetic_lvr / "meta_rl.json"), hf_dir=tiny_ckpts["tiny-a"],
+    kw = dict(data_path=str(synthetic_lvr / "meta_rl.json"),
+              latent_method="lvr", hf_dir=tiny_ckpts["tiny-a"],
               prompts_per_step=4, group_size=8, micro_batch_size=8, seq_length=1024,
               max_new_tokens=8, temperature=1.0, top_k=0, latent_steps=2,
               answer_prefix="<|lvr_start|>", rewards="vowels:1.0", train_iters=25,
@@ -177,7 +179,8 @@ def test_resume_continues_exactly(tiny_ckpts, synthetic_lvr, tmp_path, megatron_
     from megatron_latent import parallel
     from megatron_latent.testing.rl_workers import grpo_run
 
-    base = dict(data_path=str(synthetic_lvr / "meta_rl.json"), hf_dir=tiny_ckpts["tiny-a"],
+    base = dict(data_path=str(synthetic_lvr / "meta_rl.json"),
+              latent_method="lvr", hf_dir=tiny_ckpts["tiny-a"],
                 prompts_per_step=2, group_size=4, micro_batch_size=4, seq_length=1024,
                 max_new_tokens=6, temperature=1.0, top_k=0, latent_steps=2,
                 answer_prefix="<|lvr_start|>", rewards="vowels:1.0", optim={"lr": 1e-2},
@@ -204,7 +207,8 @@ def test_grpo_under_model_parallelism(tiny_ckpts, synthetic_lvr, tmp_path, tp, p
     from megatron_latent.testing.distributed import run_distributed
     from megatron_latent.testing.rl_workers import grpo_run
 
-    kw = dict(data_path=str(synthetic_lvr / "meta_rl.json"), hf_dir=tiny_ckpts["tiny-a"],
+    kw = dict(data_path=str(synthetic_lvr / "meta_rl.json"),
+              latent_method="lvr", hf_dir=tiny_ckpts["tiny-a"],
               prompts_per_step=2, group_size=4, micro_batch_size=4, seq_length=1024,
               max_new_tokens=6, temperature=1.0, top_k=0, latent_steps=2,
               answer_prefix="<|lvr_start|>", rewards="vowels:1.0", train_iters=2,
@@ -235,7 +239,8 @@ def test_start_from_a_megatron_checkpoint(tiny_ckpts, synthetic_lvr, tmp_path, m
     ckpt = tmp_path / "sft"
     subprocess.run([sys.executable, str(repo / "tools/convert_hf_to_megatron.py"), "--hf-dir",
                     tiny_ckpts["tiny-a"], "--out", str(ckpt)], check=True, capture_output=True)
-    base = dict(data_path=str(synthetic_lvr / "meta_rl.json"), prompts_per_step=2,
+    base = dict(data_path=str(synthetic_lvr / "meta_rl.json"),
+              latent_method="lvr", prompts_per_step=2,
                 group_size=4, micro_batch_size=4, seq_length=1024, max_new_tokens=6,
                 temperature=1.0, top_k=0, latent_steps=2, answer_prefix="<|lvr_start|>",
                 rewards="vowels:1.0", optim={"lr": 1e-2}, train_iters=1, max_pixels=112 * 112,
