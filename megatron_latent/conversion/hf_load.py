@@ -15,6 +15,7 @@ from megatron.core import parallel_state
 from safetensors import safe_open
 from tqdm import tqdm
 
+from megatron_latent.conversion import side_modules
 from megatron_latent.conversion.hf_mapping import NameTable, canonical_hf_name, tp_shard
 
 
@@ -28,7 +29,8 @@ class HFCheckpointReader:
             weight_map = json.loads(index.read_text())["weight_map"]
             files = sorted(set(weight_map.values()))
         else:
-            files = sorted(p.name for p in self.dir.glob("*.safetensors"))
+            files = sorted(p.name for p in self.dir.glob("*.safetensors")
+                           if p.name != side_modules.SIDE_FILE)
         if not files:
             raise FileNotFoundError(f"{self.dir}: no *.safetensors files")
         self.where: dict[str, tuple[str, str]] = {}
@@ -84,13 +86,17 @@ def global_parameter_names(model) -> dict[str, str]:
     return out
 
 
-def load_hf_weights(model, hf_dir, progress: bool = False) -> None:
-    """`hf_dir`: an HF checkpoint directory, or a reader (HFCheckpointReader, StateDictReader)."""
+def load_hf_weights(model, hf_dir, progress: bool = False, latent_method=None) -> None:
+    """`hf_dir`: an HF checkpoint directory, or a reader (HFCheckpointReader, StateDictReader).
+    The latent method's side modules load from the directory's side file or the method's own
+    tensors in it (conversion/side_modules.py); without either they keep their fresh values."""
     cfg = model.cfg
     table = NameTable(cfg)
     reader = hf_dir if hasattr(hf_dir, "get") else HFCheckpointReader(hf_dir)
     hf_dir = reader.dir
-    unknown = reader.names() - table.all_hf_names(cfg.num_layers, cfg.vision_depth)
+    load_map, dropped = side_modules.embedded(reader.names(), latent_method)
+    unknown = (reader.names() - table.all_hf_names(cfg.num_layers, cfg.vision_depth)
+               - set(load_map) - dropped)
     if unknown:
         raise ValueError(f"{hf_dir}: {len(unknown)} tensors have no place in Qwen2.5-VL, e.g. "
                          f"{sorted(unknown)[:5]}")
@@ -99,7 +105,7 @@ def load_hf_weights(model, hf_dir, progress: bool = False) -> None:
     params = model.state_dict(keep_vars=True)
     names = global_parameter_names(model).items()
     for name, global_name in tqdm(names, desc="hf -> megatron", unit="tensor", disable=not progress):
-        if name.endswith("_extra_state"):
+        if name.endswith("_extra_state") or name.startswith(side_modules.PREFIX):
             continue
         hf_names, transform = table.lookup(global_name)
         full = transform.to_megatron(*(reader.get(h) for h in hf_names))
@@ -110,3 +116,4 @@ def load_hf_weights(model, hf_dir, progress: bool = False) -> None:
                              f"{global_name}, the model expects {tuple(param.shape)}")
         with torch.no_grad():
             param.copy_(piece)
+    side_modules.load(model, hf_dir, reader, latent_method)

@@ -99,7 +99,7 @@ def load_for_generation(path, *, tp: int = 1, pp: int = 1, spec: str = "local", 
     else:
         from megatron_latent.conversion.hf_load import load_hf_weights
 
-        load_hf_weights(model, path)
+        load_hf_weights(model, path, latent_method=method)
     model.eval()
     return model, processor, cfg, method
 
@@ -181,14 +181,8 @@ def add_latent_args(p) -> None:
 
 
 def open_image(path):
-    """An RGB PIL image; ValueError naming the path when it is missing or unreadable."""
-    from PIL import Image, UnidentifiedImageError
+    """An RGB PIL image, converted as training converts it (data/images.py: regular files only,
+    16-bit and alpha handled, unknown pixel modes refused); ValueError naming the path."""
+    from megatron_latent.data.images import open_image as open_rgb
 
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"image not found: {p}")
-    try:
-        with Image.open(p) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot read image {p}: {e}") from None
+    return open_rgb(path)

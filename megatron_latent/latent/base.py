@@ -7,7 +7,7 @@ interface, everything that differs between recipes:
   them) and hyper-parameters (`hparams()`, recorded in every checkpoint it writes);
 - its side modules (`build_modules`): built with the model on the right pipeline stage, held at
   `model.latent_modules`, so DDP, the optimizer (`optimizer_overrides`, `frozen_patterns`), the
-  dist checkpoint and the converters (`side_names`) see them like any other parameter;
+  dist checkpoint and the converters (`hf_side_name`) see them like any other parameter;
 - its data (`sft_dataset`: a dataset with `collate(samples, pad_to)`);
 - its training step (`count`, `sft_step` -> a `LatentStep`, `total_loss`);
 - its decode program (`decode_program`: latent.decoding);
@@ -101,15 +101,16 @@ class LatentMethod(ABC):
         """{fnmatch name patterns: LR} for parameter groups with their own LR."""
         return {}
 
+    def hf_side_name(self, hf_name: str) -> str | None:
+        """For a tensor embedded in an HF checkpoint's main weights: its side-module name
+        (without `latent_modules.`) if it is this method's, "" if it is the method's but not
+        kept (dropped on import), None if it is not the method's."""
+        return None
+
     def frozen_patterns(self) -> tuple[str, ...]:
         """fnmatch name patterns of side-module parameters to freeze (no grad, no optimizer
         state), e.g. by a --freeze flag of the method."""
         return ()
-
-    def side_names(self) -> dict[str, str]:
-        """Our parameter name (`latent_modules.<...>`) -> the name in the method's side
-        safetensors file on HF export; {} when the modules go nowhere (dropped on export)."""
-        return {}
 
     # ------------------------------------------------------------ data and training
     def sft_dataset(self, data_path, **kwargs):

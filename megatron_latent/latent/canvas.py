@@ -161,10 +161,10 @@ def load_siglip(path):
                 got[name], where[name] = t, f
     files = ", ".join(str(f) for f in _weight_files(path))
     if missing := sorted(set(want) - set(got)):
-        raise KeyError(f"{files}: missing SigLIP vision weights {missing[:5]}"
+        raise ValueError(f"{files}: missing SigLIP vision weights {missing[:5]}"
                        f"{' ...' if len(missing) > 5 else ''} ({len(missing)} in all)")
     if unexpected := sorted(set(got) - set(want)):
-        raise KeyError(f"{where[unexpected[0]]}: unexpected keys {unexpected[:5]} "
+        raise ValueError(f"{where[unexpected[0]]}: unexpected keys {unexpected[:5]} "
                        f"({len(unexpected)} in all) for a SigLIP vision tower")
     model.load_state_dict({k: v.float() for k, v in got.items()}, strict=True)
     model.requires_grad_(False)

@@ -24,7 +24,6 @@ from megatron_latent.latent.registry import register
 
 # HyLaR's order (canvas first) and non-special: the released checkpoints' ids 151665..151667
 TOKENS = ("<|canvas|>", "<|canvas_start|>", "<|canvas_end|>")
-MODULE_PREFIX = "latent_modules."
 
 
 @register
@@ -55,9 +54,9 @@ class HyLaR(LatentMethod):
     @classmethod
     def create(cls, token_ids, model_cfg, **hparams) -> "HyLaR":
         if hparams.get("encoder") and "encoder_dim" not in hparams:
-            from megatron_latent.latent.canvas import siglip_width
+            from megatron_latent.latent.canvas import vision_config
 
-            hparams["encoder_dim"] = siglip_width(hparams["encoder"])
+            hparams["encoder_dim"] = vision_config(hparams["encoder"]).hidden_size
         return cls(canvas_id=token_ids[TOKENS[0]], start_id=token_ids[TOKENS[1]],
                    end_id=token_ids[TOKENS[2]], hidden_size=model_cfg.hidden_size, **hparams)
 
@@ -106,9 +105,18 @@ class HyLaR(LatentMethod):
                                  "stages without gradient")
         from megatron_latent.latent.canvas import CanvasEncoder
 
-        return CanvasEncoder(dim=self.encoder_dim, hidden_size=self.hidden_size,
-                             n_queries=self.canvas_tokens, n_layers=self.compressor_layers,
-                             n_heads=self.compressor_heads, siglip_path=self.encoder)
+        # SigLIP is attached at the first SFT step (HyLaRStep): generation never needs it
+        return CanvasEncoder(self.encoder_dim, self.hidden_size, n_queries=self.canvas_tokens,
+                             n_layers=self.compressor_layers, n_heads=self.compressor_heads)
+
+    def hf_side_name(self, hf_name: str) -> str | None:
+        """HyLaR's mid-SFT checkpoints hold `canvas_extractor.{compressor,canvas_proj}.*` (ours
+        minus the prefix) and the frozen SigLIP (`canvas_extractor.siglip2_vision.*`: dropped,
+        it is reloaded from its own checkpoint)."""
+        if not hf_name.startswith("canvas_extractor."):
+            return None
+        name = hf_name[len("canvas_extractor."):]
+        return name if name.startswith(("compressor.", "canvas_proj.")) else ""
 
     def optimizer_overrides(self) -> dict:
         return {} if self.canvas_lr is None else {("*latent_modules.*",): self.canvas_lr}
@@ -116,23 +124,17 @@ class HyLaR(LatentMethod):
     def frozen_patterns(self) -> tuple[str, ...]:
         return ("*latent_modules.*",) if self.freeze_canvas else ()
 
-    def side_names(self) -> dict[str, str]:
-        """HyLaR's names minus `canvas_extractor.` (spec section 5)."""
-        from megatron_latent.latent.canvas import CanvasEncoder
-
-        names = CanvasEncoder.parameter_names(self.encoder_dim, self.hidden_size,
-                                              self.canvas_tokens, self.compressor_layers)
-        return {MODULE_PREFIX + n: n for n in names}
-
     # ------------------------------------------------------------ data and training
     def sft_dataset(self, data_path, *, tokenizer, image_processor, vocab_size, **kwargs):
+        from transformers import SiglipImageProcessor
+
         from megatron_latent.data.interleaved import ZebraCotDataset
-        from megatron_latent.latent.canvas import load_siglip_processor
 
         if not self.encoder:
             raise ValueError("HyLaR SFT needs the canvas encoder: --canvas-encoder SIGLIP_DIR")
+        canvas = SiglipImageProcessor.from_pretrained(str(self.encoder), local_files_only=True)
         return ZebraCotDataset(data_path, tokenizer=tokenizer, image_processor=image_processor,
-                               canvas_processor=load_siglip_processor(self.encoder),
+                               canvas_processor=canvas,
                                vocab_size=vocab_size, canvas_tokens=self.canvas_tokens, **kwargs)
 
     def sft_step(self, micro_batch: dict) -> "HyLaRStep":
@@ -169,6 +171,12 @@ class HyLaRStep(LVRStep):
         if modules is None:
             raise ValueError("HyLaR's step needs the canvas modules (build the model with the "
                              "method: build_model(..., latent_method=method))")
+        if modules.siglip is None:  # the frozen encoder, loaded once, outside the checkpoint
+            if not self.m.encoder:
+                raise ValueError("HyLaR SFT needs the canvas encoder: --canvas-encoder DIR")
+            from megatron_latent.latent.canvas import load_siglip
+
+            modules.attach_siglip(load_siglip(self.m.encoder)[0])
         canvas = modules(self.batch["canvas_pixel_values"]).flatten(0, 1)  # [n_img * k, h]
         if canvas.shape[0] != self.n_latent():
             raise ValueError(f"{self.n_latent()} <|canvas|> slots but {canvas.shape[0]} canvas "

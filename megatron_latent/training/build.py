@@ -34,7 +34,7 @@ def build_model(cfg: Qwen25VLConfig, hf_dir: str | Path | None = None, *, wrap_d
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     if hf_dir is not None:
-        load_hf_weights(model, hf_dir)
+        load_hf_weights(model, hf_dir, latent_method=latent_method)
     freeze([model], vision_tower=freeze_vision, merger=freeze_merger,
            extra=latent_method.frozen_patterns() if latent_method is not None else ())
     if not wrap_ddp:

@@ -1,0 +1,153 @@
+"""The conformance suite every registered latent method passes (fp32, CPU, tiny checkpoints):
+
+- its loss terms and their gradients equal an independent computation of the same formula on
+  HF transformers' modules with the same weights (method_kits.py);
+- cached generation with its latent events equals one uncached forward with the recorded
+  latents injected (same tokens, logits <= 1e-4);
+- its side modules are trained at their own LR, or frozen when asked (no grad, no optimizer
+  state).
+The multi-process parts (TP=2 / PP=2 vs TP=1 per term, kill -9 and resume) are in
+test_conformance_parallel.py."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from megatron_latent.conversion.hf_load import load_hf_weights
+from megatron_latent.latent import registry
+from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
+from megatron_latent.models.qwen25vl.model import Qwen25VLModel
+from megatron_latent.testing.method_kits import KITS
+
+METHODS = [n for n in registry.names() if n != "none"]
+# ours -> HF names of weights whose gradients are compared (embedding: the real vocab rows)
+GRAD_PAIRS = {"language_model.embedding.word_embeddings.weight":
+              "model.language_model.embed_tokens.weight",
+              "language_model.decoder.layers.0.mlp.linear_fc2.weight":
+              "model.language_model.layers.0.mlp.down_proj.weight",
+              "language_model.decoder.final_layernorm.weight": "model.language_model.norm.weight"}
+
+
+def test_every_method_has_a_kit():
+    assert set(METHODS) <= set(KITS), f"add a kit to testing/method_kits.py for {set(METHODS) - set(KITS)}"
+
+
+@pytest.fixture(scope="module")
+def setups(tiny_ckpts, tmp_path_factory):
+    """name -> (hf dir, processor, model config, method, dataset)."""
+    from transformers import AutoProcessor
+
+    root = tmp_path_factory.mktemp("conformance")
+    path = tiny_ckpts["tiny-a"]
+    out = {}
+    for name in METHODS:
+        kit = KITS[name]
+        proc = AutoProcessor.from_pretrained(path)
+        cfg = Qwen25VLConfig.from_hf(path)
+        method = registry.build(name, proc.tokenizer, cfg, kit.hparams(root))
+        ds = method.sft_dataset(kit.make_data(root), tokenizer=proc.tokenizer,
+                                image_processor=proc.image_processor, vocab_size=cfg.vocab_size,
+                                seq_length=2048, min_pixels=3136, max_pixels=50176)
+        out[name] = (path, proc, cfg, method, ds)
+    return out
+
+
+def _model(cfg, method, path):
+    modules = method.build_modules(cfg, pre_process=True, post_process=True)
+    model = Qwen25VLModel(cfg, latent_modules=modules)
+    load_hf_weights(model, path)
+    return model
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_loss_terms_and_gradients_match_hf(name, setups, megatron_single_rank):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    path, _, cfg, method, ds = setups[name]
+    torch.manual_seed(0)
+    mb = ds.collate([ds[0], ds[1], ds[2]])
+    assert int(mb["latent_mask"].sum()) >= 3
+    model = _model(cfg, method, path).train()
+    mb["step_totals"] = {k: torch.tensor(float(v)) for k, v in method.count(mb).items()}
+    step = method.sft_step(mb)
+    out = model(mb["input_ids"], position_ids=mb["position_ids"], pixel_values=mb["pixel_values"],
+                image_grid_thw=mb["image_grid_thw"], labels=mb["labels"], latent=step)
+    total, n_tokens, logs = step.loss(out)
+    (total / n_tokens).backward()
+
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).train()
+    hf_modules = copy.deepcopy(model.latent_modules)
+    if hf_modules is not None:
+        hf_modules.zero_grad(set_to_none=True)
+    terms = KITS[name].hf_terms(hf, mb, method, hf_modules)
+    hf_total = terms["lm loss"] + method.loss_lambda * terms["latent mse"]
+    hf_total.backward()
+
+    for key, ref in terms.items():  # each term: ours is (sum, count) pairs
+        ours = (logs[key][0] / logs[key][1]).item()
+        assert abs(ours - ref.item()) <= 1e-5, (key, ours, ref.item())
+    assert terms["latent mse"].item() > 1e-3, "the latent term should be non-trivial"
+    assert abs((total / n_tokens).item() - hf_total.item()) <= 1e-5
+    ours_p, hf_p = dict(model.named_parameters()), dict(hf.named_parameters())
+    pairs = dict(GRAD_PAIRS)
+    if hf_modules is not None:  # the method's own modules get the same gradients too
+        pairs.update({f"latent_modules.{n}": n for n, _ in hf_modules.named_parameters()})
+    for ours_name, hf_name in pairs.items():
+        a = ours_p[ours_name].grad
+        b = (hf_modules.get_parameter(hf_name) if ours_name.startswith("latent_modules.")
+             else hf_p[hf_name]).grad
+        a = a[: b.shape[0]]  # our vocab is padded
+        scale = b.abs().max().item()
+        assert scale > 0, f"{hf_name}: no gradient"
+        assert (a - b).abs().max().item() <= 1e-5 * max(scale, 1.0), ours_name
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_cached_generation_equals_recompute(name, setups, megatron_single_rank):
+    from megatron_latent.inference.generator import Generator
+    from megatron_latent.inference.prompts import build_prompt
+    from megatron_latent.inference.sampling import SamplingParams
+    from megatron_latent.testing.generation import recompute_logits
+    from megatron_latent.testing.samples import photos
+
+    path, proc, cfg, method, _ = setups[name]
+    model = _model(cfg, method, path).eval()
+    ph = photos()
+    prompts = [build_prompt(proc, "Where is the astronaut looking?", [ph[0]],
+                            answer_prefix=KITS[name].opener),
+               build_prompt(proc, "Describe the cat.", [ph[2]])]  # no event: it must wait
+    gen = Generator(model, rule=method.decode_program(None, 3), pad_id=proc.tokenizer.pad_token_id)
+    out = gen.generate(prompts, SamplingParams(max_new_tokens=8), record_logits=True)
+    assert out[0].latent_positions[:3] == [0, 1, 2]  # the span opened by the prompt
+    for prompt, c in zip(prompts, out):
+        ref = recompute_logits(model, prompt, c)
+        assert (ref - c.logits.float()).abs().max().item() <= 1e-4
+        sampled = [j for j, t in enumerate(c.tokens) if j not in c.latent_positions
+                   and t == int(ref[j].argmax())]
+        forced = len(c.tokens) - len(c.latent_positions) - len(sampled)
+        assert forced <= 1, (c.tokens, ref.argmax(-1).tolist())  # at most a forced span end
+
+
+@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("frozen", [False, True])
+def test_side_modules_frozen_when_asked(name, frozen, setups, megatron_single_rank):
+    from megatron_latent.training.build import OptimSettings, build_model, build_optimizer, unwrap
+
+    path, proc, cfg, method, _ = setups[name]
+    if method.build_modules(cfg, pre_process=True, post_process=True) is None:
+        pytest.skip(f"{name} has no side modules")
+    flag = {"hylar": "freeze_canvas"}[name]
+    method = registry.build(name, proc.tokenizer, cfg, {**method.hparams(), flag: frozen})
+    chunks = build_model(cfg, path, latent_method=method)
+    optimizer = build_optimizer(chunks, OptimSettings(lr=1e-5), method.optimizer_overrides())
+    side = [p for n, p in unwrap(chunks[0]).named_parameters() if n.startswith("latent_modules.")]
+    in_optimizer = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    assert side and all(p.requires_grad != frozen for p in side)
+    if frozen:
+        assert not any(id(p) in in_optimizer for p in side)
+    else:
+        lrs = {in_optimizer[id(p)]["max_lr"] for p in side}
+        assert lrs == {next(iter(method.optimizer_overrides().values()))}
