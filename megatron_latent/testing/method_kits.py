@@ -22,6 +22,7 @@ class MethodKit:
     hparams: Callable[[Path], dict]  # tiny hyper-parameters (side files built under the dir)
     hf_terms: Callable  # (hf, mb, method, modules) -> {log name: mean}
     opener: str | None  # the token that opens a latent span (None: the method has none)
+    cli: Callable[[dict], list[str]]  # the hyper-parameters as pretrain_sft.py flags
 
 
 def _hf_embed(hf, mb, image_token_id):
@@ -95,12 +96,13 @@ def _hylar_hparams(root: Path) -> dict:
     siglip = root / "tiny_siglip"
     if not siglip.is_dir():
         make_tiny_siglip(siglip)
-    return {"encoder": str(siglip), "canvas_tokens": 4, "compressor_heads": 2}
+    return {"encoder": str(siglip), "canvas_tokens": 4}
 
 
 KITS = {
     "lvr": MethodKit("lvr", _lvr_data, lambda root: {"loss_lambda": 0.1}, hf_lvr_terms,
-                     "<|lvr_start|>"),
+                     "<|lvr_start|>", lambda hp: ["--lvr-loss-lambda", str(hp["loss_lambda"])]),
     "hylar": MethodKit("hylar", _hylar_data, _hylar_hparams, hf_hylar_terms,
-                       "<|canvas_start|>"),
+                       "<|canvas_start|>", lambda hp: ["--canvas-encoder", hp["encoder"],
+                                                       "--canvas-tokens", str(hp["canvas_tokens"])]),
 }

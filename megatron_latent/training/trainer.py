@@ -204,9 +204,9 @@ def train(cfg: TrainConfig) -> list[dict]:
             stopping = stop.agreed()
             evaluate = (valid_ds is not None and cfg.eval_interval
                         and iteration % cfg.eval_interval == 0)
-            save = cfg.save and (stopping or last or
-                                 (cfg.save_interval and iteration % cfg.save_interval == 0))
-            if evaluate or save or stopping or last:
+            saving = cfg.save and (stopping or last or
+                                   (cfg.save_interval and iteration % cfg.save_interval == 0))
+            if evaluate or saving or stopping or last:
                 finish()
             if evaluate:
                 prefetcher.settle()
@@ -215,7 +215,7 @@ def train(cfg: TrainConfig) -> list[dict]:
                       _micro_batches(valid_ds, vorder, k * cfg.global_batch_size, cfg, num_micro)]
                 ev = eval_losses(model, vm, method)
                 log.log(iteration, {f"valid {k}": v for k, v in ev.items()})
-            if save:
+            if saving:
                 prefetcher.settle()
                 save(cfg, mcfg, model, optimizer, scheduler, iteration, consumed, tokenizer, tok_dir,
                      method)

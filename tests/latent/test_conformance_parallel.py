@@ -1,0 +1,99 @@
+"""The conformance suite's multi-process parts, for every registered latent method (gloo, CPU):
+TP=2, TP=2 with sequence parallelism and PP=2 give each loss term of step 1 as TP=1 does, and
+a run killed with SIGKILL after a checkpoint resumes to the same losses as an uninterrupted one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from megatron_latent import checkpointing
+from megatron_latent.latent import registry
+from megatron_latent.testing.distributed import run_distributed
+from megatron_latent.testing.method_kits import KITS
+from megatron_latent.testing.parity_workers import train_runs
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+METHODS = [n for n in registry.names() if n != "none"]
+COMMON = dict(micro_batch_size=2, global_batch_size=4, seq_length=512, min_pixels=3136,
+              max_pixels=50176, seed=7)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_layouts_match_tp1_per_term(name, tiny_ckpts, tmp_path):
+    kit = KITS[name]
+    base = dict(COMMON, data_path=kit.make_data(tmp_path), hf_dir=tiny_ckpts["tiny-a"],
+                latent_method=name, latent_hparams=kit.hparams(tmp_path), train_iters=2,
+                optim=dict(lr=1e-3), lr_decay_style="constant")
+    runs = {"tp1": base, "tp2": dict(base, tensor_model_parallel_size=2),
+            "tp2sp": dict(base, tensor_model_parallel_size=2, sequence_parallel=True),
+            "pp2": dict(base, pipeline_model_parallel_size=2)}
+    run_distributed(train_runs, 2, runs, str(tmp_path / "runs.pt"))
+    res = torch.load(tmp_path / "runs.pt", weights_only=False)
+    for layout in ("tp2", "tp2sp", "pp2"):
+        for term in ("lm loss", "latent mse"):
+            ref, got = res["tp1"][0][term], res[layout][0][term]
+            assert ref > 0 and abs(got - ref) <= 1e-5, (layout, term, got, ref)
+
+
+def _launch(args, log):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["WANDB_MODE"] = "disabled"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(REPO / "pretrain_scripts/pretrain_sft.py"), *args]
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+
+
+def _losses(log_path: Path) -> dict[int, float]:
+    out = {}
+    for line in log_path.read_text().splitlines():
+        if line.startswith("step ") and "| loss " in line and "valid" not in line:
+            step = int(line.split()[1].split("/")[0])
+            out[step] = float(line.split("| loss ")[1].split()[0])
+    return out
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_kill_and_resume_gives_the_same_losses(name, tiny_ckpts, tmp_path):
+    kit = KITS[name]
+    args = ["--hf-dir", tiny_ckpts["tiny-a"], "--data-path", kit.make_data(tmp_path),
+            "--latent-method", name, *kit.cli(kit.hparams(tmp_path)),
+            "--tensor-model-parallel-size", "2", "--lr", "1e-3", "--lr-decay-style", "constant",
+            *[f"--{k.replace('_', '-')}={v}" for k, v in COMMON.items()]]
+    with open(tmp_path / "ref.log", "w") as log:  # uninterrupted reference: 8 steps
+        assert _launch(args + ["--train-iters", "8"], log).wait(timeout=300) == 0, \
+            (tmp_path / "ref.log").read_text()[-3000:]
+    ref = _losses(tmp_path / "ref.log")
+    ckpt = tmp_path / "ckpt"  # a long run, SIGKILLed once iteration 4 is checkpointed
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = _launch(args + ["--train-iters", "1000", "--save", str(ckpt),
+                               "--save-interval", "4"], log)
+        deadline = time.time() + 600
+        while checkpointing.latest_iteration(ckpt) is None and time.time() < deadline:
+            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            time.sleep(0.2)
+        for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+            p.kill()  # SIGKILL the launcher and every rank: no chance to clean up
+        proc.wait()
+        psutil.wait_procs(psutil.Process().children(recursive=True), timeout=30)
+    assert checkpointing.latest_iteration(ckpt) == 4
+    assert checkpointing.read_metadata(ckpt)["latent_method"]["name"] == name
+    with open(tmp_path / "resumed.log", "w") as log:  # no method flags: the checkpoint's own
+        i = args.index("--latent-method")
+        resume = args[:i] + args[i + 2:]
+        assert _launch([*resume, "--train-iters", "8", "--load", str(ckpt), "--save", str(ckpt)],
+                       log).wait(timeout=300) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+    resumed = _losses(tmp_path / "resumed.log")
+    assert sorted(resumed) == [5, 6, 7, 8]
+    for step in range(5, 9):
+        assert resumed[step] == pytest.approx(ref[step], abs=1e-6), (step, resumed, ref)
