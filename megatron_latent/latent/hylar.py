@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from megatron_latent.latent import pipeline_channel
 from megatron_latent.latent.base import LatentMethod
 from megatron_latent.latent.decoding import LatentRule
@@ -186,3 +188,11 @@ class HyLaRStep(LVRStep):
         self.targets = pipeline_channel.first_to_last(targets, tuple(targets.shape),
                                                       targets.dtype, targets.device)
         return embeddings.masked_scatter(mask.unsqueeze(-1), canvas)
+
+    def loss(self, output):
+        total, n, logs = super().loss(output)
+        # the target's scale: a collapse of the canvas (shrinking towards what is cheap to
+        # predict) shows as this falling with the MSE
+        t = self.targets.detach().float()
+        logs["canvas target ms"] = torch.stack([t.pow(2).sum(), t.new_full((), float(t.numel()))])
+        return total, n, logs
