@@ -124,6 +124,11 @@ class LVRStep(LatentStep):
         if model.config.sequence_parallel:  # the loss is computed identically on every TP rank
             full = tensor_parallel.gather_from_sequence_parallel_region(
                 hidden_states, tensor_parallel_output_grad=False)
+        return {"ce": ce, "latent_sq": self.regression_sq(full)}
+
+    def regression_sq(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Sum over latent slots t+1 of ||h[t] - target||^2 (fp32); `hidden_states` [s, b, h]
+        whole (not SP-split), final-norm."""
         mask = predictor_mask(self.batch["latent_mask"])  # [b, s]
         if self.batch.get("counts") is not None:
             # a training step: count() checked no latent token starts a sample, so there is
@@ -132,9 +137,8 @@ class LVRStep(LatentStep):
         else:  # unchecked: a missing predictor row then fails on the shapes below
             where = mask.flatten().nonzero().squeeze(1)
         b, s = mask.shape
-        pred = full.flatten(0, 1)[(where % s) * b + where // s]  # [s, b] rows, no transpose copy
-        sq = (pred.float() - self.targets.float()).pow(2).sum()
-        return {"ce": ce, "latent_sq": sq}
+        pred = hidden_states.flatten(0, 1)[(where % s) * b + where // s]  # [s, b] rows
+        return (pred.float() - self.targets.float()).pow(2).sum()
 
     def loss(self, output):
         mask = self.batch["loss_mask"].float()
