@@ -25,6 +25,8 @@ class DecodeLoop:
         self.hidden = torch.zeros(b, hidden, dtype=dtype, device=dev)
         self.consumed = torch.zeros(b, dtype=torch.long, device=dev)  # that forward's input id
         self.next_pos = torch.zeros(b, dtype=torch.long, device=dev)  # mRoPE position at j = 0
+        # the decode program's per-row offsets of the next forward's positions (3 mRoPE axes)
+        self.pos_offset = torch.zeros(3, b, dtype=torch.long, device=dev)
         self.j = torch.zeros((), dtype=torch.long, device=dev)
         self.is_stop = torch.zeros(vocab, dtype=torch.bool, device=dev)
         self.gen = torch.Generator(device=dev)
@@ -35,19 +37,21 @@ class DecodeLoop:
                     "latents": torch.zeros(b, n_new, hidden, dtype=dtype, device=dev),
                     # log-prob of each fed vector as a sampled action (0: deterministic)
                     "latent_logprobs": torch.zeros(b, n_new, device=dev),
+                    "pos_offset": torch.zeros(b, n_new, 3, dtype=torch.long, device=dev),
                     "length": torch.full((b,), n_new, dtype=torch.long, device=dev),
                     "finished": torch.zeros(b, dtype=torch.bool, device=dev)}
 
     def tensors(self) -> list[torch.Tensor]:
         """Everything an iteration mutates (saved and restored around a graph capture)."""
         c = self.cache
-        return [self.logits, self.hidden, self.consumed, self.j, *self.state.values(),
-                *self.rec.values(), c.write_index, c.valid]
+        return [self.logits, self.hidden, self.consumed, self.j, self.pos_offset,
+                *self.state.values(), *self.rec.values(), c.write_index, c.valid]
 
     def reset(self, next_pos, stop_ids, seed: int) -> None:
         self.cache.reset()
         self.next_pos.copy_(next_pos)
         self.j.zero_()
+        self.pos_offset.zero_()
         self.is_stop.zero_()
         if stop_ids:
             self.is_stop[torch.tensor(stop_ids, device=self.is_stop.device)] = True
@@ -57,7 +61,7 @@ class DecodeLoop:
         r = self.rec
         r["tokens"].fill_(self.pad_id)
         r["length"].fill_(r["tokens"].shape[1])
-        for k in ("logprobs", "feed", "latents", "latent_logprobs", "finished"):
+        for k in ("logprobs", "feed", "latents", "latent_logprobs", "pos_offset", "finished"):
             r[k].zero_()
 
     def take(self, out) -> None:
@@ -68,7 +72,12 @@ class DecodeLoop:
 
     def positions(self) -> torch.Tensor:
         b = self.next_pos.shape[0]
-        return (self.next_pos + self.j).view(1, b, 1).expand(3, b, 1)
+        return (self.next_pos + self.j).view(1, b, 1) + self.pos_offset.view(3, b, 1)
+
+    def set_offsets(self, offsets: torch.Tensor) -> None:
+        """The program's [3, b] offsets for the tokens chosen at step j (every stage)."""
+        self.pos_offset.copy_(offsets)
+        self.rec["pos_offset"].index_copy_(1, self.j.view(1), offsets.t().unsqueeze(1))
 
     def record(self, appended, feed, params: SamplingParams, vectors=None, vector_logp=None):
         """Step j of every row (rows already finished keep the padding); returns what the next

@@ -45,6 +45,8 @@ class Completion:
     finish_reason: str  # "stop" or "length"
     # log-prob of each fed vector as a sampled action [len(latent_positions)] (0: deterministic)
     latent_logprobs: list[float] = field(default_factory=list)
+    # the decode program's mRoPE offsets of each token [len(tokens), 3]; None: it uses none
+    position_offsets: torch.Tensor | None = field(default=None, repr=False)
     logits: torch.Tensor | None = field(default=None, repr=False)  # [len(tokens), vocab]
 
 
@@ -188,6 +190,9 @@ class Generator:
             ids, feed, latent = self._choose(loop, params)
         b, h = loop.consumed.shape[0], self.cfg.hidden_size
         ids, feed, latent = self.link.from_last(ids, feed, latent, b, h)
+        if self.rule is not None and self.rule.uses_position_offsets:
+            off = self.rule.position_offsets(loop.state) if self.link.last else None
+            loop.set_offsets(self.link.offsets_from_last(off, b))
         if not last:
             self._advance(loop, ids, feed, latent)
 
@@ -259,6 +264,8 @@ class Generator:
                 latent_positions=feed.nonzero().flatten().tolist(),
                 latents=rec["latents"][i, :n][feed].float(),
                 latent_logprobs=rec["latent_logprobs"][i, :n][feed].tolist(),
+                position_offsets=(rec["pos_offset"][i, :n] if self.rule is not None
+                                  and self.rule.uses_position_offsets else None),
                 finish_reason="stop" if bool(rec["finished"][i]) else "length",
                 logits=None if logits is None else logits[i, :n]))
         return out

@@ -1,18 +1,28 @@
-"""Chat prompts with images -> `Prompt`s, through the checkpoint's own HF processor."""
+"""Chat prompts with images -> `Prompt`s: the checkpoint's image processor for pixels, and the
+chat layout SFT samples are tokenised with (data/chat.py) for the ids, so generation, evaluation
+and RL rollouts prompt the model exactly as SFT trained it."""
 
 from __future__ import annotations
 
+from megatron_latent.data import chat
 from megatron_latent.inference.generator import Prompt
 
 
 def build_prompt(processor, text: str, images=(), *, system: str | None = None,
                  answer_prefix: str = "") -> Prompt:
-    """One user turn (images first, then text) and the assistant header, plus `answer_prefix`
-    (e.g. "<|lvr_start|>" to start the answer with a latent span)."""
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
-    msgs = ([{"role": "system", "content": [{"type": "text", "text": system}]}] if system
-            else []) + [{"role": "user", "content": content}]
-    chat = processor.apply_chat_template(msgs, add_generation_prompt=True) + answer_prefix
-    enc = processor(text=[chat], images=list(images) or None, return_tensors="pt")
-    return Prompt(input_ids=enc["input_ids"][0].tolist(),
-                  pixel_values=enc.get("pixel_values"), image_grid_thw=enc.get("image_grid_thw"))
+    """One user turn (images first, then `text`) and the assistant header, plus `answer_prefix`
+    (e.g. "<|lvr_start|>" to start the answer with a latent span). `system` None or "": the
+    default system message, as Qwen2.5-VL's chat template (and SFT) use. The ids equal what the
+    processor gives for its chat template's rendering of the same messages (tested)."""
+    pixel_values = grid = None
+    counts = []
+    if images:
+        ip = processor.image_processor
+        enc = ip(images=list(images), return_tensors="pt")
+        pixel_values, grid = enc["pixel_values"], enc["image_grid_thw"]
+        counts = [int(t * h * w) // ip.merge_size ** 2 for t, h, w in grid.tolist()]
+    tok = processor.tokenizer
+    pieces = chat.prompt_pieces(chat.ChatTokens.from_tokenizer(tok), text, counts, system=system,
+                                answer_prefix=answer_prefix)
+    return Prompt(input_ids=chat.tokenize(tok, pieces)[0], pixel_values=pixel_values,
+                  image_grid_thw=grid)

@@ -49,6 +49,14 @@ class StageLink:
         hidden = self._bcast(hidden.to(self.dtype).contiguous())
         return ids, feed, hidden
 
+    def offsets_from_last(self, offsets, b: int) -> torch.Tensor:
+        """The decode program's [3, b] position offsets, on every stage."""
+        if self.single_stage:
+            return offsets
+        if not self.last:
+            offsets = torch.empty(3, b, dtype=torch.long, device=self.device)
+        return self._bcast(offsets.long().contiguous())
+
     def all_finished(self, finished: torch.Tensor) -> bool:
         flag = finished.all().long().reshape(1)
         if not self.single_stage:

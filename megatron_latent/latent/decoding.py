@@ -9,6 +9,10 @@ for the whole batch and without host syncs (a decode iteration replays as one CU
   action (0 for a deterministic one). `LatentRule` feeds the hidden state back unchanged; a
   method with a stochastic latent policy (a Gaussian around the hidden state) overrides it,
   drawing from the loop's generator, and RL's importance ratio then needs the recorded log-prob.
+- `position_offsets` (programs with `uses_position_offsets`): a per-row [3, b] offset added to
+  the mRoPE position of the token appended at this step (e.g. image-like positions for a grid
+  of latents fed one by one from a queue in the program's state), recorded per token so the
+  training forward uses the same positions.
 Latent positions are appended as `latent_id`, so a finished sequence is in the training format
 (start, latent x n, end) and RL can replay it in one parallel forward with the recorded vectors
 injected at those positions.
@@ -52,6 +56,8 @@ class LatentRule:
         if self.mode == "threshold" and not 0.0 < self.threshold <= 1.0:
             raise ValueError(f"latent-end threshold must be in (0, 1], got {self.threshold}")
 
+    uses_position_offsets = False
+
     @property
     def needs_end_prob(self) -> bool:
         return self.mode == "threshold"
@@ -89,3 +95,7 @@ class LatentRule:
         """(vectors [b, h] fed where `feed`, log-prob [b] of each as a sampled action): the
         hidden state itself, a deterministic action."""
         return hidden, torch.zeros(hidden.shape[0], device=hidden.device)
+
+    def position_offsets(self, state: dict) -> torch.Tensor | None:
+        """[3, b] mRoPE offsets of the tokens appended at this step (`uses_position_offsets`)."""
+        return None

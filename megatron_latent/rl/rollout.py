@@ -67,6 +67,10 @@ def _micro_batch(prompts, comps, adv, cfg, pad_id, pad_to, exclude_ids) -> dict:
     grid = torch.cat(grids) if grids else None
     positions, _ = rope_index(ids, grid, image_token_id=cfg.image_token_id,
                               spatial_merge_size=cfg.spatial_merge_size, attention_mask=real)
+    for i, (p, c) in enumerate(zip(prompts, comps)):  # the decode program's offsets, if any
+        if c.position_offsets is not None:
+            n_p = len(p.input_ids)
+            positions[:, i, n_p:n_p + len(c.tokens)] += c.position_offsets.t().to(positions.dtype)
     return {"input_ids": ids, "labels": labels, "loss_mask": loss_mask, "position_ids": positions,
             "pixel_values": torch.cat(pixels) if pixels else None, "image_grid_thw": grid,
             "latent_mask": latent_mask, "latent_vectors": torch.cat(vectors),
