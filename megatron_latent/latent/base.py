@@ -11,7 +11,7 @@ interface, everything that differs between recipes:
 - its data (`sft_dataset`: a dataset with `collate(samples, pad_to)`);
 - its training step (`count`, `sft_step` -> a `LatentStep`, `total_loss`);
 - its decode program (`decode_program`: latent.decoding);
-- its RL terms (`rl_untrained_ids`, `rl_format_reward`).
+- its RL terms (`rl_policy_loss`, `rl_untrained_ids`, `rl_format_reward`).
 
 For each micro-batch, a `LatentStep` is what the model calls at its two injection points:
 
@@ -137,6 +137,13 @@ class LatentMethod(ABC):
     def rl_untrained_ids(self) -> tuple[int, ...]:
         """Sampled completion ids that get no policy or KL term (besides latent positions)."""
         return ()
+
+    def rl_policy_loss(self, eps_low: float, eps_high: float, kl_beta: float):
+        """The policy loss of this method's RL stage (rl/losses.py `PolicyLoss`): GRPO over
+        sampled tokens by default; a method adds its latent terms by its own subclass."""
+        from megatron_latent.rl.losses import GRPOLoss
+
+        return GRPOLoss(eps_low, eps_high, kl_beta)
 
     def rl_format_reward(self):
         """The method's `format` reward (fn(completion, reference) -> float), or None."""

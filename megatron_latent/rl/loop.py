@@ -16,7 +16,6 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_latent import checkpointing, parallel
-from megatron_latent.rl.losses import GRPOLoss
 from megatron_latent.rl.objective import RLObjective, TokenScorer
 from megatron_latent.training.build import OptimSettings, build_model, unwrap
 from megatron_latent.training.run_logger import RunLogger
@@ -140,7 +139,8 @@ def run_grpo(cfg: GRPOConfig) -> list[dict]:
     policy = unwrap(model[0])
     generator = Generator(policy, rule=rule, pad_id=builder.pad_id, cuda_graphs=cfg.cuda_graphs,
                           max_context=cfg.seq_length)
-    objective = RLObjective(GRPOLoss(cfg.eps_low, cfg.eps_high, cfg.kl_beta), cfg.temperature)
+    objective = RLObjective(method.rl_policy_loss(cfg.eps_low, cfg.eps_high, cfg.kl_beta),
+                            cfg.temperature)
     order = SampleOrder(len(records), cfg.seed)
     log = RunLogger(cfg.train_iters, project=cfg.wandb_project, run_name=cfg.wandb_exp_name,
                     config=flat_config(cfg), wandb_mode=cfg.wandb_mode, log_dir=cfg.log_dir,

@@ -34,8 +34,14 @@ class PolicyLoss:
     def token_terms(self, logp: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
 
-    def latent_terms(self, hidden: torch.Tensor, batch: dict) -> dict:
-        """{name: (loss_sum, count)} over latent positions; none by default."""
+    def count(self, batch: dict) -> dict[str, float]:
+        """Counts of this loss's own terms (e.g. latent actions), summed over the global batch
+        into `batch["step_totals"]` like the token count, so each term is a global mean."""
+        return {}
+
+    def latent_terms(self, model, hidden: torch.Tensor, batch: dict) -> dict:
+        """{name: (loss_sum, count)} over latent positions (the model gives access to the
+        method's side modules on this stage); none by default."""
         return {}
 
 

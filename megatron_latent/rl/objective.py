@@ -37,7 +37,8 @@ class RLStep(LatentStep):
                               self.temperature)
         if self.policy_loss is None:
             return logp
-        return {"logp": logp, "latent": self.policy_loss.latent_terms(hidden_states, self.batch)}
+        return {"logp": logp,
+                "latent": self.policy_loss.latent_terms(model, hidden_states, self.batch)}
 
     def loss(self, output):
         mask = self.batch["loss_mask"].float()
@@ -61,6 +62,9 @@ class RLObjective(LatentMethod):
 
     def sft_step(self, micro_batch: dict) -> RLStep:
         return RLStep(micro_batch, self.temperature, self.policy_loss)
+
+    def count(self, micro_batch: dict) -> dict[str, float]:
+        return {**super().count(micro_batch), **self.policy_loss.count(micro_batch)}
 
     def total_loss(self, means: dict) -> float:
         return means["policy loss"]
