@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_latent.checkpoint_verify import (CheckpointLoadError, DamagedCheckpointError,
+                                              verify_iteration)
 from megatron_latent.fsutil import replace_dir
 
 META = "megatron_latent.json"
@@ -56,6 +60,37 @@ def latest_iteration(ckpt: str | Path) -> int | None:
 
 def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / META).is_file() and latest_iteration(path) is not None
+
+
+def iterations(ckpt: str | Path) -> list[int]:
+    """The published iterations in `ckpt` (iter_NNNNNNN directories; not a crashed save's temp)."""
+    return sorted(int(p.name[5:]) for p in Path(ckpt).glob("iter_*")
+                  if p.is_dir() and re.fullmatch(r"iter_\d{7}", p.name))
+
+
+def check_resumable(ckpt: str | Path) -> bool:
+    """Whether `ckpt` holds a checkpoint to resume (False: nothing saved yet, a run may start
+    afresh and save there). A directory holding iterations that cannot be resumed is an error
+    naming what is missing, never a fresh start (which would save over those iterations)."""
+    ckpt = Path(ckpt)
+    its, latest = iterations(ckpt), latest_iteration(ckpt)
+    if not its and latest is None:
+        return False
+    missing = []
+    if not (ckpt / META).is_file():
+        missing.append(f"{META} (the model config: copy it from another save of this run or "
+                       "from the checkpoint the run started from)")
+    if latest is None:
+        missing.append(f"{LATEST} (to resume iteration N, write N into {ckpt / LATEST}; "
+                       f"published iterations: {its})")
+    elif latest not in its:
+        missing.append(f"{iter_dir(ckpt, latest).name}, named in {LATEST} (write another of "
+                       f"{its} into it to resume that one)")
+    if missing:
+        raise FileNotFoundError(f"--load {ckpt} holds checkpoints (iterations {its}) that cannot "
+                                f"be resumed; missing: {'; '.join(missing)}. Refusing to start "
+                                "over and save over them")
+    return True
 
 
 def write_metadata(ckpt: str | Path, hf_config: dict, spec: str, params_dtype: torch.dtype,
@@ -153,16 +188,40 @@ def _prune(ckpt: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_state(ckpt: str | Path, sharded_state_dict: dict, iteration: int | None = None) -> dict:
-    from megatron.core import dist_checkpointing
-
+def _load_checked(ckpt, iteration: int | None, load):
+    """`load(path)` of one iteration, after verify_iteration; a failure names the iteration and
+    the others that could be resumed instead."""
     it = latest_iteration(ckpt) if iteration is None else iteration
     if it is None:
         raise FileNotFoundError(f"{ckpt}: no {LATEST}; nothing to load")
     path = iter_dir(ckpt, it)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: iteration {it} named in {LATEST} is missing")
-    return dist_checkpointing.load(sharded_state_dict, str(path))
+    rest = [i for i in iterations(ckpt) if i != it]
+    others = (f"other iterations here: {rest} (to use one, write its number into "
+              f"{Path(ckpt) / LATEST})" if rest else "no other iteration here to fall back on")
+    try:
+        verify_iteration(path)  # allow-listed unpickling; names a missing or truncated file
+    except DamagedCheckpointError as e:
+        raise DamagedCheckpointError(f"{e}; {others}") from None
+    try:
+        return load(str(path))
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+        raise CheckpointLoadError(f"{path}: cannot load iteration {it} ({type(e).__name__}: "
+                                  f"{str(e)[:500]}); {others}") from e
+
+
+def load_state(ckpt: str | Path, sharded_state_dict: dict, iteration: int | None = None) -> dict:
+    from megatron.core import dist_checkpointing
+
+    return _load_checked(ckpt, iteration, lambda p: dist_checkpointing.load(sharded_state_dict, p))
+
+
+def load_common(ckpt: str | Path, iteration: int | None = None) -> dict:
+    """The non-sharded part of an iteration (train state, scheduler, ...)."""
+    from megatron.core import dist_checkpointing
+
+    return _load_checked(ckpt, iteration, dist_checkpointing.load_common_state_dict)
 
 
 def save_model(ckpt: str | Path, model, iteration: int = 0) -> Path:

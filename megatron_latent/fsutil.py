@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 def check_writable(out: Path, overwrite: bool) -> None:
@@ -17,6 +17,31 @@ def check_writable(out: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{out} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
+
+
+def check_output(out: str | Path, inputs, overwrite: bool, foreign: Callable[[Path], list[str]],
+                 what: str) -> None:
+    """A tool's output directory must never be, contain or sit inside one of its `inputs`
+    (replacing it would delete them), and `overwrite` replaces only a previous output of the
+    tool: `foreign(out)` lists what in `out` the tool would not have written (empty: its own)."""
+    out = Path(out).resolve()
+    for inp in inputs:
+        inp = Path(inp).resolve()
+        if out == inp or out.is_relative_to(inp) or inp.is_relative_to(out):
+            rel = "is" if out == inp else "is inside" if out.is_relative_to(inp) else "contains"
+            raise ValueError(f"--out {out} {rel} the input {inp}: writing there would delete "
+                             "the input; choose another output directory")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out}: output directory already exists (pass --overwrite to "
+                              f"replace a previous {what})")
+    if bad := foreign(out):
+        raise FileExistsError(f"{out}: --overwrite replaces only a previous {what}, and this "
+                              f"directory holds what the tool does not write: {bad[:5]}; "
+                              "remove it yourself or choose another output directory")
 
 
 def new_temp_dir(out: Path) -> Path:

@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from megatron_latent.platform.quiet import quiet_known_warnings  # noqa: E402
+quiet_known_warnings()  # known third-party start-up noise off; --verbose keeps it
 
 
 def parse_args(argv=None):

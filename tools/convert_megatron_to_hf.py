@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from megatron_latent.platform.quiet import quiet_known_warnings  # noqa: E402
+quiet_known_warnings()  # known third-party start-up noise off; --verbose keeps it
 
 
 def main(argv=None):

@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from megatron_latent.platform.quiet import quiet_known_warnings  # noqa: E402
+quiet_known_warnings()  # known third-party start-up noise off; --verbose keeps it
 
 
 def _steps_list(text: str) -> list[int]:
@@ -93,6 +95,8 @@ def main(argv=None):
     p.add_argument("--data", required=True, help="VQA JSONL (see megatron_latent/eval/vqa_data.py)")
     p.add_argument("--image-root", default=None, help="image paths are relative to this "
                    "(default: the JSONL's folder)")
+    p.add_argument("--allow-images-outside-folder", action="store_true",
+                   help="accept image paths that leave --image-root (absolute or '..')")
     p.add_argument("--out", required=True, help="predictions JSONL")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
     add_latent_args(p)
@@ -117,7 +121,8 @@ def main(argv=None):
         print(f"error: --data {a.data}: file not found", file=sys.stderr)
         return 2
     try:
-        items = read_vqa_jsonl(a.data, a.image_root)
+        items = read_vqa_jsonl(a.data, a.image_root,
+                               allow_outside_root=a.allow_images_outside_folder)
     except VqaDataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -20,6 +20,9 @@ _REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(_REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(_REPO_ROOT))
 
+from megatron_latent.platform.quiet import quiet_known_warnings  # noqa: E402
+quiet_known_warnings()  # known third-party start-up noise off; --verbose keeps it
+
 from megatron_latent.data.synthetic_lvr import make_synthetic_lvr  # noqa: E402
 
 

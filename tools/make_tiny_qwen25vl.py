@@ -13,6 +13,9 @@ _REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(_REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(_REPO_ROOT))
 
+from megatron_latent.platform.quiet import quiet_known_warnings  # noqa: E402
+quiet_known_warnings()  # known third-party start-up noise off; --verbose keeps it
+
 from megatron_latent.testing.tiny_checkpoint import PRESETS, make_tiny_qwen25vl  # noqa: E402
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from megatron_latent import checkpointing, parallel
-from megatron_latent.fsutil import new_temp_dir, replace_dir
+from megatron_latent.fsutil import check_output, new_temp_dir, replace_dir
 from megatron_latent.conversion.hf_mapping import NameTable, legacy_hf_name
 from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
 
@@ -32,19 +33,41 @@ def _rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def check_output_dir(out: str | Path, overwrite: bool) -> None:
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out}: output directory already exists (pass --overwrite to "
-                              "replace it)")
+def _foreign_in_checkpoint(d: Path) -> list[str]:
+    """What in `d` hf_to_megatron would not have written (its output: one model-only
+    iteration 0)."""
+    own = {checkpointing.META, checkpointing.LATEST, "hf", checkpointing.iter_dir(d, 0).name}
+    bad = sorted(p.name for p in d.iterdir() if p.name not in own)
+    try:
+        if checkpointing.latest_iteration(d) not in (None, 0):
+            bad.append(f"{checkpointing.LATEST} naming a later iteration")
+    except ValueError as e:
+        bad.append(str(e))
+    return bad if (d / checkpointing.META).is_file() else [f"(no {checkpointing.META})", *bad]
+
+
+def _foreign_in_hf_export(d: Path) -> list[str]:
+    """What in `d` megatron_to_hf would not have written."""
+    own = {"model.safetensors.index.json", *checkpointing.HF_SIDE_FILES}
+    bad = sorted(p.name for p in d.iterdir() if not p.is_file() or not (
+        p.name in own or re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors", p.name)))
+    return bad if (d / "config.json").is_file() else ["(no config.json)", *bad]
+
+
+def check_output_dir(out: str | Path, overwrite: bool, inputs=(), kind: str = "checkpoint") -> None:
+    """`kind`: "checkpoint" (hf_to_megatron's output) or "hf" (megatron_to_hf's)."""
+    foreign, what = ((_foreign_in_hf_export, "HF export") if kind == "hf" else
+                     (_foreign_in_checkpoint, "converted checkpoint"))
+    check_output(out, inputs, overwrite, foreign, what)
 
 
 @contextmanager
-def atomic_output_dir(out: str | Path, overwrite: bool):
+def atomic_output_dir(out: str | Path, check):
     """Yield a temp dir beside `out` (same filesystem); on success it replaces `out` in one
-    rename. On failure nothing appears at `out`. Rank 0 creates/renames; all ranks get the path."""
+    rename. On failure nothing appears at `out`. Rank 0 creates/renames; all ranks get the path.
+    `check()` vets `out` once more (a directory may have appeared since the first check)."""
     out = Path(out).resolve()
-    check_output_dir(out, overwrite)
+    check()
     box = [str(new_temp_dir(out)) if _rank0() else None]
     if dist.is_initialized():
         dist.broadcast_object_list(box, src=0)
@@ -73,7 +96,8 @@ def hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int 
     # validate everything before starting processes groups or writing anything
     Qwen25VLConfig.from_hf(_config_path(hf_dir), tensor_model_parallel_size=tp,
                            pipeline_model_parallel_size=pp, spec=spec)
-    check_output_dir(out, overwrite)
+    check = lambda: check_output_dir(out, overwrite, [hf_dir], "checkpoint")  # noqa: E731
+    check()
     parallel.initialize(parallel.ParallelConfig(tp, pp))
     if dist.get_world_size() != tp * pp:
         raise ValueError(f"run the conversion on exactly tp*pp = {tp * pp} processes "
@@ -82,7 +106,7 @@ def hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int 
                                  pipeline_model_parallel_size=pp, spec=spec, params_dtype=dtype)
     model = Qwen25VLModel(cfg)
     load_hf_weights(model, hf_dir, progress=_rank0())
-    with atomic_output_dir(out, overwrite) as tmp:
+    with atomic_output_dir(out, check) as tmp:
         checkpointing.save_model(tmp, model, iteration=0)
         if _rank0():
             checkpointing.write_metadata(tmp, hf_config, spec, dtype, hf_dir,
@@ -98,7 +122,8 @@ def megatron_to_hf(ckpt: str | Path, out: str | Path, *, overwrite: bool = False
     from megatron_latent.models.qwen25vl.model import Qwen25VLModel
 
     meta = checkpointing.read_metadata(ckpt)
-    check_output_dir(out, overwrite)
+    check = lambda: check_output_dir(out, overwrite, [ckpt], "hf")  # noqa: E731
+    check()
     parallel.initialize(parallel.ParallelConfig())
     cfg = checkpointing.config_from_checkpoint(ckpt)
     model = Qwen25VLModel(cfg)
@@ -108,7 +133,7 @@ def megatron_to_hf(ckpt: str | Path, out: str | Path, *, overwrite: bool = False
     names = [(n, g) for n, g in global_parameter_names(model).items()
              if not n.endswith("_extra_state")
              and not (cfg.tie_word_embeddings and g == "language_model.output_layer.weight")]
-    with atomic_output_dir(out, overwrite) as tmp:
+    with atomic_output_dir(out, check) as tmp:
         weight_map, shard, shard_size, shard_files = {}, {}, 0, []
 
         def flush():

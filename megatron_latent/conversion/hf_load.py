@@ -35,7 +35,7 @@ class HFCheckpointReader:
             raise FileNotFoundError(f"{self.dir}: no *.safetensors files")
         self.where: dict[str, tuple[str, str]] = {}
         for f in files:
-            with safe_open(self.dir / f, framework="pt") as h:
+            with _open(self.dir / f) as h:
                 for key in h.keys():
                     self.where[canonical_hf_name(key)] = (f, key)
 
@@ -48,8 +48,20 @@ class HFCheckpointReader:
         if name not in self.where:
             raise KeyError(f"{self.dir}: tensor {name!r} is missing from the checkpoint")
         f, key = self.where[name]
-        with safe_open(self.dir / f, framework="pt") as h:
+        with _open(self.dir / f) as h:
             return h.get_tensor(key).clone()
+
+
+def _open(path: Path):
+    """safe_open, naming the file when it is missing, truncated or not safetensors (the
+    library's own errors name none)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (named by the checkpoint's index)")
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as e:
+        raise ValueError(f"{path}: unreadable safetensors file ({type(e).__name__}: {e}); it "
+                         "is damaged or truncated") from None
 
 
 class StateDictReader:

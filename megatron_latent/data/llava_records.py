@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 
 from megatron_latent.data.errors import DataError
+from megatron_latent.data.images import leaves_folder
 
 IMAGE_PLACEHOLDER, LVR_PLACEHOLDER = "<image>", "<lvr>"
 ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
@@ -79,8 +80,9 @@ def _parse_box(b, n_images: int, fail) -> tuple[int, tuple[float, ...]]:
     return k, (x0, y0, x1, y1)
 
 
-def validate_record(raw, file, index: int, image_folder) -> Record:
-    """Structural checks (no I/O); raises LvrDataError naming file, record index and field."""
+def validate_record(raw, file, index: int, image_folder, *, allow_outside: bool = False) -> Record:
+    """Structural checks (no I/O); raises LvrDataError naming file, record index and field.
+    Image paths must stay inside `image_folder` unless `allow_outside` (data/images.py)."""
     def fail(field, msg, reason):
         raise LvrDataError(file, index, field, msg, reason)
 
@@ -90,6 +92,11 @@ def validate_record(raw, file, index: int, image_folder) -> Record:
     images = [] if img is None else [img] if isinstance(img, str) else img
     if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
         fail("image", f"must be a path or a list of paths, got {img!r}", "image")
+    for k, p in enumerate(images):
+        if not allow_outside and leaves_folder(p, image_folder):
+            fail(f"image[{k}]", f"{p!r} leaves the image folder {image_folder} (absolute or "
+                 "'..' path); name images relative to it, or pass "
+                 "--allow-images-outside-folder", "image_path")
     conv = raw.get("conversations")
     if not isinstance(conv, list) or not conv:
         fail("conversations", "must be a non-empty list of {from, value} turns", "conversations")
@@ -165,8 +172,20 @@ def _read_json(path: Path):
 
 
 def _is_meta(obj) -> bool:
-    return isinstance(obj, dict) or (isinstance(obj, list) and bool(obj)
-                                     and isinstance(obj[0], dict) and "data_path" in obj[0])
+    """A meta JSON: {name: {"data_path", "image_folder"}} or a list of such entries. A JSON
+    object without any such entry is not one (e.g. a single record not wrapped in a list)."""
+    if isinstance(obj, dict):
+        return any(isinstance(v, dict) and "data_path" in v for v in obj.values())
+    return (isinstance(obj, list) and bool(obj) and isinstance(obj[0], dict)
+            and "data_path" in obj[0])
+
+
+def _not_a_list(obj) -> str:
+    got = {dict: "object", str: "string", bool: "boolean", type(None): "null"}.get(type(obj),
+                                                                                   "number")
+    hint = (": it looks like a single record, wrap it in [ ]" if isinstance(obj, dict)
+            and "conversations" in obj else ' (nor a meta JSON of {name: {"data_path": ...}})')
+    return f"expected a JSON list of records, got a JSON {got}{hint}"
 
 
 def _sources(path: Path, obj, image_folder):
@@ -191,23 +210,34 @@ def _sources(path: Path, obj, image_folder):
 
 
 def load_records(data_path, image_folder=None,
-                 on_error: Callable[[LvrDataError], None] | None = None) -> RecordStore:
+                 on_error: Callable[[LvrDataError], None] | None = None, *,
+                 allow_outside_folder: bool = False) -> RecordStore:
     """Parse `data_path` (records or meta JSON) and validate every record's structure.
 
-    JSON errors always raise. A bad record raises, or, with `on_error`, is passed to it and left
-    out. `image_folder` applies to a plain records file (default: that file's directory)."""
+    JSON errors always raise, and so does a data path without any record. A bad record raises,
+    or, with `on_error`, is passed to it and left out. `image_folder` applies to a plain records
+    file (default: that file's directory)."""
     path = Path(data_path).absolute()
+    files, seen = [], 0
 
     def records():
+        nonlocal seen
         for file, folder, obj in _sources(path, _read_json(path), image_folder):
             if not isinstance(obj, list):
-                raise LvrDataError(file, None, None, "expected a JSON list of records", "json")
+                raise LvrDataError(file, None, None, _not_a_list(obj), "json")
+            files.append(str(file))
+            seen += len(obj)
             for i, raw in enumerate(obj):
                 try:
-                    yield validate_record(raw, file, i, folder)
+                    yield validate_record(raw, file, i, folder,
+                                          allow_outside=allow_outside_folder)
                 except LvrDataError as e:
                     if on_error is None:
                         raise
                     on_error(e)
 
-    return RecordStore(records())
+    store = RecordStore(records())
+    if not len(store) and not seen:  # all-bad records are reported by the caller
+        raise LvrDataError(path, None, None, f"no records in {files}: a records file must be a "
+                           "non-empty JSON list (an empty dataset would fail mid-run)", "json")
+    return store

@@ -6,6 +6,10 @@ Layout (Qwen2.5 chat format, tokenised piece by piece so every id's role is know
     <|im_start|>user\\n ...text... <|vision_start|><|image_pad|>*n_k<|vision_end|> ...<|im_end|>\\n
     <|im_start|>assistant\\n ...text... <|lvr_start|><|lvr|>*N_i<|lvr_end|> ...<|im_end|>\\n
 
+The system and user turns and the assistant header are data/chat.py's layout, which also builds
+the prompts of generation, evaluation and RL (a newline next to `<image>` is dropped, as in the
+seed's data and as the chat template renders [image, text]).
+
 CE-supervised targets: every assistant-turn content token and its `<|im_end|>`, except targets
 equal to `<|lvr|>` (those are regressed). Not supervised: the "assistant\\n" header (the prompt at
 inference ends with it), the "\\n" after `<|im_end|>` (generation stops at `<|im_end|>`; the seed
@@ -24,13 +28,15 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from megatron_latent.data.llava_records import (IMAGE_PLACEHOLDER, LVR_PLACEHOLDER, LvrDataError,
-                                              Record, bbox_token_indices, load_records)
+from megatron_latent.data import chat
+from megatron_latent.data.chat import DEFAULT_SYSTEM
+from megatron_latent.data.llava_records import (LVR_PLACEHOLDER, LvrDataError, Record,
+                                              bbox_token_indices, load_records)
+from megatron_latent.data.images import ImageError, open_image
 from megatron_latent.data.lvr_tokens import TokenIds, load_hf_processing
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SYSTEM = "You are a helpful assistant."
 STAGE1_MIN_PIXELS, STAGE1_MAX_PIXELS = 128 * 28 * 28, 5120 * 28 * 28
 
 
@@ -42,29 +48,33 @@ class LvrSftDataset(Dataset):
     Record structure is checked at construction (JSON errors always raise there). Images and
     sequence length are checked lazily in __getitem__, or up front when `scan` (default: when
     `skip_bad`; image headers only, read by `scan_workers` threads). `skip_bad` leaves bad records
-    out and counts them by reason in `self.skipped` (logged once)."""
+    out and counts them by reason in `self.skipped` (logged once); a record that fails only when
+    its image is decoded (truncated data) is skipped and counted when it is loaded.
+    Images are opened by data/images.py: inside their folder (unless
+    `allow_images_outside_folder`), regular files only, any pixel mode made RGB or refused."""
 
     def __init__(self, data_path, *, tokenizer, image_processor, vocab_size: int,
                  seq_length: int | None, image_folder=None, min_pixels: int = STAGE1_MIN_PIXELS,
                  max_pixels: int = STAGE1_MAX_PIXELS, skip_bad: bool = False, scan: bool | None = None,
-                 scan_workers: int = 16, system_prompt: str = DEFAULT_SYSTEM):
+                 scan_workers: int = 16, system_prompt: str = DEFAULT_SYSTEM,
+                 latent_tokens: bool = True, allow_images_outside_folder: bool = False):
         from qwen_vl_utils.vision_process import SPATIAL_MERGE_SIZE
 
         self.tokenizer, self.image_processor = tokenizer, image_processor
-        self.ids = TokenIds.from_tokenizer(tokenizer, vocab_size)
+        self.ids = TokenIds.from_tokenizer(tokenizer, vocab_size, latent=latent_tokens)
         self.patch, self.merge = image_processor.patch_size, image_processor.merge_size
         self.temporal = image_processor.temporal_patch_size
         if self.merge != SPATIAL_MERGE_SIZE:
             raise ValueError(f"merge_size {self.merge} != qwen_vl_utils' {SPATIAL_MERGE_SIZE}")
         self.seq_length, self.min_pixels, self.max_pixels = seq_length, min_pixels, max_pixels
         self.data_path = str(data_path)
-        self._header = {r: tokenizer.encode(t, add_special_tokens=False)
-                        for r, t in (("user", "user\n"), ("assistant", "assistant\n"), ("nl", "\n"))}
         self._system = system_prompt
         self.skipped: dict[str, int] = {}
         self.skip_examples: dict[str, str] = {}
         errors = []
-        self.records = load_records(data_path, image_folder, errors.append if skip_bad else None)
+        self.records = load_records(data_path, image_folder, errors.append if skip_bad else None,
+                                    allow_outside_folder=allow_images_outside_folder)
+        self.skip_bad, self._failed = skip_bad, set()
         keep = np.arange(len(self.records), dtype=np.int64)
         if skip_bad if scan is None else scan:
             keep = self._scan(errors, scan_workers, raise_first=not skip_bad)
@@ -99,7 +109,36 @@ class LvrSftDataset(Dataset):
         return dict(pad_id=self.ids.pad, image_token_id=self.ids.image_pad,
                     lvr_token_id=self.ids.lvr, spatial_merge_size=self.merge)
 
+    def collate(self, samples: list[dict], pad_to: int | None = None) -> dict:
+        from megatron_latent.data.collate import collate
+
+        return collate(samples, pad_to=pad_to, **self.collate_kwargs)
+
+    def pack(self, samples: list[dict], pad_to_multiple: int) -> dict:
+        from megatron_latent.data.packing import pack
+
+        return pack(samples, pad_to_multiple=pad_to_multiple, **self.collate_kwargs)
+
     def __getitem__(self, i: int) -> dict:
+        """Sample i; with `skip_bad`, a sample that fails to load is counted and replaced by the
+        next one that loads (a step keeps its size; a resume sees the same replacements)."""
+        if not self.skip_bad:
+            return self._sample(i)
+        for j in range(len(self)):
+            k = (i + j) % len(self)
+            if k in self._failed:
+                continue
+            try:
+                return self._sample(k)
+            except LvrDataError as e:
+                self._failed.add(k)
+                self.skipped[e.reason] = self.skipped.get(e.reason, 0) + 1
+                self.skip_examples.setdefault(e.reason, str(e))
+                logger.warning("skipped at load time (%s so far): %s", self.skipped, e)
+        raise ValueError(f"{self.data_path}: no record loads; skipped {self.skipped}: "
+                         f"{list(self.skip_examples.values())}")
+
+    def _sample(self, i: int) -> dict:
         rec = self.record(i)
         images = [self._load(rec, k) for k in range(len(rec.images))]
         grids = [self._grid(rec, k, im.size) for k, im in enumerate(images)]
@@ -120,13 +159,10 @@ class LvrSftDataset(Dataset):
 
     # ---- images -----------------------------------------------------------------------------
     def _load(self, rec: Record, k: int) -> Image.Image:
-        try:
-            with Image.open(rec.images[k]) as im:
-                im.load()
-                return im
-        except Exception as e:  # missing, unreadable, truncated, decompression bomb, ...
-            raise LvrDataError(rec.file, rec.index, f"image[{k}]",
-                               f"cannot read {rec.images[k]}: {type(e).__name__}: {e}", "image") from e
+        try:  # missing, not a regular file, truncated, unsupported mode, decompression bomb, ...
+            return open_image(rec.images[k])
+        except ImageError as e:
+            raise LvrDataError(rec.file, rec.index, f"image[{k}]", str(e), "image") from None
 
     def _grid(self, rec: Record, k: int, size) -> tuple[int, int, int]:
         from qwen_vl_utils import smart_resize
@@ -161,42 +197,29 @@ class LvrSftDataset(Dataset):
     def _encode(self, rec: Record, grids) -> tuple[list[int], list[bool], list[int]]:
         """Token ids, per-token "assistant-turn token" flags, latent feature indices."""
         t = self.ids
-        pieces, latent = [], []  # (text or ids, supervised); texts are tokenised in one batch
+        latent = []
         merged = [gt * gh * gw // self.merge ** 2 for gt, gh, gw in grids]
         offsets = [0, *itertools.accumulate(merged)]
         turns = list(rec.turns)
         system = turns.pop(0)[1] if turns[0][0] == "system" else self._system
-        pieces += [([t.im_start], False), ("system\n" + system, False), ([t.im_end], False),
-                   (self._header["nl"], False)]
-        images, boxes = iter(range(len(grids))), iter(rec.boxes)
+        # (text or ids, supervised); system/user turns and the header: data/chat.py's layout, the
+        # one inference prompts are built with
+        pieces = chat.system_turn(t, system)
+        images, boxes = iter(merged), iter(rec.boxes)
         for role, value in turns:
-            pieces.append(([t.im_start], False))
             if role == "user":
-                for j, part in enumerate(value.split(IMAGE_PLACEHOLDER)):
-                    if j:
-                        n = merged[next(images)]
-                        pieces.append(([t.vision_start] + [t.image_pad] * n + [t.vision_end], False))
-                    pieces.append(("user\n" + part if j == 0 else part, False))
-            else:
-                pieces.append((self._header["assistant"], False))
-                for j, part in enumerate(value.split(LVR_PLACEHOLDER)):
-                    if j:
-                        k, xyxy = next(boxes)
-                        idx = bbox_token_indices(xyxy, grids[k][1:], self.merge)
-                        latent.extend(offsets[k] + i for i in idx)
-                        pieces.append(([t.lvr_start] + [t.lvr] * len(idx) + [t.lvr_end], True))
-                    pieces.append((part, True))
-            pieces += [([t.im_end], role == "assistant"), (self._header["nl"], False)]
-        texts = [p for p, _ in pieces if isinstance(p, str) and p]
-        encoded = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
-        ids, sup = [], []
-        for p, s in pieces:
-            if isinstance(p, str):
-                if not p:
-                    continue
-                p = next(encoded)
-            ids.extend(p)
-            sup.extend([s] * len(p))
+                pieces += chat.user_turn(t, chat.split_at_images(value), images)
+                continue
+            pieces += chat.assistant_header(t)
+            for j, part in enumerate(value.split(LVR_PLACEHOLDER)):
+                if j:
+                    k, xyxy = next(boxes)
+                    idx = bbox_token_indices(xyxy, grids[k][1:], self.merge)
+                    latent.extend(offsets[k] + i for i in idx)
+                    pieces.append(([t.lvr_start] + [t.lvr] * len(idx) + [t.lvr_end], True))
+                pieces.append((part, True))
+            pieces += [([t.im_end], True), ("\n", False)]
+        ids, sup = chat.tokenize(self.tokenizer, pieces)
         return ids, sup, latent
 
     def _check_length(self, rec: Record, ids, grids) -> None:
@@ -216,11 +239,9 @@ class LvrSftDataset(Dataset):
             out = []
             for k, p in enumerate(rec.images):
                 try:
-                    with Image.open(p) as im:
-                        out.append(im.size)
-                except Exception as e:
-                    return rec, LvrDataError(rec.file, rec.index, f"image[{k}]",
-                                             f"cannot read {p}: {type(e).__name__}: {e}", "image")
+                    out.append(open_image(p, decode=False).size)
+                except ImageError as e:
+                    return rec, LvrDataError(rec.file, rec.index, f"image[{k}]", str(e), "image")
             return rec, out
 
         keep, n, chunk = [], len(self.records), 4096  # chunks bound the results held at once

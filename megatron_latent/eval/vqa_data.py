@@ -1,7 +1,8 @@
 """Local VQA benchmark files: one JSON object per line.
 
 Fields: `image` (str) or `images` (list of str), paths relative to `image_root` (default: the
-JSONL's folder); `question` (str); `choices` (optional, >= 2 str); `answer` (str: free-form
+JSONL's folder; absolute or `..` paths that leave it are refused unless `allow_outside_root`);
+`question` (str); `choices` (optional, >= 2 str); `answer` (str: free-form
 text, or with choices an option letter or the text of one choice); `id` (optional, str or int;
 default: the line number). Other fields are ignored, so benchmark metadata may stay in the file.
 """
@@ -12,6 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_latent.data.images import leaves_folder
 from megatron_latent.eval.answers import MAX_CHOICES, choice_letter, reference_letter
 from megatron_latent.fsutil import write_text_atomic
 
@@ -45,7 +47,7 @@ def _nonempty_str(value, file, line: int, field: str) -> str:
     return value
 
 
-def _images(obj: dict, file, line: int, root: Path) -> list[Path]:
+def _images(obj: dict, file, line: int, root: Path, allow_outside: bool) -> list[Path]:
     if "image" in obj and "images" in obj:
         raise VqaDataError(file, line, "image", "give either 'image' or 'images', not both")
     if "image" in obj:
@@ -60,9 +62,14 @@ def _images(obj: dict, file, line: int, root: Path) -> list[Path]:
         raise VqaDataError(file, line, "image", "missing: give 'image' (str) or 'images' (list)")
     paths = []
     for field, rel in named:
+        if not allow_outside and leaves_folder(rel, root):
+            raise VqaDataError(file, line, field, f"{rel!r} leaves the image root {root} "
+                               "(absolute or '..' path); pass --allow-images-outside-folder")
         path = root / rel  # an absolute `rel` replaces `root`
-        if not path.is_file():
+        if not path.exists():
             raise VqaDataError(file, line, field, f"file not found: {path}")
+        if not path.is_file():  # a FIFO would block the image loader for ever
+            raise VqaDataError(file, line, field, f"not a regular file: {path}")
         paths.append(path)
     return paths
 
@@ -79,7 +86,7 @@ def _choices(obj: dict, file, line: int) -> list[str] | None:
     return [_nonempty_str(c, file, line, f"choices[{i}]") for i, c in enumerate(choices)]
 
 
-def _record(obj, file, line: int, root: Path) -> VqaItem:
+def _record(obj, file, line: int, root: Path, allow_outside: bool = False) -> VqaItem:
     if not isinstance(obj, dict):
         raise VqaDataError(file, line, None, f"expected a JSON object, got {type(obj).__name__}")
     for field in ("question", "answer"):
@@ -95,11 +102,12 @@ def _record(obj, file, line: int, root: Path) -> VqaItem:
     rid = obj.get("id", str(line))
     if isinstance(rid, bool) or not isinstance(rid, (str, int)) or not str(rid).strip():
         raise VqaDataError(file, line, "id", f"expected a non-empty string or int, got {rid!r}")
-    return VqaItem(id=str(rid), images=_images(obj, file, line, root), question=question,
-                   choices=choices, answer=answer, line=line)
+    return VqaItem(id=str(rid), images=_images(obj, file, line, root, allow_outside),
+                   question=question, choices=choices, answer=answer, line=line)
 
 
-def read_vqa_jsonl(path: str | Path, image_root: str | Path | None = None) -> list[VqaItem]:
+def read_vqa_jsonl(path: str | Path, image_root: str | Path | None = None, *,
+                   allow_outside_root: bool = False) -> list[VqaItem]:
     """All records of `path`, checked; raises VqaDataError at the first bad one. Blank lines
     are skipped but still counted, so line numbers match an editor's."""
     path = Path(path)
@@ -114,7 +122,7 @@ def read_vqa_jsonl(path: str | Path, image_root: str | Path | None = None) -> li
                 obj = json.loads(text)
             except json.JSONDecodeError as e:
                 raise VqaDataError(path, line_no, None, f"invalid JSON: {e}") from None
-            item = _record(obj, path, line_no, root)
+            item = _record(obj, path, line_no, root, allow_outside_root)
             if item.id in seen:
                 raise VqaDataError(path, line_no, "id",
                                    f"duplicate id {item.id!r} (first on line {seen[item.id]})")

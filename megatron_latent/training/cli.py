@@ -52,6 +52,11 @@ def add_common_args(p: argparse.ArgumentParser, *, lr: float, decay: str) -> Non
     a("--vision-graphs", type=int, default=4,
       help="CUDA graphs of the frozen vision tower kept, one per image layout (0: off)")
     a("--seed", type=int, default=1234)
+    for what in ("data-path", "global-batch-size", "seed"):
+        a(f"--override-{what}", action="store_true", help=f"resume although the checkpoint "
+          f"recorded another --{what} (logged; refused otherwise)")
+    a("--allow-images-outside-folder", action="store_true",
+      help="let records name images outside their image folder (absolute or '..' paths)")
     a("--wandb-project", default="megatron_latent")
     a("--wandb-exp-name", default=None)
     a("--wandb-mode", default=None, help="offline (default), online or disabled")
@@ -83,7 +88,11 @@ def common_config(args) -> dict:
         optim=optim_from_args(args), freeze_vision=not args.train_vision,
         freeze_merger=not args.train_merger, min_pixels=args.min_pixels, seed=args.seed,
         wandb_project=args.wandb_project, wandb_exp_name=args.wandb_exp_name,
-        wandb_mode=args.wandb_mode, log_dir=args.log_dir, model_overrides=perf_overrides(args))
+        wandb_mode=args.wandb_mode, log_dir=args.log_dir, model_overrides=perf_overrides(args),
+        resume_overrides=tuple(k for k, flag in (("data_path", args.override_data_path),
+                                                 ("batch", args.override_global_batch_size),
+                                                 ("seed", args.override_seed)) if flag),
+        allow_images_outside_folder=args.allow_images_outside_folder)
 
 
 def perf_overrides(args) -> dict:

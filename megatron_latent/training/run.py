@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from megatron_latent import checkpointing, parallel
 from megatron_latent.platform import host_copy
-from megatron_latent.training import state
+from megatron_latent.training import preflight, state
 from megatron_latent.training.build import (OptimSettings, build_model, build_optimizer,
                                             build_scheduler, unwrap)
 
@@ -54,6 +54,9 @@ class LoopConfig:
     # None: the starting checkpoint's method (a run from HF weights then needs one)
     latent_method: str | None = None
     latent_hparams: dict = field(default_factory=dict)
+    # resume despite a changed "data_path" / "batch" / "seed" (training/preflight.py)
+    resume_overrides: tuple = ()
+    allow_images_outside_folder: bool = False  # records may name images outside their folder
 
 
 class StopSignals:
@@ -95,7 +98,14 @@ def resolve_start(cfg: LoopConfig, overrides: dict):
     checkpoint, e.g. the SFT run for RL) or `--hf-dir`. -> (resume, model config, tokenizer dir)."""
     from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
 
-    if cfg.load is not None and checkpointing.is_checkpoint(cfg.load):
+    preflight.check_schedule(cfg.train_iters, cfg.lr_warmup_iters)
+    # a --load dir with iterations that cannot be resumed raises: never a fresh start over them
+    if cfg.load is not None and checkpointing.check_resumable(cfg.load):
+        saved = state.saved_train_state(cfg.load)  # None: a converted (weights-only) checkpoint
+        notes = [] if saved is None else preflight.check_resume(cfg, saved.get("run_args"),
+                                                                 cfg.resume_overrides)
+        if notes and dist.get_rank() == 0:
+            print(f"resuming {cfg.load}: " + "; ".join(notes), flush=True)
         src, resume = cfg.load, True
     elif cfg.pretrained_checkpoint is not None:
         if not checkpointing.is_checkpoint(cfg.pretrained_checkpoint):
@@ -163,20 +173,18 @@ def setup_training(cfg, mcfg, resume: bool, method=None):
 
 def start_checkpoint_writer() -> None:
     """Start megatron-core's checkpoint-writer manager process (spawned once, reused by every
-    save) with SIGTERM/SIGUSR1 ignored (SIG_IGN survives exec): slurm signals every process of
-    the job step, and the manager dying of them would make the save on that signal fail."""
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    save) with SIGTERM/SIGUSR1 ignored: slurm signals every process of the job step, and the
+    manager dying of them would make the save on that signal fail. It dies with this process,
+    even on SIGKILL (training/checkpoint_writer.py)."""
+    from megatron_latent.training import checkpoint_writer
 
-    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        filesystem_async.get_write_results_queue()
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+    checkpoint_writer.start()
 
 
 def save(cfg, mcfg, model, optimizer, scheduler, iteration, consumed, tokenizer, tok_dir,
-         method=None):
+         method=None, run_args: dict | None = None):
+    """`run_args`: what the checkpoint records of the run, checked on resume (default:
+    preflight.run_args(cfg): data, batch size, seed, schedule)."""
     # metadata first: a published iteration must always be loadable
     if dist.get_rank() == 0 and not (Path(cfg.save) / checkpointing.META).is_file():
         from megatron_latent.latent import registry
@@ -189,7 +197,9 @@ def save(cfg, mcfg, model, optimizer, scheduler, iteration, consumed, tokenizer,
         tokenizer.save_pretrained(Path(cfg.save) / "hf")  # with the added latent tokens
     dist.barrier()
     state.save(cfg.save, iteration, model, optimizer, scheduler,
-               {"iteration": iteration, "consumed_samples": consumed}, keep_last=cfg.keep_last)
+               {"iteration": iteration, "consumed_samples": consumed,
+                "run_args": run_args if run_args is not None else preflight.run_args(cfg)},
+               keep_last=cfg.keep_last)
 
 
 def flat_config(cfg: LoopConfig) -> dict:

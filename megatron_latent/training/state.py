@@ -75,11 +75,7 @@ def save(ckpt, iteration: int, model_chunks, optimizer, scheduler, train_state: 
 
 def saved_train_state(ckpt, iteration: int | None = None) -> dict | None:
     """The train_state of a training checkpoint; None for a model-only (converted) one."""
-    from megatron.core import dist_checkpointing
-
-    it = checkpointing.latest_iteration(ckpt) if iteration is None else iteration
-    common = dist_checkpointing.load_common_state_dict(str(checkpointing.iter_dir(ckpt, it)))
-    return common.get("train_state")
+    return checkpointing.load_common(ckpt, iteration).get("train_state")
 
 
 def _check_distributed_optimizer_can_load(optimizer) -> None:
@@ -95,6 +91,44 @@ def _check_distributed_optimizer_can_load(optimizer) -> None:
                            "resume without --use-distributed-optimizer on this machine")
 
 
+# what the LR/WD schedule sets per parameter group; the command line's values win on resume
+_SCHEDULE_KEYS = ("max_lr", "min_lr", "start_wd", "end_wd")
+
+
+def _saved_groups(tree) -> list[list[dict]]:
+    """Every `param_groups` list in a loaded optimizer state, in the chained optimizers' order."""
+    if isinstance(tree, dict):
+        if isinstance(tree.get("param_groups"), list):
+            return [tree["param_groups"]]
+        return [g for v in tree.values() for g in _saved_groups(v)]
+    if isinstance(tree, list):
+        return [g for v in tree for g in _saved_groups(v)]
+    return []
+
+
+def _adopt_schedule(optimizer, saved_state: dict) -> None:
+    """megatron-core pairs saved and current parameter groups by their hyper-parameters,
+    `max_lr` included, so a resume with another --lr found no group. The command line's schedule
+    wins on resume (build.build_scheduler): its values go into the saved groups, paired in order
+    as megatron pairs their parameters, where all else about the two groups is equal. Another
+    group layout is left to megatron-core (preflight.check_resume names the flag first)."""
+    from megatron.core.optimizer.optimizer import param_group_identifier_keys
+
+    current = [o.optimizer.param_groups for o in getattr(optimizer, "chained_optimizers",
+                                                         [optimizer])]
+    saved = _saved_groups(saved_state)
+    if [len(g) for g in saved] != [len(g) for g in current]:
+        return
+
+    def rest(group):
+        return [group.get(k) for k in param_group_identifier_keys if k not in _SCHEDULE_KEYS]
+
+    for mine, theirs in zip(current, saved):
+        for g, h in zip(mine, theirs):
+            if rest(g) == rest(h):
+                h.update({k: g[k] for k in _SCHEDULE_KEYS if k in g})
+
+
 def load(ckpt, model_chunks, optimizer=None, scheduler=None, iteration: int | None = None) -> dict:
     """Restore in place; returns the saved train_state (iteration, consumed samples, ...).
     RNG states are per rank, so they are restored only when the parallel layout is unchanged
@@ -106,6 +140,7 @@ def load(ckpt, model_chunks, optimizer=None, scheduler=None, iteration: int | No
     state = checkpointing.load_state(ckpt, template, iteration)
     unwrap(model_chunks[0]).load_state_dict(state["model"], strict=False)
     if optimizer is not None:
+        _adopt_schedule(optimizer, state["optimizer"])
         with torch.no_grad():  # it copies into leaf main params
             optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:

@@ -146,6 +146,8 @@ def train(cfg: TrainConfig) -> list[dict]:
     ds_kw = dict(tokenizer=tokenizer, image_processor=image_processor, vocab_size=vocab,
                  seq_length=cfg.seq_length, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
                  skip_bad=cfg.skip_bad_samples)
+    if cfg.allow_images_outside_folder:  # only record-based datasets take it
+        ds_kw["allow_images_outside_folder"] = True
     train_ds = method.sft_dataset(cfg.data_path, **ds_kw)
     valid_ds = method.sft_dataset(cfg.valid_data_path, **ds_kw) if cfg.valid_data_path else None
 

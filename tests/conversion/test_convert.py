@@ -126,9 +126,14 @@ def test_existing_output_is_refused_unless_overwrite(converted, tmp_path):
         convert.hf_to_megatron(hf, out)
     with pytest.raises(FileExistsError, match="--overwrite"):
         convert.megatron_to_hf(ckpt, out)
+    # --overwrite replaces only a previous export (tests/conversion/test_output_safety.py)
+    with pytest.raises(FileExistsError, match="replaces only a previous HF export"):
+        convert.megatron_to_hf(ckpt, out, overwrite=True)
     assert (out / "keep.txt").read_text() == "precious"
+    (out / "keep.txt").unlink()
+    convert.megatron_to_hf(ckpt, out)
     convert.megatron_to_hf(ckpt, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert (out / "model.safetensors").is_file()
 
 
 def test_shape_mismatch_is_named(converted, tmp_path):

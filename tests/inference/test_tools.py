@@ -134,7 +134,8 @@ def _write_jsonl(path: Path, rows: list) -> Path:
 
 def test_eval_vqa_sweep(oracle, images, tmp_path):
     path = oracle[0]
-    data = _write_jsonl(tmp_path / "vqa.jsonl", [
+    # beside the images: absolute paths may not leave the JSONL's folder (the image root)
+    data = _write_jsonl(images["astronaut"].parent / "vqa.jsonl", [
         {"id": "mc1", "image": str(images["astronaut"]), "question": "What is the person wearing?",
          "choices": ["a spacesuit", "a dress"], "answer": "A"},
         {"id": "mc2", "image": str(images["chelsea"]), "question": "Which animal is this?",
@@ -177,7 +178,7 @@ def test_eval_vqa_sweep(oracle, images, tmp_path):
 
 
 def test_eval_vqa_bad_data(images, tmp_path):
-    data = _write_jsonl(tmp_path / "bad.jsonl", [
+    data = _write_jsonl(images["astronaut"].parent / "bad.jsonl", [
         {"image": str(images["astronaut"]), "question": "q", "answer": "a"},
         None,  # blank lines still count
         {"image": "missing.png", "question": "q2", "answer": "b"},
