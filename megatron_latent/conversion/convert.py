@@ -23,7 +23,10 @@ from tqdm import tqdm
 
 from megatron_latent import checkpointing, parallel
 from megatron_latent.fsutil import check_output, new_temp_dir, replace_dir
+from megatron_latent.conversion import side_modules
 from megatron_latent.conversion.hf_mapping import NameTable, legacy_hf_name
+from megatron_latent.latent import registry
+from megatron_latent.latent.registry import HF_METHOD_FILE
 from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
 
 SHARD_BYTES = 2 << 30  # safetensors serialises a whole shard in memory: keep it small
@@ -48,7 +51,8 @@ def _foreign_in_checkpoint(d: Path) -> list[str]:
 
 def _foreign_in_hf_export(d: Path) -> list[str]:
     """What in `d` megatron_to_hf would not have written."""
-    own = {"model.safetensors.index.json", *checkpointing.HF_SIDE_FILES}
+    own = {"model.safetensors.index.json", *checkpointing.HF_SIDE_FILES, side_modules.SIDE_FILE,
+           HF_METHOD_FILE}
     bad = sorted(p.name for p in d.iterdir() if not p.is_file() or not (
         p.name in own or re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors", p.name)))
     return bad if (d / "config.json").is_file() else ["(no config.json)", *bad]
@@ -88,7 +92,6 @@ def hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int 
                    overwrite: bool = False) -> None:
     """Call on every rank of a world of exactly tp * pp processes (or one process)."""
     from megatron_latent.conversion.hf_load import load_hf_weights
-    from megatron_latent.models.qwen25vl.model import Qwen25VLModel
 
     hf_dir = Path(hf_dir)
     hf_config = json.loads(_config_path(hf_dir).read_text())
@@ -104,13 +107,30 @@ def hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int 
                          f"(got {dist.get_world_size()})")
     cfg = Qwen25VLConfig.from_hf(hf_config, tensor_model_parallel_size=tp,
                                  pipeline_model_parallel_size=pp, spec=spec, params_dtype=dtype)
-    model = Qwen25VLModel(cfg)
-    load_hf_weights(model, hf_dir, progress=_rank0())
+    # the method the HF dir was exported or released with (none: a plain Qwen2.5-VL)
+    record = registry.record_for(hf_dir) or {"name": "none", "hparams": {}}
+    method, model = _model_with_method(cfg, record, hf_dir)
+    load_hf_weights(model, hf_dir, progress=_rank0(), latent_method=method)
     with atomic_output_dir(out, check) as tmp:
         checkpointing.save_model(tmp, model, iteration=0)
         if _rank0():
             checkpointing.write_metadata(tmp, hf_config, spec, dtype, hf_dir,
-                                         vision_ffn_divisible_by=cfg.vision_ffn_divisible_by)
+                                         vision_ffn_divisible_by=cfg.vision_ffn_divisible_by,
+                                         latent_method=registry.describe(method))
+
+
+def _model_with_method(cfg, record: dict, tokenizer_dir):
+    """(method, model with the method's side modules on this stage)."""
+    from transformers import AutoTokenizer
+
+    from megatron_latent.models.qwen25vl.model import Qwen25VLModel
+    from megatron.core import parallel_state as ps
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    method = registry.from_record(record, tokenizer, cfg)
+    modules = method.build_modules(cfg, pre_process=ps.is_pipeline_first_stage(),
+                                   post_process=ps.is_pipeline_last_stage())
+    return method, Qwen25VLModel(cfg, latent_modules=modules)
 
 
 def megatron_to_hf(ckpt: str | Path, out: str | Path, *, overwrite: bool = False,
@@ -119,19 +139,19 @@ def megatron_to_hf(ckpt: str | Path, out: str | Path, *, overwrite: bool = False
     from safetensors.torch import save_file
 
     from megatron_latent.conversion.hf_load import global_parameter_names
-    from megatron_latent.models.qwen25vl.model import Qwen25VLModel
 
     meta = checkpointing.read_metadata(ckpt)
     check = lambda: check_output_dir(out, overwrite, [ckpt], "hf")  # noqa: E731
     check()
     parallel.initialize(parallel.ParallelConfig())
     cfg = checkpointing.config_from_checkpoint(ckpt)
-    model = Qwen25VLModel(cfg)
+    record = registry.checkpoint_record(meta)
+    method, model = _model_with_method(cfg, record, Path(ckpt) / "hf")
     checkpointing.load_model(ckpt, model)
     table = NameTable(cfg)
     params = model.state_dict()
     names = [(n, g) for n, g in global_parameter_names(model).items()
-             if not n.endswith("_extra_state")
+             if not n.endswith("_extra_state") and not n.startswith(side_modules.PREFIX)
              and not (cfg.tie_word_embeddings and g == "language_model.output_layer.weight")]
     with atomic_output_dir(out, check) as tmp:
         weight_map, shard, shard_size, shard_files = {}, {}, 0, []
@@ -155,6 +175,16 @@ def megatron_to_hf(ckpt: str | Path, out: str | Path, *, overwrite: bool = False
                 shard_size += t.numel() * t.element_size()
         flush()
         _finish_hf_dir(tmp, shard_files, weight_map, meta, ckpt)
+        # the method (and its modules, which HF's Qwen2.5-VL has no place for) beside the files
+        side = side_modules.side_parameters(model)
+        if side:
+            save_file({k: v.contiguous() for k, v in side.items()},
+                      tmp / side_modules.SIDE_FILE, metadata={"format": "pt"})
+        (tmp / HF_METHOD_FILE).write_text(json.dumps(registry.describe(method), indent=2))
+        extra = method.hf_config_keys()
+        if extra:
+            config = json.loads((tmp / "config.json").read_text())
+            (tmp / "config.json").write_text(json.dumps({**config, **extra}, indent=2))
 
 
 def _finish_hf_dir(tmp: Path, shard_files: list[str], weight_map: dict, meta: dict, ckpt) -> None:

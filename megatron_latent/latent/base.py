@@ -107,6 +107,10 @@ class LatentMethod(ABC):
         kept (dropped on import), None if it is not the method's."""
         return None
 
+    def hf_config_keys(self) -> dict:
+        """Keys this method's released HF checkpoints carry in config.json (added on export)."""
+        return {}
+
     def frozen_patterns(self) -> tuple[str, ...]:
         """fnmatch name patterns of side-module parameters to freeze (no grad, no optimizer
         state), e.g. by a --freeze flag of the method."""

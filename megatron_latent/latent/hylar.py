@@ -120,6 +120,12 @@ class HyLaR(LatentMethod):
         name = hf_name[len("canvas_extractor."):]
         return name if name.startswith(("compressor.", "canvas_proj.")) else ""
 
+    def hf_config_keys(self) -> dict:
+        """HyLaR's release keys (spec section 5), read by its own eval and RL code."""
+        return {"canvas_id": self.canvas_id, "canvas_start_id": self.start_id,
+                "canvas_end_id": self.end_id, "canvas_token_num": self.canvas_tokens,
+                "compress_strategy": "compressor", "canvas_loss": "mse"}
+
     def optimizer_overrides(self) -> dict:
         return {} if self.canvas_lr is None else {("*latent_modules.*",): self.canvas_lr}
 

@@ -129,7 +129,8 @@ def resolve_method(cfg: LoopConfig, resume: bool, tokenizer, mcfg):
 
     src = cfg.load if resume else (cfg.pretrained_checkpoint or cfg.hf_dir)
     record = registry.record_for(src) if src is not None else None
-    if resume and cfg.latent_method not in (None, record["name"]):
+    trained = resume and state.saved_train_state(cfg.load) is not None  # not a converted one
+    if trained and cfg.latent_method not in (None, record["name"]):
         raise ValueError(f"--latent-method {cfg.latent_method}: the checkpoint in --load "
                          f"{cfg.load} was trained with {record['name']!r}; resume it with that "
                          "method, or start a new run (--pretrained-checkpoint) to change it")
@@ -156,7 +157,7 @@ def setup_training(cfg, mcfg, resume: bool, method=None):
                         freeze_vision=cfg.freeze_vision, freeze_merger=cfg.freeze_merger,
                         latent_method=method)
     if fresh_from_ckpt:
-        checkpointing.load_model(cfg.pretrained_checkpoint, unwrap(model[0]))
+        _load_weights(cfg.pretrained_checkpoint, unwrap(model[0]), method)
     optimizer = build_optimizer(model, cfg.optim,
                                 method.optimizer_overrides() if method is not None else None)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train_iters, cfg.lr_warmup_iters,
@@ -167,8 +168,24 @@ def setup_training(cfg, mcfg, resume: bool, method=None):
             ts = state.load(cfg.load, model, optimizer, scheduler)
             iteration, consumed = ts["iteration"], ts["consumed_samples"]
         else:  # a converted (model-only) checkpoint: start training from its weights
-            checkpointing.load_model(cfg.load, unwrap(model[0]))
+            _load_weights(cfg.load, unwrap(model[0]), method)
     return model, optimizer, scheduler, iteration, consumed
+
+
+def _load_weights(ckpt, model, method) -> None:
+    """A checkpoint's weights as a run's start. Saved by another method (a plain converted
+    Qwen2.5-VL, or LVR's SFT for a new method), it holds none of this method's side modules:
+    they keep their fresh values."""
+    from megatron_latent.latent import registry
+
+    recorded = registry.checkpoint_record(checkpointing.read_metadata(ckpt))["name"]
+    modules = model.latent_modules
+    if method is not None and recorded != method.name:
+        model.latent_modules = None
+    try:
+        checkpointing.load_model(ckpt, model)
+    finally:
+        model.latent_modules = modules
 
 
 def start_checkpoint_writer() -> None:
