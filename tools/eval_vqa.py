@@ -53,8 +53,10 @@ def _accuracy_line(correct: int, total: int) -> str:
     return f"accuracy: {correct}/{total} = {100.0 * correct / total:.2f}%"
 
 
-def evaluate(gen, processor, items, params, a, steps, progress: bool) -> list[dict]:
-    """One pass over `items` in batches; one prediction row per item."""
+def evaluate(gen, processor, items, params, a, steps, progress: bool,
+             images_first: bool = True) -> list[dict]:
+    """One pass over `items` in batches; one prediction row per item (prompts in the layout of
+    the method's SFT data: `images_first`)."""
     from tqdm import tqdm
 
     from megatron_latent.eval.answers import score_prediction
@@ -74,7 +76,8 @@ def evaluate(gen, processor, items, params, a, steps, progress: bool) -> list[di
             except ValueError as e:
                 raise VqaDataError(a.data, item.line, "image", str(e)) from None
             prompts.append(build_prompt(processor, format_question(item), images,
-                                        system=a.system, answer_prefix=a.answer_prefix))
+                                        system=a.system, answer_prefix=a.answer_prefix,
+                                        images_first=images_first))
         for item, c in zip(batch, gen.generate(prompts, params)):
             output = answer_text(processor.tokenizer, c)
             prediction, correct = score_prediction(output, item.answer, item.choices)
@@ -159,7 +162,8 @@ def main(argv=None):
             steps = rule.steps if rule is not None else None
             gen = Generator(model, rule=rule, pad_id=tok.pad_token_id or 0)
             rows = evaluate(gen, processor, items, params, a, steps,
-                            progress=writer and sys.stderr.isatty())
+                            progress=writer and sys.stderr.isatty(),
+                            images_first=method.prompt_images_first)
             n_ok = sum(r["correct"] for r in rows)
             path = predictions_path(out, steps, sweep)
             if writer:

@@ -61,7 +61,8 @@ def main(argv=None):
         rule = method.decode_program(a.latent_mode, a.latent_steps, a.latent_threshold)
         params.stop_ids = stop_ids(tok)
         prompt = build_prompt(processor, a.prompt, images, system=a.system,
-                              answer_prefix=a.answer_prefix)
+                              answer_prefix=a.answer_prefix,
+                              images_first=method.prompt_images_first)
         gen = Generator(model, rule=rule, pad_id=tok.pad_token_id or 0)
         c = gen.generate([prompt], params)[0]
         if is_output_rank():

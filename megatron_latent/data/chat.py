@@ -79,11 +79,13 @@ def assistant_header(t) -> list[Piece]:
 
 
 def prompt_pieces(t, question: str, image_tokens: Iterable[int], system: str | None = None,
-                  answer_prefix: str = "") -> list[Piece]:
-    """System turn, one user turn (the images first, then `question`), the assistant header and
-    `answer_prefix` (e.g. "<|lvr_start|>": the answer opens with a latent span)."""
+                  answer_prefix: str = "", images_first: bool = True) -> list[Piece]:
+    """System turn, one user turn (the images first, then `question`; or the question first,
+    as HyLaR's SFT data has it), the assistant header and `answer_prefix` (e.g.
+    "<|lvr_start|>": the answer opens with a latent span)."""
     counts = list(image_tokens)
-    return (system_turn(t, system) + user_turn(t, [""] * len(counts) + [question], iter(counts))
+    parts = [""] * len(counts) + [question] if images_first else [question] + [""] * len(counts)
+    return (system_turn(t, system) + user_turn(t, parts, iter(counts))
             + assistant_header(t) + [(answer_prefix, False)])
 
 

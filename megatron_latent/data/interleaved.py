@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from megatron_latent.data import chat
 from megatron_latent.data.errors import DataError
 from megatron_latent.latent.tokens import single_id
 
@@ -140,6 +141,7 @@ class ZebraCotDataset(Dataset):
         self.canvas_tokens, self._system = canvas_tokens, system_prompt
         self.ids = self._token_ids(tokenizer, vocab_size)
         self._header = {t: tokenizer.encode(t, add_special_tokens=False) for t in ("assistant\n", "\n")}
+        self._chat = chat.ChatTokens.from_tokenizer(tokenizer)
         self.files = [_File(f) for f in parquet_files(data_path, include, exclude)]
         self._file_start = np.cumsum([0] + [f.n for f in self.files])
         self._cache: OrderedDict = OrderedDict()
@@ -234,7 +236,9 @@ class ZebraCotDataset(Dataset):
                 raise DataError(f.path, row, name, "has an image placeholder of the wrong kind "
                                 "(problem images belong in the question, reasoning images in the "
                                 "trace) or a malformed one", "placeholder")
-        return Parsed(text, problem, parts, reasoning)
+        # stripped: the question as a user types it at generation (build_prompt), not with the
+        # space that stood before a removed placeholder
+        return Parsed(text.strip(), problem, parts, reasoning)
 
     def _image_values(self, f: _File, row: int, columns) -> list:
         g = int(np.searchsorted(f.group_start, row, side="right")) - 1
@@ -317,13 +321,9 @@ class ZebraCotDataset(Dataset):
         """Token ids and per-token "assistant-turn token" flags."""
         t = self.ids
         merged = [gt * gh * gw // self.merge ** 2 for gt, gh, gw in grids]
-        pieces = [([t["<|im_start|>"]], False), ("system\n" + self._system, False),
-                  ([t["<|im_end|>"]], False), (self._header["\n"], False),
-                  ([t["<|im_start|>"]], False), ("user\n" + parsed.text, False)]
-        pieces += [([t["<|vision_start|>"]] + [t["<|image_pad|>"]] * n + [t["<|vision_end|>"]], False)
-                   for n in merged]
-        pieces += [([t["<|im_end|>"]], False), (self._header["\n"], False),
-                   ([t["<|im_start|>"]], False), (self._header["assistant\n"], False)]
+        # the prompt as generation builds it for this method (text first): data/chat.py
+        pieces = chat.prompt_pieces(self._chat, parsed.text, merged, system=self._system,
+                                    images_first=False)[:-1]
         span = [t["<|canvas_start|>"]] + [t["<|canvas|>"]] * self.canvas_tokens + [t["<|canvas_end|>"]]
         for kind, value in parsed.parts:
             if kind == "image":

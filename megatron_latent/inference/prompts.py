@@ -9,8 +9,10 @@ from megatron_latent.inference.generator import Prompt
 
 
 def build_prompt(processor, text: str, images=(), *, system: str | None = None,
-                 answer_prefix: str = "") -> Prompt:
-    """One user turn (images first, then `text`) and the assistant header, plus `answer_prefix`
+                 answer_prefix: str = "", images_first: bool = True) -> Prompt:
+    """One user turn (images first, then `text`; `images_first=False`: the text first, the
+    layout of a method whose SFT data has it so, `method.prompt_images_first`) and the assistant
+    header, plus `answer_prefix`
     (e.g. "<|lvr_start|>" to start the answer with a latent span). `system` None or "": the
     default system message, as Qwen2.5-VL's chat template (and SFT) use. The ids equal what the
     processor gives for its chat template's rendering of the same messages (tested)."""
@@ -23,6 +25,6 @@ def build_prompt(processor, text: str, images=(), *, system: str | None = None,
         counts = [int(t * h * w) // ip.merge_size ** 2 for t, h, w in grid.tolist()]
     tok = processor.tokenizer
     pieces = chat.prompt_pieces(chat.ChatTokens.from_tokenizer(tok), text, counts, system=system,
-                                answer_prefix=answer_prefix)
+                                answer_prefix=answer_prefix, images_first=images_first)
     return Prompt(input_ids=chat.tokenize(tok, pieces)[0], pixel_values=pixel_values,
                   image_grid_thw=grid)

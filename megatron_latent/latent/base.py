@@ -59,6 +59,8 @@ class LatentMethod(ABC):
     special_tokens: bool = True
     # the cap (or quota) of latent inputs per span at generation when the user gives none
     default_latent_steps: int = 8
+    # the user turn's layout in the method's SFT data, which generation and RL prompts follow
+    prompt_images_first: bool = True
 
     # ------------------------------------------------------------ construction
     @classmethod

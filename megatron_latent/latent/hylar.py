@@ -47,6 +47,7 @@ class HyLaR(LatentMethod):
     name = "hylar"
     tokens = TOKENS
     special_tokens = False
+    prompt_images_first = False  # Zebra-CoT SFT: the question, then its images (spec 1.4)
 
     @property
     def default_latent_steps(self) -> int:

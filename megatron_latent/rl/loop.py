@@ -127,6 +127,7 @@ def run_grpo(cfg: GRPOConfig) -> list[dict]:
                          "weights, --pretrained-checkpoint / --hf-dir)")
     builder = PromptBuilder(tok_dir, mcfg, cfg)
     method = resolve_method(cfg, resume, builder.tokenizer, mcfg)
+    builder.images_first = method.prompt_images_first
     rule = method.decode_program(cfg.latent_mode, cfg.latent_steps)
     if cfg.reward_module:
         import_reward_module(cfg.reward_module)

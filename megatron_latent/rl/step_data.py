@@ -20,6 +20,7 @@ class PromptBuilder:
         self.tokenizer = self.processor.tokenizer  # the latent method adds its tokens
         self.pad_id = self.tokenizer.pad_token_id
         self.stop_ids = stop_ids(self.tokenizer)
+        self.images_first = True  # the method's prompt layout (`prompt_images_first`)
 
     def build(self, records):
         """-> (prompts, references, record ids, number skipped for length)."""
@@ -33,7 +34,8 @@ class PromptBuilder:
                 except ValueError as e:
                     raise DataError(path, None, f"image[{k}]", f"{rec.id}: {e}") from e
             p = build_prompt(self.processor, rec.question, images, system=self.cfg.system_prompt,
-                             answer_prefix=self.cfg.answer_prefix)
+                             answer_prefix=self.cfg.answer_prefix,
+                             images_first=self.images_first)
             if len(p.input_ids) > limit:
                 skipped += 1
                 continue

@@ -85,7 +85,7 @@ def test_oracle4_layout_and_supervision(env):
     canvas, end = env["ids"]["<|canvas|>"], env["ids"]["<|canvas_end|>"]
     assistant = ("<think>a b</think>\n<|canvas_start|>" + "<|canvas|>" * 16
                  + "<|canvas_end|>\n<think>c</think><answer>7</answer><|im_end|>")
-    want = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nQ "
+    want = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nQ"
             "<|vision_start|>" + "<|image_pad|>" * 4 + "<|vision_end|><|im_end|>\n"
             "<|im_start|>assistant\n" + assistant + "\n")
     assert tok.decode(ids) == want

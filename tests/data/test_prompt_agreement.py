@@ -134,3 +134,39 @@ def test_answer_prefix_continues_the_sft_prompt(env):
     assert first == ids.lvr_start
     assert rl_prompt(env, images, system, "<|lvr_start|>").input_ids == sft + [first]
     assert eval_prompt(env, images, system, "<|lvr_start|>").input_ids == sft + [first]
+
+
+def test_hylar_sft_prompt_is_generations(env, tmp_path):
+    """HyLaR's SFT data puts the question before its images; generation, evaluation and RL
+    follow the method's layout (`prompt_images_first`), so their prompt is the SFT prefix."""
+    import io
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+    from transformers import AutoTokenizer, SiglipImageProcessor
+
+    from megatron_latent.data.interleaved import ZebraCotDataset
+    from megatron_latent.data.synthetic_interleaved import make_synthetic_interleaved
+    from megatron_latent.inference.prompts import build_prompt
+    from megatron_latent.latent import registry
+    from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
+
+    data = make_synthetic_interleaved(tmp_path / "d", num=2, val_num=0, min_side=112,
+                                      max_side=224, progress=False)
+    tok = AutoTokenizer.from_pretrained(env["ckpt"])
+    method = registry.build("hylar", tok, Qwen25VLConfig.from_hf(env["ckpt"]), {})
+    ds = ZebraCotDataset(data / "train", tokenizer=tok, image_processor=env["ip"],
+                         canvas_processor=SiglipImageProcessor(size={"height": 56, "width": 56}),
+                         vocab_size=env["vocab"], seq_length=4096, **PIXELS)
+    s = ds[0]
+    first = int(s["loss_mask"].nonzero()[0]) + 1
+    row = pq.read_table(next((data / "train").rglob("*.parquet"))).slice(0, 1).to_pylist()[0]
+    question = row["Question"].replace("<image_start>[problem_image_1]<image_end>", "").strip()
+    photo = Image.open(io.BytesIO(row["problem_image_1"]["bytes"]))
+    assert not method.prompt_images_first
+    prompt = build_prompt(env["oracle"], question, [photo],
+                          images_first=method.prompt_images_first)
+    assert tok.decode(prompt.input_ids) == tok.decode(s["input_ids"][:first].tolist())
+    assert prompt.input_ids == s["input_ids"][:first].tolist()
+    lvr_layout = build_prompt(env["oracle"], question, [photo])
+    assert lvr_layout.input_ids != prompt.input_ids  # the layouts do differ
