@@ -339,17 +339,7 @@ class ZebraCotDataset(Dataset):
                 merged_pieces[-1] = (merged_pieces[-1][0] + p, s)
             else:
                 merged_pieces.append((p, s))
-        texts = [p for p, _ in merged_pieces if isinstance(p, str) and p]
-        encoded = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"])
-        ids, sup = [], []
-        for p, s in merged_pieces:
-            if isinstance(p, str):
-                if not p:
-                    continue
-                p = next(encoded)
-            ids.extend(p)
-            sup.extend([s] * len(p))
-        return ids, sup
+        return chat.tokenize(self.tokenizer, merged_pieces)
 
     def _check_length(self, f: _File, row: int, ids, grids) -> None:
         if self.seq_length is not None and len(ids) > self.seq_length:

@@ -34,7 +34,7 @@ def _hf_embed(hf, mb, image_token_id):
     return emb, feats
 
 
-def _hf_forward(hf, mb, emb, image_token_id):
+def _hf_forward(hf, mb, emb, image_token_id, reduction="mean"):
     ids, attn = mb["input_ids"], mb["attention_mask"]
     pos, _ = hf.model.get_rope_index(ids, (ids == image_token_id).int(), mb["image_grid_thw"],
                                      attention_mask=attn)
@@ -42,23 +42,31 @@ def _hf_forward(hf, mb, emb, image_token_id):
                                 attention_mask=attn).last_hidden_state
     logits = hf.lm_head(h).float()
     sup = mb["loss_mask"][:, :-1].bool()
-    return h, F.cross_entropy(logits[:, :-1][sup], ids[:, 1:][sup])
+    return h, F.cross_entropy(logits[:, :-1][sup], ids[:, 1:][sup], reduction=reduction)
 
 
-def _regression(h, ids, latent_id, targets):
-    """Mean squared error of the hidden state before each latent slot against its target."""
+def _regression(h, ids, latent_id, targets, reduction="mean"):
+    """Squared error of the hidden state before each latent slot against its target."""
     predicts_latent = ids[:, 1:] == latent_id
-    return (h[:, :-1][predicts_latent].float() - targets.float()).pow(2).mean()
+    sq = (h[:, :-1][predicts_latent].float() - targets.float()).pow(2)
+    return sq.sum() if reduction == "sum" else sq.mean()
 
 
-def hf_lvr_terms(hf, mb, method, modules=None):
-    """LVR: the box's merged visual tokens at the <|lvr|> slots, teacher-forced (detached)."""
+def hf_lvr_sums(hf, mb, lvr_id):
+    """LVR: the box's merged visual tokens at the <|lvr|> slots, teacher-forced (detached).
+    -> (CE sum, its token count, squared-error sum, its element count)."""
     image_id = hf.config.image_token_id
     emb, feats = _hf_embed(hf, mb, image_id)
     targets = feats[mb["latent_index"]].detach()
-    emb[mb["input_ids"] == method.lvr_id] = targets
-    h, ce = _hf_forward(hf, mb, emb, image_id)
-    return {"lm loss": ce, "latent mse": _regression(h, mb["input_ids"], method.lvr_id, targets)}
+    emb[mb["input_ids"] == lvr_id] = targets
+    h, ce = _hf_forward(hf, mb, emb, image_id, reduction="sum")
+    sq = _regression(h, mb["input_ids"], lvr_id, targets, reduction="sum")
+    return ce, int(mb["loss_mask"][:, :-1].sum()), sq, targets.numel()
+
+
+def hf_lvr_terms(hf, mb, method, modules=None):
+    ce, n_ce, sq, n_sq = hf_lvr_sums(hf, mb, method.lvr_id)
+    return {"lm loss": ce / n_ce, "latent mse": sq / n_sq}
 
 
 def hf_hylar_terms(hf, mb, method, modules):

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from megatron_latent.conversion.hf_mapping import NameTable
 from megatron_latent.data.collate import collate
 from megatron_latent.data.lvr_dataset import LvrSftDataset
 from megatron_latent.latent.lvr import LVR
 from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
+from megatron_latent.testing.method_kits import hf_lvr_sums
 from megatron_latent.training.build import OptimSettings, build_model, build_optimizer, unwrap
 from megatron_latent.training.step import train_step
 
@@ -31,28 +31,6 @@ COMPARED = ["language_model.embedding.word_embeddings.weight",
             "language_model.decoder.layers.0.mlp.linear_fc2.weight",
             "language_model.decoder.final_layernorm.weight",
             "language_model.output_layer.weight"]
-
-
-def hf_sums(hf, mb, image_token_id, lvr_id):
-    """(CE sum, its token count, squared-error sum, its element count) of one micro-batch."""
-    ids, attn = mb["input_ids"], mb["attention_mask"]
-    with torch.no_grad():  # the vision tower and merger are frozen, targets detached
-        feats = torch.cat(hf.model.get_image_features(mb["pixel_values"],
-                                                      mb["image_grid_thw"]).pooler_output)
-    emb = hf.model.get_input_embeddings()(ids).clone()
-    emb[ids == image_token_id] = feats
-    targets = feats[mb["latent_index"]]
-    emb[ids == lvr_id] = targets
-    pos, _ = hf.model.get_rope_index(ids, (ids == image_token_id).int(), mb["image_grid_thw"],
-                                     attention_mask=attn)
-    h = hf.model.language_model(inputs_embeds=emb, position_ids=pos,
-                                attention_mask=attn).last_hidden_state
-    logits = hf.lm_head(h).float()
-    sup = mb["loss_mask"][:, :-1].bool()
-    ce = F.cross_entropy(logits[:, :-1][sup], ids[:, 1:][sup], reduction="sum")
-    pred = h[:, :-1][ids[:, 1:] == lvr_id].float()
-    sq = (pred - targets.float()).pow(2).sum()
-    return ce, sup.sum(), sq, pred.numel()
 
 
 @pytest.mark.parametrize("preset", ["tiny-a", "tiny-b"])  # tied and untied output layer
@@ -79,7 +57,7 @@ def test_lvr_step_gradient_matches_hf_autograd(preset, tiny_ckpts, synthetic_lvr
 
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
     hf.model.visual.requires_grad_(False)
-    sums = [hf_sums(hf, mb, cfg.image_token_id, ds.ids.lvr) for mb in mbs]
+    sums = [hf_lvr_sums(hf, mb, ds.ids.lvr) for mb in mbs]
     ce = sum(s[0] for s in sums) / sum(s[1] for s in sums)
     mse = sum(s[2] for s in sums) / sum(s[3] for s in sums)
     assert abs(logs["lm loss"] - ce.item()) <= 1e-5 and abs(logs["latent mse"] - mse.item()) <= 1e-5

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from megatron_latent.conversion.hf_load import load_hf_weights
 from megatron_latent.data.collate import collate
@@ -13,29 +12,9 @@ from megatron_latent.data.lvr_dataset import LvrSftDataset
 from megatron_latent.latent.lvr import LVR
 from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
 from megatron_latent.models.qwen25vl.model import Qwen25VLModel
+from megatron_latent.testing.method_kits import hf_lvr_terms
 
 LAMBDA = 0.1
-
-
-def hf_lvr_loss(hf, mb, image_token_id, lvr_id):
-    """The LVR formula written directly against transformers' modules."""
-    ids, attn = mb["input_ids"], mb["attention_mask"]
-    feats = torch.cat(hf.model.get_image_features(mb["pixel_values"],
-                                                  mb["image_grid_thw"]).pooler_output)
-    emb = hf.model.get_input_embeddings()(ids).clone()
-    emb[ids == image_token_id] = feats
-    targets = feats[mb["latent_index"]]
-    emb[ids == lvr_id] = targets  # teacher forcing with the box's visual tokens
-    pos, _ = hf.model.get_rope_index(ids, (ids == image_token_id).int(), mb["image_grid_thw"],
-                                     attention_mask=attn)
-    h = hf.model.language_model(inputs_embeds=emb, position_ids=pos,
-                                attention_mask=attn).last_hidden_state
-    logits = hf.lm_head(h).float()
-    sup = mb["loss_mask"][:, :-1].bool()
-    ce = F.cross_entropy(logits[:, :-1][sup], ids[:, 1:][sup])
-    predicts_latent = ids[:, 1:] == lvr_id
-    mse = (h[:, :-1][predicts_latent].float() - targets.float()).pow(2).mean()
-    return ce, mse
 
 
 @pytest.mark.parametrize("preset", ["tiny-a", "tiny-b"])
@@ -65,7 +44,8 @@ def test_lvr_loss_matches_hf_formula(preset, tiny_ckpts, synthetic_lvr, megatron
         total, n_tokens, logs = step.loss(out)
         hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
         hf = hf.to(dev).eval()
-        ce, mse = hf_lvr_loss(hf, mb, cfg.image_token_id, ds.ids.lvr)
+        terms = hf_lvr_terms(hf, mb, method)
+        ce, mse = terms["lm loss"], terms["latent mse"]
     ours = (total / n_tokens).item()
     ours_ce = (logs["lm loss"][0] / logs["lm loss"][1]).item()
     ours_mse = (logs["latent mse"][0] / logs["latent mse"][1]).item()
