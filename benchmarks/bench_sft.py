@@ -5,6 +5,8 @@ GPU, same random weights, same batch, one run.
     torchrun --nproc-per-node 2 benchmarks/bench_sft.py --shape 7b --tp 2   # ours only
     python benchmarks/bench_sft.py --shape tiny --spec local --steps 1 --warmup 0 \\
         --seq-length 512 --image 112                                         # CPU smoke run
+    python benchmarks/bench_sft.py --shape 7b-4l --method lvr hylar --skip-hf \\
+        --num-micro-batches 8                    # LVR vs HyLaR (canvas encoder), one process
 
 Shapes: `7b-4l` (default): Qwen2.5-VL-7B text dims with 4 LLM layers and the full 32-block
 vision tower; `7b`: all 28 layers (ours only unless `--hf`; for 2-4 GPUs with `--tp`);
@@ -57,6 +59,22 @@ launched before step n's logs are read; neither path waits for the GPU inside a 
     weights, grads and optimizer state included); max over ranks.
   ratio vs HF = per-GPU tokens/s of the path / HF's (one GPU) = HF step time / our step time
     at tp = 1.
+
+HyLaR (`--method lvr hylar`: both timed in this process, same shape, back to back, then the
+ratio; `--method hylar` alone also works): HyLaR built through the registry
+(`method_class("hylar").create`) with its canvas encoder beside the model (frozen SigLIP held
+outside the module tree -> learnable query compressor -> projector; the side modules in DDP and
+the optimizer at HyLaR's canvas LR), and the same micro-batches as LVR's but for the latent
+span: its `--canvas-tokens` slots are `<|canvas|>` slots (the same token ids, so the same
+input_ids when `--latent-tokens` = `--canvas-tokens`, the default when hylar runs), no
+`latent_index`, and one `--canvas-image` reasoning image per sample in
+`canvas_pixel_values [n, 3, S, S]` (fp32, as SigLIP's processor gives them). The SigLIP is
+`--siglip` (so400m: so400m-patch14-384's vision tower, random weights, written offline to
+`--canvas-encoder` or a temporary folder; tiny with `--shape tiny`). HyLaR's tokens/s counts the
+same tokens as LVR's; its TFLOP/s counts the same model FLOPs (LLM + Qwen vision), not the
+canvas path's; `canvas path cost = 1 - tokens/s HyLaR / tokens/s LVR`. On the GPU a standalone
+breakdown of the canvas path per step (SigLIP forward; compressor + projector forward and
+backward) is printed and saved too.
 
 Correctness (untimed): the loss of both paths at the shared initial weights (forward only) is
 printed as "loss ours X / HF Y"; with `--dtype fp32` they must agree to 1e-4 relative (the
@@ -296,7 +314,21 @@ def main() -> None:
     ap.add_argument("--micro-batch-size", type=int, default=1)
     ap.add_argument("--num-micro-batches", type=int, default=2)
     ap.add_argument("--image", type=int, default=448, help="image side in pixels (one a sample)")
-    ap.add_argument("--latent-tokens", type=int, default=8)
+    ap.add_argument("--latent-tokens", type=int, default=None,
+                    help="LVR's <|lvr|> tokens a sample (default 8; --canvas-tokens when hylar "
+                         "runs too, so both runs have the same latent slots)")
+    ap.add_argument("--method", choices=["lvr", "hylar"], nargs="+", default=["lvr"],
+                    help="ours: the latent method(s) timed, in this order, same shape and batch")
+    ap.add_argument("--canvas-tokens", type=int, default=16,
+                    help="HyLaR: canvas slots per reasoning image (one reasoning image a sample)")
+    ap.add_argument("--canvas-image", type=int, default=None,
+                    help="HyLaR: reasoning image side (default: the SigLIP's image_size)")
+    ap.add_argument("--siglip", choices=["so400m", "tiny"], default=None,
+                    help="HyLaR: the frozen SigLIP's shape, random weights (default so400m; tiny "
+                         "for --shape tiny)")
+    ap.add_argument("--canvas-encoder", default=None,
+                    help="HyLaR: the SigLIP dir (written there if it holds no model yet; "
+                         "default: a temporary folder)")
     ap.add_argument("--spec", choices=["te", "local"], default="te")
     ap.add_argument("--precision", choices=["bf16", "fp8"], nargs="+", default=["bf16"],
                     help="ours, one row each in this run: fp8 = fp8='hybrid' + --fp8-recipe "
@@ -339,6 +371,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.steps < 1:
         ap.error("--steps must be >= 1")
+    if len(set(args.method)) != len(args.method):
+        ap.error("--method: each method once")
+    if args.latent_tokens is None:
+        args.latent_tokens = args.canvas_tokens if "hylar" in args.method else 8
+    if args.siglip is None:
+        args.siglip = "tiny" if args.shape == "tiny" else "so400m"
 
     import torch
     import torch.distributed as dist
@@ -393,6 +431,21 @@ def main() -> None:
                                        mbs=args.micro_batch_size,
                                        num_micro=args.num_micro_batches, image=args.image,
                                        latent_tokens=args.latent_tokens, dtype=dtype, device=dev)
+    canvas = None
+    if "hylar" in args.method:  # the frozen SigLIP on local disk, its batches
+        import tempfile
+
+        from sft_hylar import SIGLIP_PRESETS, canvas_forward_flops, write_siglip
+
+        enc_dir = Path(args.canvas_encoder or tempfile.mkdtemp(prefix="bench_siglip_"))
+        if rank0:
+            t0 = time.perf_counter()
+            write_siglip(enc_dir, args.siglip)
+            log(f"# SigLIP {args.siglip} ({SIGLIP_PRESETS[args.siglip]}), random weights, in "
+                f"{enc_dir} ({time.perf_counter() - t0:.1f} s)")
+        dist.barrier()
+        canvas_image = args.canvas_image or SIGLIP_PRESETS[args.siglip]["image_size"]
+        canvas = {"dir": enc_dir, "image": canvas_image}
     tokens = dp * args.micro_batch_size * args.num_micro_batches * args.seq_length
     images = dp * args.micro_batch_size * args.num_micro_batches
     params = count_params(cfg_hf)
@@ -415,6 +468,12 @@ def main() -> None:
         f"{params['merger'] / 1e9:.3f} B; model FLOPs/step {flops['total'] / 1e12:.2f} T "
         f"(LLM {flops['llm'] / 1e12:.2f}, vision {flops['vision'] / 1e12:.2f})")
     log(f"# model FLOPs: {FLOPS_FORMULA}; TFLOP/s = F / step time / GPUs (recompute not counted)")
+    if canvas is not None:
+        canvas["flops"] = canvas_forward_flops(args.siglip, images)
+        log(f"# methods {', '.join(args.method)}: LVR {args.latent_tokens} <|lvr|> tokens a "
+            f"sample; HyLaR {args.canvas_tokens} <|canvas|> slots a sample (one "
+            f"{canvas['image']}x{canvas['image']} reasoning image each, {images} a step; frozen "
+            f"SigLIP forward {canvas['flops'] / 1e12:.2f} TFLOP/step, not in TFLOP/s)")
     log("# ours: megatron DDP (fp32 grads) + "
         + ("distributed optimizer, TE FusedAdam holding the fp32 masters"
            if args.use_precision_aware_optimizer else "Float16 Adam with fp32 main params")
@@ -479,25 +538,67 @@ def main() -> None:
             "GiB")
     # ours reads each micro-batch from pinned host memory, as the training loop does (the copy
     # to the GPU is inside the timed step); the HF loop is given them on the GPU
-    host_batches = [{k: v.cpu().pin_memory() if cuda else v for k, v in mb.items()}
-                    for mb in micro_batches]
-    method = LVR(lvr_id=ids["lvr"], start_id=ids["lvr_start"], end_id=ids["lvr_end"],
-                 hidden_size=hidden, loss_lambda=LAMBDA)
-    for precision in args.precision:
-        name = "ours" if len(args.precision) == 1 else f"ours {precision}"
+    def pinned(batches):
+        return [{k: v.cpu().pin_memory() if cuda else v for k, v in mb.items()} for mb in batches]
+
+    methods = {}
+    for m in args.method:
+        if m == "lvr":
+            methods[m] = (LVR(lvr_id=ids["lvr"], start_id=ids["lvr_start"],
+                              end_id=ids["lvr_end"], hidden_size=hidden, loss_lambda=LAMBDA),
+                          pinned(micro_batches))
+        else:
+            from sft_hylar import build_hylar, hylar_micro_batches
+
+            hy_batches = (micro_batches if args.latent_tokens == args.canvas_tokens else
+                          make_micro_batches(shape, seq_length=args.seq_length,
+                                             mbs=args.micro_batch_size,
+                                             num_micro=args.num_micro_batches, image=args.image,
+                                             latent_tokens=args.canvas_tokens, dtype=dtype,
+                                             device=dev))
+            methods[m] = (build_hylar(ids, hidden, canvas["dir"], args.canvas_tokens),
+                          pinned(hylar_micro_batches(hy_batches, canvas_image=canvas["image"],
+                                                     canvas_tokens=args.canvas_tokens, ids=ids)))
+    combos = [(m, p) for m in args.method for p in args.precision]
+    breakdown = {}
+    for method_name, precision in combos:
+        method, host_batches = methods[method_name]
+        parts = ([method_name] if len(args.method) > 1 else []) + \
+            ([precision] if len(args.precision) > 1 else [])
+        name = " ".join(["ours", *parts])
         pa = args.use_precision_aware_optimizer
+        side = method if method_name == "hylar" else None
         model = build_model(our_config(precision), None, freeze_vision=not args.train_vision,
-                            freeze_merger=not args.train_vision, use_distributed_optimizer=pa)
+                            freeze_merger=not args.train_vision, use_distributed_optimizer=pa,
+                            latent_method=side)
         if sd_cpu is not None:  # the same weights as HF (before the optimizer copies them)
             load_hf_weights(unwrap(model[0]), StateDictReader(sd_cpu, "HF random init"))
         optimizer = build_optimizer(model, OptimSettings(lr=1e-5, use_distributed_optimizer=pa,
-                                                         precision_aware=pa))
+                                                         precision_aware=pa),
+                                    lr_overrides=method.optimizer_overrides())
         losses[name] = eval_losses(model, host_batches, method)
         free_memory(cuda)
         phases = PhaseTimer(optimizer, cuda)
         lagged = Lagged(lambda: launch_step(model, optimizer, host_batches, method))
         r = results[name] = time_steps(lagged, args.warmup, args.steps, cuda, lagged.finish)
         r["optimizer_s"], r["gpus"], r["precision"] = phases.mean(args.steps), world, precision
+        r["method"] = method_name
+        if method_name == "hylar":
+            side_params = sum(p.numel() for p in unwrap(model[0]).latent_modules.parameters())
+            r["canvas_side_params"] = side_params
+            if cuda:
+                from sft_hylar import canvas_breakdown
+
+                breakdown[name] = canvas_breakdown(model[0], host_batches)
+                log(f"# {name}: canvas path alone, per step ({breakdown[name]['images']} "
+                    f"images): SigLIP forward {breakdown[name]['siglip_fwd_ms']:.1f} ms "
+                    f"({breakdown[name]['siglip_dtype']}, attn "
+                    f"{breakdown[name]['siglip_attn']}), compressor + projector fwd+bwd "
+                    f"{breakdown[name]['compressor_proj_fwd_bwd_ms']:.1f} ms (params "
+                    f"{breakdown[name]['side_param_dtype']}, {side_params / 1e6:.1f} M, "
+                    f"compute {breakdown[name]['compute_dtype']}); SigLIP graphs "
+                    f"{breakdown[name]['siglip_graphs']}")
+                r["canvas_breakdown"] = breakdown[name]
         if args.profile and cuda:  # every rank steps (collectives); rank 0 prints
             profile_call(name.replace(" ", "_"),
                          lambda: train_step(model, optimizer, host_batches, method),
@@ -516,7 +617,9 @@ def main() -> None:
     hf_rows = [n for n in results if n.startswith("HF")]
     ours = [n for n in results if n not in hf_rows]
     for name in ours:
-        lo, lh = losses[name], losses.get("HF")
+        # HF's loss is LVR's: HyLaR's rows have no HF counterpart
+        lo = losses[name]
+        lh = losses.get("HF") if results[name]["method"] == "lvr" else None
         if lh is None:
             log(f"loss {name} {lo['loss']:.7f} / HF n/a ({dtype_name}, initial weights; "
                 f"CE {lo['lm loss']:.7f}, latent MSE {lo['latent mse']:.7f})")
@@ -547,6 +650,20 @@ def main() -> None:
         for name in ours[1:]:
             results[name]["ratio_vs_first"] = base["step_s"] / results[name]["step_s"]
             log(f"# {name} vs {ours[0]}: {results[name]['ratio_vs_first']:.3f}x tokens/s")
+    canvas_cost = {}
+    if len(args.method) > 1:  # HyLaR vs LVR at each precision
+        by = {(results[n]["method"], results[n]["precision"]): n for n in ours}
+        for precision in args.precision:
+            lvr_row, hy_row = by.get(("lvr", precision)), by.get(("hylar", precision))
+            if lvr_row is None or hy_row is None:
+                continue
+            ratio = results[hy_row]["tokens_s"] / results[lvr_row]["tokens_s"]
+            canvas_cost[precision] = {"hylar_over_lvr": ratio, "cost": 1 - ratio,
+                                      "lvr_step_ms": 1e3 * results[lvr_row]["step_s"],
+                                      "hylar_step_ms": 1e3 * results[hy_row]["step_s"]}
+            log(f"# canvas path ({precision}): HyLaR / LVR tokens/s = {ratio:.4f}, cost "
+                f"{100 * (1 - ratio):.1f}% ({1e3 * results[hy_row]['step_s']:.1f} vs "
+                f"{1e3 * results[lvr_row]['step_s']:.1f} ms a step)")
     log("\n| path | tokens/s | TFLOP/s | step ms | of which optimizer ms | peak GiB |"
         + "".join(f" vs {h} |" for h in hf_rows))
     log("|---|---|---|---|---|---|" + "---|" * len(hf_rows))
@@ -563,7 +680,9 @@ def main() -> None:
         Path(args.json_out).write_text(json.dumps(
             {"gpu": gpu, "args": vars(args), "dtype": dtype_name, "tokens_per_step": tokens,
              "model_flops_per_step": flops, "params": params, "formula": FLOPS_FORMULA,
-             "losses": losses, "rows": rows}, indent=1))
+             "losses": losses, "rows": rows, "canvas_cost": canvas_cost,
+             "canvas_flops_per_step": canvas and canvas.get("flops"),
+             "canvas_encoder": canvas and str(canvas["dir"])}, indent=1))
     parallel.destroy()
     if not ok:
         sys.exit(1)

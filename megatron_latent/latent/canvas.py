@@ -17,6 +17,7 @@ import math
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 VISION_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -40,9 +41,26 @@ class CanvasLayer(nn.Module):
 
     def forward(self, q: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
         x = self.self_attn_norm(q)
-        q = q + self.self_attn(x, x, x, need_weights=False)[0]
-        q = q + self.cross_attn(self.cross_attn_norm(q), patches, patches, need_weights=False)[0]
+        q = q + _attend(self.self_attn, x, None)
+        q = q + _attend(self.cross_attn, self.cross_attn_norm(q), patches)
         return q + self.ffn(self.ffn_norm(q))
+
+
+def _attend(mha: nn.MultiheadAttention, q: torch.Tensor, kv: torch.Tensor | None) -> torch.Tensor:
+    """`mha(q, kv, kv, need_weights=False)[0]` (batch first, no masks, dropout 0; kv None: self
+    attention) on the module's own parameters, straight to SDPA: nn.MultiheadAttention's
+    Python path costs several times the GPU time of these small attentions in host time."""
+    n, lq, d = q.shape
+    h = mha.num_heads
+    w, b = mha.in_proj_weight, mha.in_proj_bias
+    if kv is None:
+        qq, k, v = F.linear(q, w, b).chunk(3, dim=-1)
+    else:
+        qq = F.linear(q, w[:d], None if b is None else b[:d])
+        k, v = F.linear(kv, w[d:], None if b is None else b[d:]).chunk(2, dim=-1)
+    heads = lambda t: t.unflatten(-1, (h, d // h)).transpose(1, 2)  # noqa: E731 [n, h, l, hd]
+    out = F.scaled_dot_product_attention(heads(qq), heads(k), heads(v))
+    return mha.out_proj(out.transpose(1, 2).reshape(n, lq, d))
 
 
 class CanvasCompressor(nn.Module):
@@ -66,17 +84,27 @@ class CanvasEncoder(nn.Module):
     """canvas_pixel_values [n, 3, S, S] -> C [n, n_queries, hidden_size].
 
     Only `compressor` and `canvas_proj` are parameters. SigLIP (`attach_siglip`, or given here)
-    is moved to the input's device and its compute dtype when a forward needs it: `siglip_dtype`
-    if set, else bf16 on a GPU when the parameters are fp32 or bf16 (it is frozen and forward
-    only, its output a detached input; in fp32 it ran at the GPU's plain-fp32 rate, ~15% of a
-    7B-shaped SFT step), else the parameters' dtype (the CPU; fp64 checks). Its output is cast
-    to the parameters' dtype for the compressor."""
+    is moved to the input's device and the compute dtype when a forward needs it.
+
+    Compute dtype: `compute_dtype` if set, else bf16 on a GPU when the parameters are fp32 or
+    bf16, else the parameters' dtype (the CPU; fp64 checks). On a GPU with fp32 parameters (as
+    the side modules are built) the compressor and projector then run under bf16 autocast (fp32
+    master weights, bf16 GEMMs and attention) and the output is bf16. The frozen SigLIP's
+    forward on a GPU replays a CUDA graph per input shape (`siglip_graphs` shapes kept; 0:
+    eager), captured on a shape's second sighting: eager, its ~450 small kernels an image cost
+    the host about three times their GPU time. On one H200 (7B-shaped 4-layer SFT step, 8
+    micro-batches, one 384-pixel image each; benchmarks/bench_sft.py --method lvr hylar), the
+    canvas path cost 29.9% of LVR's tokens/s with SigLIP and the compressor eager in fp32, 18.3%
+    with SigLIP eager in bf16, 14.0% as here (benchmarks/results/2026-12-03/)."""
 
     def __init__(self, dim: int, hidden_size: int, siglip: nn.Module | None = None, *,
                  n_queries: int = 16, n_layers: int = 2, n_heads: int = 8, ffn_mult: int = 4,
-                 siglip_dtype: torch.dtype | None = None):
+                 compute_dtype: torch.dtype | None = None, siglip_graphs: int = 4):
         super().__init__()
-        self.siglip_dtype = siglip_dtype
+        from megatron_latent.models.qwen25vl.vision_graphs import VisionGraphs
+
+        self.compute_dtype = compute_dtype
+        self._graphs = VisionGraphs(siglip_graphs)  # a plain object: not a submodule
         self.compressor = CanvasCompressor(dim, n_queries, n_layers, n_heads, ffn_mult)
         self.canvas_proj = nn.Linear(dim, hidden_size, bias=True)
         self.dim, self.n_queries, self.hidden_size = dim, n_queries, hidden_size
@@ -89,33 +117,54 @@ class CanvasEncoder(nn.Module):
             raise ValueError(f"SigLIP width {siglip.config.hidden_size} != compressor dim {self.dim}")
         siglip.requires_grad_(False).eval()
         self._frozen[:] = [siglip]
+        self._graphs.reset()
+        self._graphs.param_dicts = None  # the graphs' weight check reads the new tower
 
     @property
     def siglip(self) -> nn.Module | None:
         return self._frozen[0] if self._frozen else None
+
+    def _dtype(self, pixels: torch.Tensor) -> torch.dtype:
+        own = self.canvas_proj.weight.dtype
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        return torch.bfloat16 if pixels.is_cuda and own in (torch.float32, torch.bfloat16) else own
 
     def forward(self, canvas_pixel_values: torch.Tensor) -> torch.Tensor:
         w = self.canvas_proj.weight
         n = canvas_pixel_values.shape[0]
         if n == 0:
             return w.new_zeros(0, self.n_queries, self.hidden_size, device=canvas_pixel_values.device)
-        return self.canvas_proj(self.compressor(self.encode_patches(canvas_pixel_values)))
+        dtype = self._dtype(canvas_pixel_values)
+        patches = self._patches(canvas_pixel_values, dtype)
+        if dtype == w.dtype:
+            return self.canvas_proj(self.compressor(patches.to(dtype)))
+        with torch.autocast(canvas_pixel_values.device.type, dtype=dtype):
+            return self.canvas_proj(self.compressor(patches))
 
     @torch.no_grad()
     def encode_patches(self, pixels: torch.Tensor) -> torch.Tensor:
-        """SigLIP's last_hidden_state [n, n_patches, dim] (post-LN), without grad."""
+        """SigLIP's last_hidden_state [n, n_patches, dim] (post-LN), without grad, in the
+        parameters' dtype (computed in the compute dtype)."""
+        return self._patches(pixels, self._dtype(pixels)).to(self.canvas_proj.weight.dtype)
+
+    @torch.no_grad()
+    def _patches(self, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         siglip = self.siglip
         if siglip is None:
             raise RuntimeError("CanvasEncoder has no SigLIP: call attach_siglip(load_siglip(...)[0])")
-        out_dtype = self.canvas_proj.weight.dtype
-        dtype = self.siglip_dtype or (
-            torch.bfloat16 if pixels.is_cuda and out_dtype in (torch.float32, torch.bfloat16)
-            else out_dtype)
         p = next(siglip.parameters())
         if p.device != pixels.device or p.dtype != dtype:
             siglip.to(device=pixels.device, dtype=dtype)
         siglip.eval()
-        return siglip(pixel_values=pixels.to(dtype)).last_hidden_state.to(out_dtype)
+
+        def run(px, _layout=None):
+            return siglip(pixel_values=px).last_hidden_state
+
+        key = ("siglip", tuple(pixels.shape), dtype)
+        if self._graphs.usable(siglip, pixels, key):
+            return self._graphs.run(key, run, pixels, dtype, lambda: None)
+        return run(pixels.to(dtype))
 
 
 # ---- SigLIP from a local Hugging Face directory ---------------------------------------------------
