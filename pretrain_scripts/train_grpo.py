@@ -30,6 +30,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, lr=5e-6, decay="constant")
+    p.set_defaults(weight_decay=0.1)  # the seed's stage 2, and GRPOConfig's (docs/rl.md)
     a = p.add_argument
     a("--reference", default=None, help="frozen reference (HF dir or checkpoint); default --hf-dir")
     a("--prompts-per-step", type=int, default=4, help="prompts per step over all DP ranks")
@@ -54,7 +55,7 @@ def parse_args(argv=None):
     a("--ppo-epochs", type=int, default=1)
     a("--offload-reference", action="store_true", help="keep the reference on the host")
     a("--cuda-graphs", action="store_true", help="replay decode steps as CUDA graphs")
-    a("--max-pixels", type=int, default=1280 * 28 * 28)
+    a("--max-pixels", type=int, default=2560 * 28 * 28)
     return p.parse_args(argv)
 
 

@@ -51,7 +51,7 @@ class GRPOConfig(LoopConfig):
     # RL defaults that differ from SFT's (LVR stage 2)
     lr_decay_style: str = "constant"
     optim: OptimSettings = field(default_factory=lambda: OptimSettings(lr=5e-6, weight_decay=0.1))
-    max_pixels: int = 1280 * 28 * 28
+    max_pixels: int = 2560 * 28 * 28  # the LVR seed's stage 2 (docs/rl.md)
 
     def check(self, dp: int) -> None:
         if self.group_size < 2:
