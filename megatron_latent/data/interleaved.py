@@ -38,7 +38,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from megatron_latent.data import chat
-from megatron_latent.data.errors import DataError
+from megatron_latent.data.errors import DataError, tally_skips
 from megatron_latent.latent.tokens import single_id
 
 logger = logging.getLogger(__name__)
@@ -153,16 +153,8 @@ class ZebraCotDataset(Dataset):
         if skip_bad if scan is None else scan:
             keep = self._scan(errors, scan_workers, raise_first=not skip_bad)
         self._keep = keep
-        for e in errors:
-            self.skipped[e.reason] = self.skipped.get(e.reason, 0) + 1
-            self.skip_examples.setdefault(e.reason, str(e))
-        if errors and not len(keep):
-            raise ValueError(f"{data_path}: all {len(errors)} rows are bad: {self.skipped}; "
-                             f"first of each: {list(self.skip_examples.values())}")
-        if errors:
-            logger.warning("%s: skipped %d of %d rows by reason %s; first of each: %s", data_path,
-                           len(errors), len(errors) + len(keep), self.skipped,
-                           list(self.skip_examples.values()))
+        tally_skips(errors, len(keep), data_path, "rows", self.skipped, self.skip_examples,
+                    logger)
 
     @classmethod
     def from_hf_dir(cls, data_path, hf_dir, siglip_dir, **kwargs) -> "ZebraCotDataset":

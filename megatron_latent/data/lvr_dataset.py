@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 
 from megatron_latent.data import chat
 from megatron_latent.data.chat import DEFAULT_SYSTEM
+from megatron_latent.data.errors import tally_skips
 from megatron_latent.data.llava_records import (LVR_PLACEHOLDER, LvrDataError, Record,
                                               bbox_token_indices, load_records)
 from megatron_latent.data.images import ImageError, open_image
@@ -79,16 +80,8 @@ class LvrSftDataset(Dataset):
         if skip_bad if scan is None else scan:
             keep = self._scan(errors, scan_workers, raise_first=not skip_bad)
         self._keep = keep
-        for e in errors:
-            self.skipped[e.reason] = self.skipped.get(e.reason, 0) + 1
-            self.skip_examples.setdefault(e.reason, str(e))
-        if errors and not len(keep):
-            raise ValueError(f"{data_path}: all {len(errors)} records are bad: {self.skipped}; "
-                             f"first of each: {list(self.skip_examples.values())}")
-        if errors:
-            logger.warning("%s: skipped %d of %d records by reason %s; first of each: %s",
-                           data_path, len(errors), len(errors) + len(keep), self.skipped,
-                           list(self.skip_examples.values()))
+        tally_skips(errors, len(keep), data_path, "records", self.skipped, self.skip_examples,
+                    logger)
 
     @classmethod
     def from_hf_dir(cls, data_path, hf_dir, **kwargs) -> "LvrSftDataset":
