@@ -10,6 +10,7 @@ no policy or KL term there.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,26 @@ def clipped_surrogate(logp, old_logp, advantages, eps_low: float, eps_high: floa
     unclipped = ratio * advantages
     clipped = ratio.clamp(1 - eps_low, 1 + eps_high) * advantages
     return -torch.minimum(unclipped, clipped), (clipped < unclipped).float(), ratio
+
+
+def dual_clip_surrogate(logp, old_logp, advantages, eps_low: float, eps_high: float,
+                        clip_c: float = 3.0):
+    """Dual-clip PPO per element (verl/EasyR1's form, used by HyLaR's DePO): with the log-ratio
+    clamped to +-10, max(-A r, -A clip(r)) and, for A < 0, at most -A c. -> (loss, where the
+    clip binds)."""
+    delta = (logp - old_logp).clamp(-10.0, 10.0)
+    ratio = delta.exp()
+    clipped = delta.clamp(math.log(1 - eps_low), math.log(1 + eps_high)).exp()
+    pg = torch.maximum(-advantages * ratio, -advantages * clipped)
+    dual = torch.minimum(pg, -advantages * clip_c)
+    loss = torch.where(advantages < 0, dual, pg)
+    return loss, (-advantages * clipped > -advantages * ratio).float()
+
+
+def low_var_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k3 with verl's clamps: d = clamp(ref - logp, +-10), min(e^d - d - 1, 10)."""
+    d = (ref_logp - logp).clamp(-10.0, 10.0)
+    return (d.exp() - d - 1).clamp(max=10.0)
 
 
 @dataclass
