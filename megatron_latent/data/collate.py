@@ -22,6 +22,23 @@ def collate(samples: list[dict], *, pad_id: int, image_token_id: int, lvr_token_
     """
     if not samples:
         raise ValueError("collate needs at least one sample")
+    input_ids, labels, loss_mask, attention_mask = pad_rows(samples, pad_id, pad_to)
+    latent_mask = (input_ids == (-1 if lvr_token_id is None else lvr_token_id)) & attention_mask.bool()
+    latent_index = latent_targets(samples, latent_mask, spatial_merge_size)
+    image_grid_thw = torch.cat([x["image_grid_thw"] for x in samples]).long()
+    position_ids, _ = rope_index(input_ids, image_grid_thw, image_token_id=image_token_id,
+                                 spatial_merge_size=spatial_merge_size,
+                                 attention_mask=attention_mask)
+    return {"input_ids": input_ids, "labels": labels, "loss_mask": loss_mask,
+            "attention_mask": attention_mask, "position_ids": position_ids,
+            "pixel_values": torch.cat([x["pixel_values"] for x in samples]),
+            "image_grid_thw": image_grid_thw, "latent_index": latent_index,
+            "latent_mask": latent_mask, "sources": [x.get("source") for x in samples]}
+
+
+def pad_rows(samples: list[dict], pad_id: int, pad_to: int | None = None):
+    """Right-padded input_ids, labels [b, s] long, loss_mask [b, s] float32, attention_mask
+    [b, s] long (1 = real token) of prepared samples (any dataset's)."""
     lengths = [len(x["input_ids"]) for x in samples]
     s = max(lengths) if pad_to is None else pad_to
     for n, x in zip(lengths, samples):
@@ -35,17 +52,7 @@ def collate(samples: list[dict], *, pad_id: int, image_token_id: int, lvr_token_
     for r, (n, x) in enumerate(zip(lengths, samples)):
         input_ids[r, :n], labels[r, :n], loss_mask[r, :n] = x["input_ids"], x["labels"], x["loss_mask"]
         attention_mask[r, :n] = 1
-    latent_mask = (input_ids == (-1 if lvr_token_id is None else lvr_token_id)) & attention_mask.bool()
-    latent_index = latent_targets(samples, latent_mask, spatial_merge_size)
-    image_grid_thw = torch.cat([x["image_grid_thw"] for x in samples]).long()
-    position_ids, _ = rope_index(input_ids, image_grid_thw, image_token_id=image_token_id,
-                                 spatial_merge_size=spatial_merge_size,
-                                 attention_mask=attention_mask)
-    return {"input_ids": input_ids, "labels": labels, "loss_mask": loss_mask,
-            "attention_mask": attention_mask, "position_ids": position_ids,
-            "pixel_values": torch.cat([x["pixel_values"] for x in samples]),
-            "image_grid_thw": image_grid_thw, "latent_index": latent_index,
-            "latent_mask": latent_mask, "sources": [x.get("source") for x in samples]}
+    return input_ids, labels, loss_mask, attention_mask
 
 
 def latent_targets(samples: list[dict], latent_mask: torch.Tensor,

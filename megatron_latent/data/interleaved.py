@@ -38,6 +38,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from megatron_latent.data import chat
+from megatron_latent.data.collate import pad_rows
 from megatron_latent.data.errors import DataError, tally_skips
 from megatron_latent.latent.tokens import single_id
 
@@ -391,18 +392,7 @@ class ZebraCotDataset(Dataset):
 
         if not samples:
             raise ValueError("collate needs at least one sample")
-        lengths = [len(x["input_ids"]) for x in samples]
-        s = max(lengths) if pad_to is None else pad_to
-        if too_long := [x["source"] for n, x in zip(lengths, samples) if n > s]:
-            raise ValueError(f"samples {too_long} have more tokens than pad_to {pad_to}")
-        b, pad = len(samples), self.ids["pad"]
-        input_ids = torch.full((b, s), pad, dtype=torch.long)
-        labels = torch.full((b, s), pad, dtype=torch.long)
-        loss_mask = torch.zeros(b, s, dtype=torch.float32)
-        attention_mask = torch.zeros(b, s, dtype=torch.long)
-        for r, (n, x) in enumerate(zip(lengths, samples)):
-            input_ids[r, :n], labels[r, :n], loss_mask[r, :n] = x["input_ids"], x["labels"], x["loss_mask"]
-            attention_mask[r, :n] = 1
+        input_ids, labels, loss_mask, attention_mask = pad_rows(samples, self.ids["pad"], pad_to)
         latent_mask = (input_ids == self.ids["<|canvas|>"]) & attention_mask.bool()
         canvas = torch.cat([x["canvas_pixel_values"] for x in samples])
         per_sample = latent_mask.sum(1).tolist()
