@@ -8,8 +8,11 @@ weights).
         --train-iters 500 --lr 5e-6 --save ckpt/lvr7b-grpo --load ckpt/lvr7b-grpo
 
 Same checkpoint, resume and logging flags as pretrain_sft.py; the latent method is the
---pretrained-checkpoint's (recorded in it). Per step it logs reward (and each
-reward term), KL, clip fraction, response length, latent-span rate, rollout and train seconds.
+--pretrained-checkpoint's (recorded in it), and so is its RL recipe: the policy loss (LVR: GRPO;
+HyLaR: DePO, its --depo-* flags), and the defaults of the clip, KL, rewards and group filter
+below (docs/rl.md). Per step it logs reward (and each reward term), the policy terms, KL, clip
+fractions, response length, latent-span rate, the filter's tries and kept share, rollout and
+train seconds.
 """
 
 from __future__ import annotations
@@ -46,12 +49,24 @@ def parse_args(argv=None):
       help="latent steps or their cap (default: the method's: LVR 8, HyLaR 32)")
     a("--answer-prefix", default="", help='text after the assistant header, e.g. "<|lvr_start|>"')
     a("--system-prompt", default="You are a helpful assistant.")
-    a("--rewards", default="accuracy:1.0,format:1.0", help="name:weight,...")
+    a("--rewards", default=None,
+      help="name:weight,... (default: the method's: LVR accuracy:1,format:1; HyLaR "
+           "accuracy:0.9,format:0.1)")
     a("--reward-module", default=None,
       help="module or .py file imported first; it registers your rewards (register_reward)")
-    a("--eps-clip", type=float, default=0.2)
-    a("--eps-clip-high", type=float, default=None, help="upper clip (default: --eps-clip)")
-    a("--kl-beta", type=float, default=0.04)
+    a("--judge", default=None,
+      help="MODULE:FUNCTION or FILE.py:FUNCTION, a local judge re-scoring answers the rules "
+           "find wrong (batched: list[JudgeItem] -> list[bool | None])")
+    a("--eps-clip", type=float, default=None, help="lower clip (default: the method's, 0.2)")
+    a("--eps-clip-high", type=float, default=None,
+      help="upper clip (default: --eps-clip if given, else the method's: LVR 0.2, HyLaR 0.28)")
+    a("--kl-beta", type=float, default=None, help="default: the method's (LVR 0.04, HyLaR 0.05)")
+    a("--filter-low", type=float, default=None,
+      help="keep groups whose mean --filter-reward is above this (HyLaR: 0.1; LVR: off)")
+    a("--filter-high", type=float, default=None, help="... and below this (HyLaR: 0.9)")
+    a("--filter-reward", default="accuracy")
+    a("--max-refill-tries", type=int, default=20,
+      help="generations per step at most while the filter keeps too few groups")
     a("--ppo-epochs", type=int, default=1)
     a("--offload-reference", action="store_true", help="keep the reference on the host")
     a("--cuda-graphs", action="store_true", help="replay decode steps as CUDA graphs")
@@ -64,7 +79,7 @@ def config_from_args(args):
     from megatron_latent.rl.loop import GRPOConfig
     from megatron_latent.training.cli import common_config
 
-    hparams = registry.hparams_from_args(args.latent_method, args) if args.latent_method else {}
+    hparams = registry.flagged_hparams(args, args.latent_method)
     return GRPOConfig(
         **common_config(args), reference=args.reference, prompts_per_step=args.prompts_per_step,
         group_size=args.group_size, micro_batch_size=args.micro_batch_size,
@@ -73,9 +88,12 @@ def config_from_args(args):
         latent_mode=args.latent_mode,
         latent_steps=args.latent_steps, answer_prefix=args.answer_prefix,
         system_prompt=args.system_prompt or None, rewards=args.rewards,
-        reward_module=args.reward_module,
-        eps_low=args.eps_clip, eps_high=args.eps_clip_high or args.eps_clip,
-        kl_beta=args.kl_beta, ppo_epochs=args.ppo_epochs,
+        reward_module=args.reward_module, judge=args.judge,
+        eps_low=args.eps_clip,
+        eps_high=args.eps_clip_high if args.eps_clip_high is not None else args.eps_clip,
+        kl_beta=args.kl_beta, filter_low=args.filter_low, filter_high=args.filter_high,
+        filter_reward=args.filter_reward, max_refill_tries=args.max_refill_tries,
+        ppo_epochs=args.ppo_epochs,
         offload_reference=args.offload_reference, cuda_graphs=args.cuda_graphs,
         max_pixels=args.max_pixels)
 

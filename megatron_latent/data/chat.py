@@ -82,9 +82,19 @@ def prompt_pieces(t, question: str, image_tokens: Iterable[int], system: str | N
                   answer_prefix: str = "", images_first: bool = True) -> list[Piece]:
     """System turn, one user turn (the images first, then `question`; or the question first,
     as HyLaR's SFT data has it), the assistant header and `answer_prefix` (e.g.
-    "<|lvr_start|>": the answer opens with a latent span)."""
+    "<|lvr_start|>": the answer opens with a latent span). A question with `<image>`
+    placeholders (RL parquet problems) puts each image at its placeholder instead, whatever
+    `images_first` says; ValueError when placeholders and images differ in number."""
     counts = list(image_tokens)
-    parts = [""] * len(counts) + [question] if images_first else [question] + [""] * len(counts)
+    if IMAGE_PLACEHOLDER in question:
+        parts = split_at_images(question)
+        if len(parts) - 1 != len(counts):
+            raise ValueError(f"the text has {len(parts) - 1} {IMAGE_PLACEHOLDER} placeholders "
+                             f"but {len(counts)} images are given")
+    elif images_first:
+        parts = [""] * len(counts) + [question]
+    else:
+        parts = [question] + [""] * len(counts)
     return (system_turn(t, system) + user_turn(t, parts, iter(counts))
             + assistant_header(t) + [(answer_prefix, False)])
 

@@ -34,6 +34,8 @@ class DecodeLoop:
         self.rec = {"tokens": torch.full((b, n_new), pad_id, dtype=torch.long, device=dev),
                     "logprobs": torch.zeros(b, n_new, device=dev),
                     "feed": torch.zeros(b, n_new, dtype=torch.bool, device=dev),
+                    # appended by the program, not sampled (e.g. a span end at the cap)
+                    "forced": torch.zeros(b, n_new, dtype=torch.bool, device=dev),
                     "latents": torch.zeros(b, n_new, hidden, dtype=dtype, device=dev),
                     # log-prob of each fed vector as a sampled action (0: deterministic)
                     "latent_logprobs": torch.zeros(b, n_new, device=dev),
@@ -61,7 +63,8 @@ class DecodeLoop:
         r = self.rec
         r["tokens"].fill_(self.pad_id)
         r["length"].fill_(r["tokens"].shape[1])
-        for k in ("logprobs", "feed", "latents", "latent_logprobs", "pos_offset", "finished"):
+        for k in ("logprobs", "feed", "forced", "latents", "latent_logprobs", "pos_offset",
+                  "finished"):
             r[k].zero_()
 
     def take(self, out) -> None:
@@ -79,10 +82,12 @@ class DecodeLoop:
         self.pos_offset.copy_(offsets)
         self.rec["pos_offset"].index_copy_(1, self.j.view(1), offsets.t().unsqueeze(1))
 
-    def record(self, appended, feed, params: SamplingParams, vectors=None, vector_logp=None):
+    def record(self, appended, feed, params: SamplingParams, vectors=None, vector_logp=None,
+               sampled=None):
         """Step j of every row (rows already finished keep the padding); returns what the next
         forward consumes: (ids, feed mask, vectors). `vectors` [b, h]: what a latent step feeds
-        (default the hidden state), `vector_logp` [b]: their log-probs as sampled actions."""
+        (default the hidden state), `vector_logp` [b]: their log-probs as sampled actions,
+        `sampled` [b]: the ids the head sampled (an appended id that differs was forced)."""
         vectors = self.hidden if vectors is None else vectors
         r, col = self.rec, self.j.view(1)
         done = r["finished"]
@@ -92,6 +97,8 @@ class DecodeLoop:
         r["tokens"].index_copy_(1, col, tokens.unsqueeze(1))
         r["logprobs"].index_copy_(1, col, torch.where(feed | done, 0.0, logp).unsqueeze(1))
         r["feed"].index_copy_(1, col, feed.unsqueeze(1))
+        if sampled is not None:
+            r["forced"].index_copy_(1, col, (~feed & ~done & (appended != sampled)).unsqueeze(1))
         latents = torch.where(feed.unsqueeze(1), vectors.to(r["latents"].dtype), 0)
         r["latents"].index_copy_(1, col, latents.unsqueeze(1))
         if vector_logp is not None:

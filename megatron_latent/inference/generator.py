@@ -45,6 +45,8 @@ class Completion:
     finish_reason: str  # "stop" or "length"
     # log-prob of each fed vector as a sampled action [len(latent_positions)] (0: deterministic)
     latent_logprobs: list[float] = field(default_factory=list)
+    # indices into `tokens` the decode program appended instead of the sampled id (not actions)
+    forced_positions: list[int] = field(default_factory=list)
     # the decode program's mRoPE offsets of each token [len(tokens), 3]; None: it uses none
     position_offsets: torch.Tensor | None = field(default=None, repr=False)
     logits: torch.Tensor | None = field(default=None, repr=False)  # [len(tokens), vocab]
@@ -174,9 +176,9 @@ class Generator:
             return loop.record(tok, feed, params)
         end_prob = (loop.logits.softmax(-1)[:, self.rule.end_id]
                     if self.rule.needs_end_prob else None)
-        tok, feed = self.rule.step(loop.state, loop.consumed, tok, end_prob)
+        appended, feed = self.rule.step(loop.state, loop.consumed, tok, end_prob)
         vectors, logp = self.rule.feed_vectors(loop.state, loop.hidden, feed, loop.gen)
-        return loop.record(tok, feed, params, vectors, logp)
+        return loop.record(appended, feed, params, vectors, logp, sampled=tok)
 
     def _advance(self, loop: DecodeLoop, ids, feed, latent) -> None:
         """The forward of the chosen ids (or latents); its outputs replace the last ones."""
@@ -264,6 +266,7 @@ class Generator:
                 latent_positions=feed.nonzero().flatten().tolist(),
                 latents=rec["latents"][i, :n][feed].float(),
                 latent_logprobs=rec["latent_logprobs"][i, :n][feed].tolist(),
+                forced_positions=rec["forced"][i, :n].nonzero().flatten().tolist(),
                 position_offsets=(rec["pos_offset"][i, :n] if self.rule is not None
                                   and self.rule.uses_position_offsets else None),
                 finish_reason="stop" if bool(rec["finished"][i]) else "length",

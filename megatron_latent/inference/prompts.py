@@ -11,7 +11,9 @@ from megatron_latent.inference.generator import Prompt
 def build_prompt(processor, text: str, images=(), *, system: str | None = None,
                  answer_prefix: str = "", images_first: bool = True) -> Prompt:
     """One user turn (images first, then `text`; `images_first=False`: the text first, the
-    layout of a method whose SFT data has it so, `method.prompt_images_first`) and the assistant
+    layout of a method whose SFT data has it so, `method.prompt_images_first`; a `text` with
+    `<image>` placeholders, one per image: each image at its placeholder, with one adjacent
+    newline on each side dropped as in SFT records, else ValueError) and the assistant
     header, plus `answer_prefix`
     (e.g. "<|lvr_start|>" to start the answer with a latent span). `system` None or "": the
     default system message, as Qwen2.5-VL's chat template (and SFT) use. The ids equal what the

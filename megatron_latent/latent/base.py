@@ -140,6 +140,22 @@ class LatentMethod(ABC):
         """What generation does at latent events (latent.decoding.LatentRule); None: none."""
         return None
 
+    def for_rl(self) -> "LatentMethod":
+        """The method as its RL stage trains it (e.g. side modules only SFT uses frozen)."""
+        return self
+
+    def rl_decode_program(self, mode: str | None = None, steps: int | None = None,
+                          threshold: float = 0.5):
+        """The decode program of RL rollouts: `decode_program`'s, unless the method's latent
+        policy is stochastic (its actions sampled and their log-probs recorded)."""
+        return self.decode_program(mode, steps, threshold)
+
+    def rl_defaults(self) -> dict:
+        """The method's RL recipe: values of the GRPO loop's settings a user leaves unset (the
+        LVR seed's stage 2 here: TRL 0.17 GRPO's clip and KL)."""
+        return {"eps_low": 0.2, "eps_high": 0.2, "kl_beta": 0.04,
+                "rewards": "accuracy:1.0,format:1.0"}
+
     def rl_untrained_ids(self) -> tuple[int, ...]:
         """Sampled completion ids that get no policy or KL term (besides latent positions)."""
         return ()
@@ -151,8 +167,25 @@ class LatentMethod(ABC):
 
         return GRPOLoss(eps_low, eps_high, kl_beta)
 
+    def rl_rewards(self) -> dict:
+        """The method's own rewards by name (fn(completion, reference) -> float): its `format`
+        by default; they override the generic ones of the same name."""
+        fmt = self.rl_format_reward()
+        return {} if fmt is None else {"format": fmt}
+
     def rl_format_reward(self):
         """The method's `format` reward (fn(completion, reference) -> float), or None."""
+        return None
+
+    def probe_targets(self, step: LatentStep) -> torch.Tensor | None:
+        """The latent probe (eval/probe_runner.py): the targets [n_latent, h] of a teacher-forced
+        SFT step's latent slots (row-major) after its forward; None: the method has none."""
+        return getattr(step, "targets", None)
+
+    def probe_regions(self, micro_batch: dict, image_features, spatial_merge_size: int):
+        """The latent probe: for each latent span of a teacher-forced micro-batch (row-major),
+        (candidate regions [k, h] of its own image, the index of its target among them);
+        None: the targets are not image regions (the probe compares across samples only)."""
         return None
 
 

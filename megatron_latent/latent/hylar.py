@@ -14,11 +14,12 @@ fed-back hidden states (decode mode "forced", at most 2 x canvas_tokens per span
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-from megatron_latent.latent import pipeline_channel
+from megatron_latent.latent import depo, pipeline_channel
 from megatron_latent.latent.base import LatentMethod
 from megatron_latent.latent.decoding import LatentRule
 from megatron_latent.latent.lvr import LVRStep
@@ -44,6 +45,14 @@ class HyLaR(LatentMethod):
     target_grad: bool = False
     canvas_lr: float | None = 1e-4
     freeze_canvas: bool = False
+    # stage 2 (DePO, latent/depo.py)
+    depo_latent_logprob: str = "dot"
+    depo_kappa: float = 0.01
+    depo_latent_weight: float = 0.5
+    depo_latent_clip: float = 0.1
+    depo_dual_clip: float = 3.0
+    depo_rho: float = 0.05
+    depo_vmf_coef: float = 0.0
     name = "hylar"
     tokens = TOKENS
     special_tokens = False
@@ -66,7 +75,7 @@ class HyLaR(LatentMethod):
     def hparams(self) -> dict:
         keys = ("loss_lambda", "canvas_tokens", "encoder", "encoder_dim", "compressor_layers",
                 "compressor_heads", "target_grad", "canvas_lr", "freeze_canvas")
-        return {k: getattr(self, k) for k in keys}
+        return {k: getattr(self, k) for k in keys + depo.HPARAMS}
 
     @classmethod
     def detect_hf(cls, hf_config: dict) -> dict | None:
@@ -88,13 +97,15 @@ class HyLaR(LatentMethod):
           help="HyLaR: let the MSE train its target too (the seed's; PP=1 only)")
         a("--freeze-canvas", action="store_true", default=None,
           help="HyLaR: freeze the compressor and projector")
+        depo.add_args(parser)
 
     @classmethod
     def hparams_from_args(cls, args) -> dict:
         pairs = (("encoder", "canvas_encoder"), ("loss_lambda", "canvas_loss_lambda"),
                  ("canvas_tokens", "canvas_tokens"), ("canvas_lr", "canvas_lr"),
                  ("target_grad", "canvas_target_grad"), ("freeze_canvas", "freeze_canvas"))
-        return {k: getattr(args, f) for k, f in pairs if getattr(args, f, None) is not None}
+        return {**{k: getattr(args, f) for k, f in pairs if getattr(args, f, None) is not None},
+                **depo.hparams_from_args(args)}
 
     # ------------------------------------------------------------ side modules
     def build_modules(self, model_cfg, *, pre_process: bool, post_process: bool):
@@ -166,10 +177,33 @@ class HyLaR(LatentMethod):
         return LatentRule(self.start_id, self.canvas_id, self.end_id, "forced",
                           self.default_latent_steps if steps is None else steps, threshold)
 
-    def rl_format_reward(self):
-        from megatron_latent.eval.formats import make_format_reward
+    def for_rl(self) -> "HyLaR":
+        # DePO never runs the canvas encoder (rollout latents are the model's own hidden
+        # states): its modules stay in the checkpoint, frozen, with no optimizer state
+        return dataclasses.replace(self, freeze_canvas=True)
 
-        return make_format_reward(TOKENS[1], TOKENS[2])
+    def rl_decode_program(self, mode=None, steps=None, threshold=0.5):
+        rule = self.decode_program(mode, steps, threshold)
+        return depo.PolicyFeed(rule.start_id, rule.latent_id, rule.end_id, rule.mode, rule.steps,
+                               rule.threshold, policy=self._depo().policy)
+
+    def rl_defaults(self) -> dict:
+        # spec 1.8: DePO's clip, text KL, 0.9 accuracy + 0.1 format, DAPO's group filter
+        return {"eps_low": 0.2, "eps_high": 0.28, "kl_beta": 0.05,
+                "rewards": "accuracy:0.9,format:0.1", "filter_low": 0.1, "filter_high": 0.9}
+
+    def rl_policy_loss(self, eps_low, eps_high, kl_beta):
+        return self._depo(eps_low=eps_low, eps_high=eps_high, beta=kl_beta)
+
+    def _depo(self, **token_terms) -> depo.DePOLoss:
+        return depo.DePOLoss(**token_terms, dual_clip=self.depo_dual_clip,
+                             latent_weight=self.depo_latent_weight,
+                             latent_clip=self.depo_latent_clip,
+                             latent_logprob=self.depo_latent_logprob, kappa=self.depo_kappa,
+                             rho=self.depo_rho, vmf_coef=self.depo_vmf_coef)
+
+    def rl_rewards(self) -> dict:
+        return depo.rewards(TOKENS)
 
 
 class HyLaRStep(LVRStep):

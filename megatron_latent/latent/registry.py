@@ -106,3 +106,27 @@ def add_args(parser, default: str | None = "lvr") -> None:
 
 def hparams_from_args(name: str, args) -> dict:
     return method_class(name).hparams_from_args(args)
+
+
+def hparam_names(name: str) -> set[str]:
+    """The hyper-parameters `create` takes for method `name` (its dataclass fields)."""
+    import dataclasses
+    import inspect
+
+    cls = method_class(name)
+    if dataclasses.is_dataclass(cls):
+        return {f.name for f in dataclasses.fields(cls)}
+    params = inspect.signature(cls.create).parameters.values()
+    return {p.name for p in params if p.kind is p.KEYWORD_ONLY or (
+        p.kind is p.POSITIONAL_OR_KEYWORD and p.name not in ("token_ids", "model_cfg"))}
+
+
+def flagged_hparams(args, name: str | None = None) -> dict:
+    """The hyper-parameters given by method flags: of method `name`, or, when the method comes
+    from a checkpoint (None), of the one method whose flags were given (two: an error)."""
+    if name is not None:
+        return hparams_from_args(name, args)
+    given = {n: h for n in names() if (h := hparams_from_args(n, args))}
+    if len(given) > 1:
+        raise ValueError(f"flags of several latent methods given: {sorted(given)}")
+    return next(iter(given.values()), {})

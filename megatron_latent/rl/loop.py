@@ -40,11 +40,19 @@ class GRPOConfig(LoopConfig):
     latent_steps: int | None = None  # None: the method's default (LVR 8, HyLaR 32)
     answer_prefix: str = ""
     system_prompt: str | None = "You are a helpful assistant."
-    rewards: str = "accuracy:1.0,format:1.0"
+    # None below: the latent method's RL recipe (`rl_defaults`; LVR: TRL's GRPO)
+    rewards: str | None = None  # "name:weight,..."
     reward_module: str | None = None  # imported first: a module or .py file registering rewards
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    kl_beta: float = 0.04
+    judge: str | None = None  # "module:function" re-judging answers the rules score wrong
+    eps_low: float | None = None
+    eps_high: float | None = None
+    kl_beta: float | None = None
+    # DAPO's group filter: keep groups whose mean `filter_reward` is in (low, high), refilled
+    # from further prompts up to `max_refill_tries` generations
+    filter_low: float | None = None
+    filter_high: float | None = None
+    filter_reward: str = "accuracy"
+    max_refill_tries: int = 20
     ppo_epochs: int = 1
     offload_reference: bool = False
     cuda_graphs: bool = False
@@ -52,6 +60,11 @@ class GRPOConfig(LoopConfig):
     lr_decay_style: str = "constant"
     optim: OptimSettings = field(default_factory=lambda: OptimSettings(lr=5e-6, weight_decay=0.1))
     max_pixels: int = 2560 * 28 * 28  # the LVR seed's stage 2 (docs/rl.md)
+
+    def apply_method_defaults(self, method) -> None:
+        for key, value in method.rl_defaults().items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
 
     def check(self, dp: int) -> None:
         if self.group_size < 2:
@@ -106,92 +119,59 @@ def _dp_mean(values: dict) -> dict:
 
 def run_grpo(cfg: GRPOConfig) -> list[dict]:
     from megatron_latent.inference.generator import Generator
+    from megatron_latent.rl.collect import Scoring
     from megatron_latent.rl.data import load_rl_prompts
-    from megatron_latent.rl.rewards import (group_advantages, import_reward_module,
-                                            parse_reward_spec, score_completions,
+    from megatron_latent.rl.rewards import (import_reward_module, load_judge, parse_reward_spec,
                                             with_method_rewards)
-    from megatron_latent.rl.rollout import rollout_micro_batches
     from megatron_latent.rl.step_data import PromptBuilder
 
     tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
     parallel.initialize(parallel.ParallelConfig(tp, pp), seed=cfg.seed)
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    cfg.check(dp)
+    cfg.check(ps.get_data_parallel_world_size())
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     over = dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, spec=cfg.spec,
                 params_dtype=dtype, **cfg.model_overrides)
     resume, mcfg, tok_dir = resolve_start(cfg, over)
+    builder = PromptBuilder(tok_dir, mcfg, cfg)
+    method = resolve_method(cfg, resume, builder.tokenizer, mcfg).for_rl()
+    cfg.apply_method_defaults(method)
     ref_source = cfg.reference or cfg.pretrained_checkpoint or cfg.hf_dir
     if ref_source is None and cfg.kl_beta:
         raise ValueError("the KL term needs a frozen reference: give --reference (or the initial "
                          "weights, --pretrained-checkpoint / --hf-dir)")
-    builder = PromptBuilder(tok_dir, mcfg, cfg)
-    method = resolve_method(cfg, resume, builder.tokenizer, mcfg)
     builder.images_first = method.prompt_images_first
-    rule = method.decode_program(cfg.latent_mode, cfg.latent_steps)
     if cfg.reward_module:
         import_reward_module(cfg.reward_module)
-    rewards_known = with_method_rewards(method)
-    reward_spec = parse_reward_spec(cfg.rewards, rewards_known)
+    known = with_method_rewards(method)
+    scoring = Scoring(parse_reward_spec(cfg.rewards, known), known,
+                      load_judge(cfg.judge) if cfg.judge else None)
+    if (cfg.filter_low is not None or cfg.filter_high is not None) and \
+            cfg.filter_reward not in dict(scoring.spec):
+        raise ValueError(f"the group filter reads reward {cfg.filter_reward!r}, which --rewards "
+                         f"{cfg.rewards!r} does not compute")
     records = load_rl_prompts(cfg.data_path)
 
     model, optimizer, scheduler, iteration, consumed = setup_training(cfg, mcfg, resume, method)
     reference = _Reference(mcfg, ref_source, cfg.offload_reference) if cfg.kl_beta else None
     policy = unwrap(model[0])
-    generator = Generator(policy, rule=rule, pad_id=builder.pad_id, cuda_graphs=cfg.cuda_graphs,
+    generator = Generator(policy, rule=method.rl_decode_program(cfg.latent_mode, cfg.latent_steps),
+                          pad_id=builder.pad_id, cuda_graphs=cfg.cuda_graphs,
                           max_context=cfg.seq_length)
-    objective = RLObjective(method.rl_policy_loss(cfg.eps_low, cfg.eps_high, cfg.kl_beta),
-                            cfg.temperature)
+    policy_loss = method.rl_policy_loss(cfg.eps_low, cfg.eps_high, cfg.kl_beta)
+    objective = RLObjective(policy_loss, cfg.temperature)
     order = SampleOrder(len(records), cfg.seed)
     log = RunLogger(cfg.train_iters, project=cfg.wandb_project, run_name=cfg.wandb_exp_name,
                     config=flat_config(cfg), wandb_mode=cfg.wandb_mode, log_dir=cfg.log_dir,
                     start_step=iteration)
     if cfg.save:
         start_checkpoint_writer()
-    stop, history, per_rank = StopSignals(), [], cfg.prompts_per_step // dp
+    stop, history = StopSignals(), []
     while iteration < cfg.train_iters:
-        idx = order.take(consumed, cfg.prompts_per_step)[dp_rank * per_rank:(dp_rank + 1) * per_rank]
-        prompts, refs, ids, skipped = builder.build([records[i] for i in idx])
-        rollouts = [p for p in prompts for _ in range(cfg.group_size)]
-        t0 = time.perf_counter()
-        policy.eval()
-        comps = generator.generate(rollouts, builder.sampling(iteration, dp_rank))
-        generator.release()
-        policy.train()
-        t_rollout = time.perf_counter() - t0
-        texts = [builder.completion_text(c) for c in comps]
-        g_refs = [r for r in refs for _ in range(cfg.group_size)]
-        g_ids = [f"{i}/{k}" for i in ids for k in range(cfg.group_size)]
-        rewards, parts = score_completions(texts, g_refs, reward_spec, g_ids, rewards_known)
-        adv = group_advantages(rewards, cfg.group_size)
-        longest = max(len(p.input_ids) + len(c.tokens) for p, c in zip(rollouts, comps))
-        pad_to = pad_length(longest, tp)
-        mbs = rollout_micro_batches(rollouts, comps, adv, cfg=mcfg, pad_id=builder.pad_id,
-                                    micro_batch_size=cfg.micro_batch_size, pad_to=pad_to,
-                                    exclude_ids=method.rl_untrained_ids())
-        t1 = time.perf_counter()
-        if reference is not None:
-            for mb, ref_lp in zip(mbs, reference.score(mbs, cfg.temperature)):
-                mb["ref_logprobs"] = ref_lp
-            if not ps.is_pipeline_last_stage():  # only the last stage computes the loss
-                for mb in mbs:
-                    mb["ref_logprobs"] = None
-        for _ in range(cfg.ppo_epochs):
-            out = train_step(model, optimizer, mbs, objective)
+        out, consumed = _step(cfg, model, optimizer, policy, generator, builder, records, order,
+                              consumed, scoring, reference, objective, method, mcfg, iteration)
         scheduler.step(increment=1)
-        t_train = time.perf_counter() - t1
         iteration += 1
-        consumed += cfg.prompts_per_step
-        n_tok = sum(len(c.tokens) for c in comps)
-        stats = _dp_mean({"reward": rewards.mean().item(),
-                          **{f"reward/{k}": v.mean().item() for k, v in parts.items()},
-                          "response length": n_tok / len(comps),
-                          "latent-span rate": sum(bool(c.latent_positions) for c in comps)
-                          / len(comps),
-                          "skipped prompts": float(skipped)})
-        out.update(stats, lr=scheduler.get_lr(optimizer.param_groups[0]),
-                   rollout_s=t_rollout, train_s=t_train,
-                   rollout_tok_s=n_tok / max(t_rollout, 1e-9))
+        out["lr"] = scheduler.get_lr(optimizer.param_groups[0])
         history.append({"iteration": iteration, **out})
         log.log(iteration, {k: v for k, v in out.items() if k != "update_ok"})
         last = iteration == cfg.train_iters
@@ -204,3 +184,48 @@ def run_grpo(cfg: GRPOConfig) -> list[dict]:
             break
     log.finish()
     return history
+
+
+def _step(cfg, model, optimizer, policy, generator, builder, records, order, consumed, scoring,
+          reference, objective, method, mcfg, iteration):
+    """Rollouts, rewards, advantages, reference scoring and `ppo_epochs` updates of one step.
+    -> (logs, consumed samples)."""
+    from megatron_latent.rl.collect import collect_groups
+    from megatron_latent.rl.rewards import group_advantages
+    from megatron_latent.rl.rollout import rollout_micro_batches
+
+    groups, stats, consumed = collect_groups(
+        cfg, order=order, consumed=consumed, builder=builder, generator=generator, policy=policy,
+        records=records, scoring=scoring, iteration=iteration, device=_device())
+    rollouts = [g.prompt for g in groups for _ in range(cfg.group_size)]
+    comps = [c for g in groups for c in g.completions]
+    rewards = torch.cat([g.rewards for g in groups])
+    adv = group_advantages(rewards, cfg.group_size)
+    longest = max(len(p.input_ids) + len(c.tokens) for p, c in zip(rollouts, comps))
+    mbs = rollout_micro_batches(rollouts, comps, adv, cfg=mcfg, pad_id=builder.pad_id,
+                                micro_batch_size=cfg.micro_batch_size,
+                                pad_to=pad_length(longest, cfg.tensor_model_parallel_size),
+                                exclude_ids=method.rl_untrained_ids())
+    t1 = time.perf_counter()
+    if reference is not None:
+        for mb, ref_lp in zip(mbs, reference.score(mbs, cfg.temperature)):
+            mb["ref_logprobs"] = ref_lp
+        if not ps.is_pipeline_last_stage():  # only the last stage computes the loss
+            for mb in mbs:
+                mb["ref_logprobs"] = None
+    if cfg.ppo_epochs > 1 and objective.policy_loss.has_latent_policy:
+        # later epochs need the old latent policy as it was before them
+        for mb, old in zip(mbs, forward_outputs(model, mbs, TokenScorer(cfg.temperature,
+                                                                        objective.policy_loss))):
+            mb["latent_recomputed_logprobs"] = old["latent"]
+    for _ in range(cfg.ppo_epochs):
+        out = train_step(model, optimizer, mbs, objective)
+    t_train = time.perf_counter() - t1
+    parts = {k: torch.cat([g.parts[k] for g in groups]) for k in groups[0].parts}
+    n_tok = sum(len(c.tokens) for c in comps)
+    out.update(_dp_mean({"reward": rewards.mean().item(),
+                         **{f"reward/{k}": v.mean().item() for k, v in parts.items()},
+                         "response length": n_tok / len(comps),
+                         "latent-span rate": sum(bool(c.latent_positions) for c in comps)
+                         / len(comps), **stats}), train_s=t_train)
+    return out, consumed

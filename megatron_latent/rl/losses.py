@@ -52,6 +52,8 @@ def low_var_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class PolicyLoss:
+    has_latent_policy = False  # `latent_logprobs` scores latent actions
+
     def token_terms(self, logp: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
 
@@ -60,10 +62,18 @@ class PolicyLoss:
         into `batch["step_totals"]` like the token count, so each term is a global mean."""
         return {}
 
-    def latent_terms(self, model, hidden: torch.Tensor, batch: dict) -> dict:
-        """{name: (loss_sum, count)} over latent positions (the model gives access to the
-        method's side modules on this stage); none by default."""
-        return {}
+    def latent_terms(self, model, hidden: torch.Tensor, batch: dict):
+        """-> (loss over latent positions or None, {log name: (sum, count)}): a token-sum-scale
+        loss added to the step's (megatron divides it by the global token count, so a mean
+        over another count is rescaled by `step_totals`); `hidden` [s, b, h] final-norm, the
+        model gives access to the method's side modules on this stage. None by default."""
+        return None, {}
+
+    def latent_logprobs(self, model, hidden: torch.Tensor, batch: dict):
+        """The current policy's log-probs of the recorded latent actions, for a forward-only
+        recompute of the old policy (several PPO epochs); None if the loss has no latent
+        policy."""
+        return None
 
 
 @dataclass

@@ -25,8 +25,13 @@ def token_logprobs(model, hidden_states, output_layer, output_weight, labels, te
 
 
 class RLStep(LatentStep):
-    def __init__(self, batch: dict, temperature: float, loss: PolicyLoss | None):
+    """`loss` None: scoring (token log-probs); `score_only`: the token log-probs and the loss's
+    latent log-probs, no loss (the old policy recomputed before several PPO epochs)."""
+
+    def __init__(self, batch: dict, temperature: float, loss: PolicyLoss | None,
+                 score_only: bool = False):
         self.batch, self.temperature, self.policy_loss = batch, temperature, loss
+        self.score_only = score_only
 
     def inject(self, embeddings, image_features, modules=None):
         recorded = InjectLatents(self.batch["latent_mask"], self.batch["latent_vectors"])
@@ -37,6 +42,9 @@ class RLStep(LatentStep):
                               self.temperature)
         if self.policy_loss is None:
             return logp
+        if self.score_only:
+            lat = self.policy_loss.latent_logprobs(model, hidden_states, self.batch)
+            return {"logp": logp.detach(), "latent": None if lat is None else lat.detach()}
         return {"logp": logp,
                 "latent": self.policy_loss.latent_terms(model, hidden_states, self.batch)}
 
@@ -48,9 +56,12 @@ class RLStep(LatentStep):
         out_logs = {"policy loss": torch.stack([total.detach(), n])}
         for k, v in logs.items():
             out_logs[k] = torch.stack([(v.detach().float() * mask).sum(), n])
-        for k, (s, c) in output["latent"].items():
-            total = total + s
-            out_logs[k] = torch.stack([s.detach(), torch.as_tensor(c, dtype=s.dtype)])
+        latent_loss, latent_logs = output["latent"]
+        if latent_loss is not None:
+            total = total + latent_loss
+        for k, (s, c) in latent_logs.items():
+            out_logs[k] = torch.stack([s.detach().float(),
+                                       torch.as_tensor(c, dtype=torch.float32, device=s.device)])
         return total, n.to(torch.int), out_logs
 
 
@@ -71,12 +82,14 @@ class RLObjective(LatentMethod):
 
 
 class TokenScorer(LatentMethod):
-    """Forward-only: per-token log-probs [b, s] of the labels (no loss)."""
+    """Forward-only: per-token log-probs [b, s] of the labels (no loss); given the policy loss,
+    {"logp", "latent": its latent actions' log-probs or None} per micro-batch."""
 
     name = "score"
 
-    def __init__(self, temperature: float = 1.0):
-        self.temperature = temperature
+    def __init__(self, temperature: float = 1.0, policy_loss: PolicyLoss | None = None):
+        self.temperature, self.policy_loss = temperature, policy_loss
 
     def sft_step(self, micro_batch: dict) -> RLStep:
-        return RLStep(micro_batch, self.temperature, None)
+        return RLStep(micro_batch, self.temperature, self.policy_loss,
+                      score_only=self.policy_loss is not None)

@@ -1,7 +1,8 @@
 """Rollouts -> training micro-batches: prompt + completion, the sampled tokens as labels, the
 recorded latents at their positions, the rollout's log-probs as the PPO "old" policy.
 
-Trained tokens (loss_mask): every completion token except latent positions and the method's
+Trained tokens (loss_mask): every completion token except latent positions, tokens the decode
+program forced (not sampled: no action, e.g. a span end appended at the cap) and the method's
 excluded ids (`rl_untrained_ids`; for LVR its span opener, so from the opener up to the span's
 end token (exclusive) nothing gets a policy or KL term, while the end and the text do:
 seed-methods.md 2.7).
@@ -52,11 +53,11 @@ def _micro_batch(prompts, comps, adv, cfg, pad_id, pad_to, exclude_ids) -> dict:
         ids[i, :n] = full
         labels[i, : n - 1] = full[1:]
         real[i, :n] = True
-        latent = set(c.latent_positions)
+        latent, forced = set(c.latent_positions), set(c.forced_positions)
         for j, tok in enumerate(c.tokens):
             if j in latent:
                 latent_mask[i, n_p + j] = True
-            elif tok not in exclude_ids:
+            elif tok not in exclude_ids and j not in forced:
                 loss_mask[i, n_p - 1 + j] = 1.0
         old[i, n_p - 1: n - 1] = torch.tensor(c.logprobs)
         vectors.append(c.latents)

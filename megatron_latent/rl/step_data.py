@@ -3,8 +3,7 @@ skipped and counted), sampling settings, and completion text for the rewards."""
 
 from __future__ import annotations
 
-from megatron_latent.data.errors import DataError
-from megatron_latent.inference.loading import open_image, stop_ids
+from megatron_latent.inference.loading import stop_ids
 from megatron_latent.inference.prompts import build_prompt
 from megatron_latent.inference.sampling import SamplingParams
 
@@ -22,17 +21,13 @@ class PromptBuilder:
         self.stop_ids = stop_ids(self.tokenizer)
         self.images_first = True  # the method's prompt layout (`prompt_images_first`)
 
-    def build(self, records):
-        """-> (prompts, references, record ids, number skipped for length)."""
+    def build(self, records, allow_empty: bool = False):
+        """-> (prompts, references, record ids, number skipped for length); none fitting is an
+        error unless `allow_empty` (the caller draws more)."""
         limit = self.cfg.seq_length - self.cfg.max_new_tokens
         prompts, refs, ids, skipped = [], [], [], 0
         for rec in records:
-            images = []
-            for k, path in enumerate(rec.images):
-                try:
-                    images.append(open_image(path))
-                except ValueError as e:
-                    raise DataError(path, None, f"image[{k}]", f"{rec.id}: {e}") from e
+            images = rec.open_images()  # paths, or parquet bytes decoded now (DataError if bad)
             p = build_prompt(self.processor, rec.question, images, system=self.cfg.system_prompt,
                              answer_prefix=self.cfg.answer_prefix,
                              images_first=self.images_first)
@@ -42,7 +37,7 @@ class PromptBuilder:
             prompts.append(p)
             refs.append(rec.reference)
             ids.append(rec.id)
-        if not prompts:
+        if not prompts and not allow_empty:
             raise ValueError(f"no prompt of this step fits seq_length {self.cfg.seq_length} - "
                              f"max_new_tokens {self.cfg.max_new_tokens} = {limit} tokens "
                              f"({skipped} skipped); raise --seq-length or shrink images")

@@ -29,11 +29,28 @@ _register()  # importing this module (e.g. --reward-module) makes "vowels" avail
 
 
 def grpo_run(cfg_kwargs: dict, out_path: str) -> None:
+    history = _run(cfg_kwargs)
+    if dist.get_rank() == 0:
+        torch.save(history, out_path)
+
+
+def grpo_runs(runs: dict, out_path: str) -> None:
+    """One GRPO run per named config, in sequence in the same processes; rank 0 saves
+    {name: history}."""
+    from megatron.core import parallel_state as ps
+
+    results = {}
+    for name, kw in runs.items():
+        results[name] = _run(kw)
+        ps.destroy_model_parallel()
+    if dist.get_rank() == 0:
+        torch.save(results, out_path)
+
+
+def _run(cfg_kwargs: dict) -> list[dict]:
     from megatron_latent.rl.loop import GRPOConfig, run_grpo
     from megatron_latent.training.build import OptimSettings
 
     kw = dict(cfg_kwargs)
     kw["optim"] = OptimSettings(**kw.pop("optim", {}))
-    history = run_grpo(GRPOConfig(**kw))
-    if dist.get_rank() == 0:
-        torch.save(history, out_path)
+    return run_grpo(GRPOConfig(**kw))

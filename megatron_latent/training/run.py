@@ -139,6 +139,10 @@ def resolve_method(cfg: LoopConfig, resume: bool, tokenizer, mcfg):
             raise ValueError(f"give --latent-method (one of {', '.join(registry.names())}): "
                              f"the HF weights in {cfg.hf_dir} record no method")
         return registry.build(cfg.latent_method, tokenizer, mcfg, cfg.latent_hparams)
+    unknown = set(cfg.latent_hparams) - registry.hparam_names(record["name"])
+    if unknown:
+        raise ValueError(f"{sorted(unknown)}: not hyper-parameters of the checkpoint's latent "
+                         f"method {record['name']!r} (flags of another method?)")
     changed = {k: (record["hparams"].get(k), v) for k, v in cfg.latent_hparams.items()
                if record["hparams"].get(k) != v}
     if changed and dist.get_rank() == 0:

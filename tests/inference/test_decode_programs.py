@@ -69,6 +69,11 @@ def test_queued_vectors_at_offsets_equal_recompute(tiny_ckpts, megatron_single_r
     want = [[-k, k // 2 - k, k % 2 - k] for k in range(n)]
     assert first.position_offsets[:n].tolist() == want
     assert not first.position_offsets[n:].any() and not out[1].position_offsets.any()
+    for c in out:  # greedy: a token the program appended instead of the argmax was forced
+        forced = [j for j, t in enumerate(c.tokens)
+                  if j not in c.latent_positions and t != int(c.logits[j].argmax())]
+        assert c.forced_positions == forced
+    assert first.forced_positions[:1] == [n]  # the span end after the queue (not the argmax)
     adv = torch.zeros(len(prompts))
     width = max(len(p.input_ids) + len(c.tokens) for p, c in zip(prompts, out))
     mb = rollout_micro_batches(prompts, out, adv, cfg=cfg, pad_id=proc.tokenizer.pad_token_id,

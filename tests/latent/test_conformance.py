@@ -151,3 +151,65 @@ def test_side_modules_frozen_when_asked(name, frozen, setups, megatron_single_ra
     else:
         lrs = {in_optimizer[id(p)]["max_lr"] for p in side}
         assert lrs == {next(iter(method.optimizer_overrides().values()))}
+
+
+# the RL part: every method's rollout program and policy loss; HyLaR's Gaussian latent policy too
+RL_CASES = [(n, {}) for n in METHODS] + [("hylar", {"depo_latent_logprob": "gaussian"})]
+
+
+@pytest.mark.parametrize("name,rl_hparams", RL_CASES, ids=lambda v: v if isinstance(v, str)
+                         else "-".join(map(str, v.values())) or "default")
+def test_rl_step0_equals_rollout_and_reaches_the_llm(name, rl_hparams, setups,
+                                                    megatron_single_rank):
+    """Step 0 of the method's RL stage (fp32): the training forward's token log-probs, and its
+    latent actions' log-probs when the method's policy loss has a latent policy, equal the
+    rollout's (<= 1e-5); the PPO ratio is 1; the latent term's own gradient reaches the LLM."""
+    from megatron_latent.inference.generator import Generator
+    from megatron_latent.inference.sampling import SamplingParams
+    from megatron_latent.rl.objective import RLObjective, RLStep, TokenScorer
+    from megatron_latent.rl.rollout import rollout_micro_batches
+    from megatron_latent.inference.prompts import build_prompt
+    from megatron_latent.testing.samples import photos
+    from megatron_latent.training.build import OptimSettings, build_model, build_optimizer, unwrap
+    from megatron_latent.training.step import MODEL_INPUTS, forward_outputs, train_step
+
+    path, proc, cfg, method, _ = setups[name]
+    method = registry.build(name, proc.tokenizer, cfg, {**method.hparams(), **rl_hparams}).for_rl()
+    chunks = build_model(cfg, path, latent_method=method)
+    policy = unwrap(chunks[0]).eval()
+    ph = photos()
+    prompts = [build_prompt(proc, q, [im], answer_prefix=KITS[name].opener,
+                            images_first=method.prompt_images_first)
+               for q, im in (("Where is the astronaut looking?", ph[0]),
+                             ("Describe the cat.", ph[2])) for _ in range(2)]
+    rule = method.rl_decode_program(None, 3)
+    comps = Generator(policy, rule=rule, pad_id=proc.tokenizer.pad_token_id).generate(
+        prompts, SamplingParams(max_new_tokens=8, temperature=1.0, seed=3))
+    policy.train()
+    assert comps[0].latent_positions[:1] == [0] and comps[1].latent_positions[:1] == [0]
+    d = method.rl_defaults()
+    loss = method.rl_policy_loss(d["eps_low"], d["eps_high"], 0.0)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    mbs = rollout_micro_batches(prompts, comps, adv, cfg=cfg, pad_id=proc.tokenizer.pad_token_id,
+                                micro_batch_size=2, pad_to=256,
+                                exclude_ids=method.rl_untrained_ids())
+    for mb, out in zip(mbs, forward_outputs(chunks, mbs, TokenScorer(1.0, loss))):
+        m = mb["loss_mask"].bool()
+        assert int(m.sum()) >= 8 and (out["logp"][m] - mb["old_logprobs"][m]).abs().max() <= 1e-5
+        if loss.has_latent_policy:  # the rollout recorded each action's log-prob
+            gap = (out["latent"] - mb["latent_old_logprobs"]).abs().max().item()
+            assert gap <= 1e-5 * max(1.0, mb["latent_old_logprobs"].abs().max().item()), gap
+    if loss.has_latent_policy:  # the latent term alone: its gradient reaches the LLM
+        mb = dict(mbs[0])
+        mb["step_totals"] = {k: torch.tensor(float(v))
+                             for k, v in RLObjective(loss).count(mb).items()}
+        plain = _model(cfg, method, path).train()
+        out = plain(**{k: mb.get(k) for k in MODEL_INPUTS}, labels=mb["labels"],
+                    latent=RLStep(mb, 1.0, loss))
+        out["latent"][0].backward()
+        g = plain.language_model.decoder.layers[0].mlp.linear_fc2.weight.grad
+        assert torch.isfinite(g).all() and g.abs().max().item() > 0
+    optimizer = build_optimizer(chunks, OptimSettings(lr=1e-4))
+    out = train_step(chunks, optimizer, mbs, RLObjective(loss, 1.0))
+    assert out["ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert torch.isfinite(torch.tensor(out["grad_norm"])) and out["grad_norm"] > 0

@@ -1,9 +1,12 @@
 """The conformance suite's multi-process parts, for every registered latent method (gloo, CPU):
-TP=2, TP=2 with sequence parallelism and PP=2 give each loss term of step 1 as TP=1 does, and
-a run killed with SIGKILL after a checkpoint resumes to the same losses as an uninterrupted one."""
+TP=2, TP=2 with sequence parallelism and PP=2 give each loss term of step 1 as TP=1 does; a run
+killed with SIGKILL after a checkpoint resumes to the same losses as an uninterrupted one; and
+the method's co-located RL step at TP=2 and PP=2 starts on-policy (ratio 1, the latent actions'
+log-probs equal to the rollout's), with the same rollouts and rewards in both layouts."""
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -103,3 +106,30 @@ def test_kill_and_resume_gives_the_same_losses(name, tiny_ckpts, tmp_path):
     assert sorted(resumed) == [5, 6, 7, 8]
     for step in range(5, 9):
         assert resumed[step] == pytest.approx(ref[step], abs=1e-6), (step, resumed, ref)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_rl_step0_on_policy_at_tp2_and_pp2(name, tiny_ckpts, synthetic_lvr, tmp_path):
+    from megatron_latent.testing.rl_workers import grpo_runs
+
+    kit = KITS[name]
+    base = dict(data_path=str(synthetic_lvr / "meta_rl.json"), latent_method=name,
+                latent_hparams=kit.hparams(tmp_path), hf_dir=tiny_ckpts["tiny-a"],
+                prompts_per_step=2, group_size=4, micro_batch_size=4, seq_length=1024,
+                max_new_tokens=6, temperature=1.0, top_k=0, latent_steps=2,
+                answer_prefix=kit.opener, rewards="vowels:1.0", filter_reward="vowels",
+                train_iters=2,
+                optim={"lr": 1e-3}, max_pixels=112 * 112, wandb_mode="disabled",
+                reward_module="megatron_latent.testing.rl_workers")
+    runs = {"tp2": dict(base, tensor_model_parallel_size=2),
+            "pp2": dict(base, pipeline_model_parallel_size=2)}
+    run_distributed(grpo_runs, 2, runs, str(tmp_path / "rl.pt"))
+    res = torch.load(tmp_path / "rl.pt", weights_only=False)
+    for layout, hist in res.items():
+        assert len(hist) == 2 and all(math.isfinite(h["policy loss"]) for h in hist), layout
+        assert hist[0]["ratio"] == pytest.approx(1.0, abs=1e-5), layout
+        assert hist[0]["latent-span rate"] == 1.0
+        assert hist[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the reference is the start
+        if "latent rollout gap" in hist[0]:  # a method with a latent policy
+            assert hist[0]["latent rollout gap"] <= 1e-5 * max(1.0, abs(hist[0]["latent logp"]))
+    assert res["tp2"][0]["reward"] == pytest.approx(res["pp2"][0]["reward"], abs=1e-6)

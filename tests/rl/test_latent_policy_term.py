@@ -49,9 +49,10 @@ class GaussianLatentPG(GRPOLoss):
         rows = mask.nonzero()[:, 0]
         adv = batch["advantages"].to(mu.device)[rows]
         scale = batch["step_totals"]["ce"] / batch["step_totals"]["latent"].clamp(min=1.0)
-        n = float(mask.sum())
-        return {"latent pg": ((-adv * log_ratio.exp()).sum() * scale, n),
-                "latent log-ratio": (log_ratio.detach().abs().sum(), n)}
+        n = torch.tensor(float(mask.sum()))
+        pg = -adv * log_ratio.exp()
+        return pg.sum() * scale, {"latent pg": (pg.detach().sum(), n),
+                                  "latent log-ratio": (log_ratio.detach().abs().sum(), n)}
 
 
 def test_gaussian_latent_term_step0(tiny_ckpts, megatron_single_rank):

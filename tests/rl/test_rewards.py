@@ -185,3 +185,166 @@ def test_group_advantages_size_one_is_zero():
 def test_group_advantages_errors(rewards, group_size, message):
     with pytest.raises(ValueError, match=message):
         group_advantages(rewards, group_size)
+
+
+# --- HyLaR-style format, repetition-penalised accuracy, judge --------------------------------
+
+from megatron_latent.eval.formats import (make_span_renderer,  # noqa: E402
+                                          make_think_span_format_reward)
+from megatron_latent.rl.rewards import JudgeItem, load_judge, make_accuracy_reward  # noqa: E402
+
+START, END, LATENT = "<|canvas_start|>", "<|canvas_end|>", "<|canvas|>"
+SPAN = START + LATENT * 3 + END
+think_span_format = make_think_span_format_reward(START, END, LATENT)
+
+
+@pytest.mark.parametrize("completion, expected", [
+    ("<think>a</think>" + SPAN + "<think>b</think><answer>B</answer>", 1.0),
+    ("<think>a</think>\n" + SPAN + "\n<think>b</think>\n<answer>B</answer><|im_end|>", 1.0),
+    # two spans; the end-of-turn tokens are removed wherever they are
+    ("<think>a</think>" + SPAN + "<think>b</think>" + SPAN + "<think>c</think><answer>B</answer>"
+     "<|endoftext|>", 1.0),
+    # whitespace around '<', '>' and '/' is squeezed out; newlines inside DOTALL spans are fine
+    ("  < think > a\nb < /think >\n\n " + SPAN + " <think>b</ think>\n< answer >B</answer >\n",
+     1.0),
+    # a span's content is replaced whatever it decoded to, even nothing
+    ("<think>a</think>" + START + "junk" + END + "<think>b</think><answer>B</answer>", 1.0),
+    ("<think>a</think>" + START + END + "<think>b</think><answer>B</answer>", 1.0),
+    ("<think>a</think><answer>B</answer>", 0.0),  # no span
+    ("<think>a</think>" + SPAN + "<think>b</think>", 0.0),  # no answer
+    ("<think>a</think>" + SPAN + "<answer>B</answer>", 0.0),  # no think after the span
+    (SPAN + "<think>b</think><answer>B</answer>", 0.0),  # no think before the span
+    ("<think>a</think>" + START + LATENT + "<think>b</think><answer>B</answer>", 0.0),  # unclosed
+    ("<think>a</think>" + SPAN + "<think>b</think><answer>B</answer> trailing", 0.0),
+])
+def test_think_span_format(completion, expected):
+    assert think_span_format(completion, "") == expected
+
+
+def test_span_renderer():
+    render = make_span_renderer(START, END, LATENT)
+    assert render("x" + SPAN + "y<|im_end|>") == "x<|canvas_start|><canvas><|canvas_end|>y"
+    with pytest.raises(ValueError, match="non-empty"):
+        make_span_renderer(START, END, "")
+
+
+LOOPING = "<answer>B</answer> " + "the same words again and again " * 20
+
+
+def test_accuracy_with_repetition_limit():
+    acc = make_accuracy_reward(repetition_limit=0.5)
+    assert acc("<answer>B</answer>", "B") == 1.0
+    assert acc("<answer>C</answer>", "B") == 0.0
+    assert acc(LOOPING, "B") == -1.0  # correct, but a loop
+    assert make_accuracy_reward()(LOOPING, "B") == 1.0  # no limit: plain accuracy
+    # 25 tokens twice + 50 distinct: repetition score exactly 0.5, not above the limit
+    text = " ".join([f"t{i}" for i in range(25)] * 2 + [f"u{i}" for i in range(50)])
+    assert acc(text + " <answer>B</answer>", "B") == 1.0
+
+
+def test_repetition_sees_rendered_text():
+    # The renderer turns each span into one "<canvas>" word; without it the latent tokens vanish.
+    # "<canvas> a b c" repeated 2x: 8 tokens, 4-grams 4 distinct of 5 -> 0.2 > 0.1.
+    # Unrendered, "a b c a b c" are 6 tokens: 4-grams abca bcab cabc -> 0.
+    text = ("<think>a b c</think>" + SPAN) * 2
+    render = make_span_renderer(START, END, LATENT)
+    assert make_accuracy_reward(0.1, preprocess=render)(text, "B") == -1.0
+    assert make_accuracy_reward(0.1)(text, "B") == 0.0
+
+
+def _recording_judge(verdicts):
+    calls = []
+
+    def judge(items):
+        calls.append(list(items))
+        return verdicts
+
+    return judge, calls
+
+
+JUDGE_COMPLETIONS = ["<answer>B</answer>",  # rule-correct: not judged
+                     "<answer>the second one</answer>",  # rule-wrong: judged, True
+                     "no answer at all",  # no <answer>: not judged
+                     "<answer>purple</answer>",  # judged, False
+                     "<answer>maybe</answer>"]  # judged, None
+
+
+def test_judge_flips_wrong_answers():
+    judge, calls = _recording_judge([True, False, None])
+    total, parts = score_completions(JUDGE_COMPLETIONS, ["<answer>B</answer>"] * 5,
+                                     [("accuracy", 0.9), ("format", 0.1)], rewards=WITH_FORMAT,
+                                     judge=judge, questions=[f"q{i}" for i in range(5)])
+    assert calls == [[JudgeItem("q1", "the second one", "B", JUDGE_COMPLETIONS[1]),
+                      JudgeItem("q3", "purple", "B", JUDGE_COMPLETIONS[3]),
+                      JudgeItem("q4", "maybe", "B", JUDGE_COMPLETIONS[4])]]  # one call
+    assert parts["accuracy"].tolist() == [1.0, 1.0, 0.0, 0.0, 0.0]
+    assert parts["judged"].tolist() == [0.0, 1.0, 0.0, 1.0, 1.0]
+    assert parts["judge_flipped"].tolist() == [0.0, 1.0, 0.0, 0.0, 0.0]
+    torch.testing.assert_close(total, torch.tensor([0.9, 0.9, 0.0, 0.0, 0.0]))
+
+
+def test_judge_skips_repetition_penalty_and_empty_batches():
+    judge, calls = _recording_judge([])
+    rewards = {"accuracy": make_accuracy_reward(0.5)}
+    total, parts = score_completions([LOOPING.replace(">B<", ">C<"), "<answer>B</answer>"],
+                                     ["B", "B"], [("accuracy", 1.0)], rewards=rewards, judge=judge)
+    assert calls == []  # -1 is not a 0, the other is correct: nothing to judge
+    assert parts["accuracy"].tolist() == [-1.0, 1.0]
+    assert parts["judged"].tolist() == [0.0, 0.0]
+
+
+def test_no_judge_keeps_the_components():
+    _, parts = score_completions(["<answer>C</answer>"], ["B"], [("accuracy", 1.0)])
+    assert list(parts) == ["accuracy"]
+
+
+@pytest.mark.parametrize("verdicts, message", [
+    ([True], "judge returned 1 verdicts for 2 samples"),
+    (None, "judge returned None for 2 samples"),
+    ([True, 1], "judge returned 1 \\(int\\) for sample 3 \\(id 'c'\\); expected True, False or "
+                "None"),
+])
+def test_judge_return_is_checked(verdicts, message):
+    judge, _ = _recording_judge(verdicts)
+    with pytest.raises(RewardError, match=message):
+        score_completions(["<answer>B</answer>", "<answer>x</answer>", "z", "<answer>y</answer>"],
+                          ["B"] * 4, [("accuracy", 1.0)], sample_ids=["a", "b", "z", "c"],
+                          judge=judge)
+
+
+def test_judge_errors():
+    def broken(items):
+        raise RuntimeError("model not loaded")
+
+    with pytest.raises(RewardError, match="judge raised on 1 samples \\(first: sample 0\\): "
+                                          "RuntimeError: model not loaded"):
+        score_completions(["<answer>x</answer>"], ["B"], [("accuracy", 1.0)], judge=broken)
+    with pytest.raises(ValueError, match="a judge re-scores the 'accuracy' reward"):
+        score_completions(["a"], ["b"], [("format", 1.0)], rewards=WITH_FORMAT,
+                          judge=lambda items: [])
+    with pytest.raises(ValueError, match="1 completions but 2 questions"):
+        score_completions(["a"], ["b"], [("accuracy", 1.0)], judge=lambda items: [],
+                          questions=["q", "r"])
+
+
+def test_load_judge(tmp_path):
+    path = tmp_path / "my_judge.py"
+    path.write_text("def judge(items):\n    return [i.prediction == 'yes' for i in items]\n"
+                    "NOT_A_JUDGE = 3\n")
+    judge = load_judge(f"{path}:judge")
+    assert judge([JudgeItem("q", "yes", "r"), JudgeItem("q", "no", "r")]) == [True, False]
+    assert load_judge("megatron_latent.eval.answers:answers_match") is not None
+
+
+@pytest.mark.parametrize("spec, error, message", [
+    ("no_colon", ValueError, "expected 'package.module:function'"),
+    ("module:", ValueError, "expected"),
+    ("missing_dir/judge.py:judge", FileNotFoundError, "judge missing_dir/judge.py: no such file"),
+    ("no_such_module_xyz:judge", ImportError, "cannot import 'no_such_module_xyz'"),
+    ("megatron_latent.eval.answers:no_such", AttributeError, "has no 'no_such'"),
+    ("megatron_latent.eval.answers:MAX_CHOICES", TypeError,
+     "'MAX_CHOICES' is not callable \\(int\\)"),
+])
+def test_load_judge_errors(spec, error, message):
+    with pytest.raises(error, match=message):
+        load_judge(spec)
