@@ -161,3 +161,43 @@ def test_forced_tokens_get_no_term_and_the_start_is_trained(forced_end):
     want = [2, 3, 7] + ([] if forced_end else [6])
     assert sorted(trained) == sorted(want)
     assert mb["latent_mask"][0].nonzero().flatten().tolist() == [5, 6]
+
+
+def test_latent_old_is_the_same_forward_not_the_decode_value():
+    """Spec 1.9 #7: with one PPO epoch the latent ratio is exactly 1 whatever the decode kernels
+    recorded (kappa <h, z> amplifies their rounding by |z|^2); the record is only compared."""
+    loss = DePOLoss(kappa=1.0, latent_weight=1.0)
+    mb = _rl_batch([2, 1], [1, 1], [1.0, -3.0])
+    mb["latent_old_logprobs"] = torch.tensor([5.0, -5.0, 0.3])  # far off: ratio e^-4 if used
+    mb["step_totals"] = {"ce": torch.tensor(4.0), "latent": torch.tensor(3.0)}
+    hidden = torch.full((12, 2, 2), 0.5)  # g = 1 for every latent
+    latent_loss, logs = loss.latent_terms(_NoSP, hidden, mb)
+    # sum over latents of -A (ratio 1) = -(1 + 1 - 3) = 1, scaled by ce / latent = 4 / 3
+    assert latent_loss.item() == pytest.approx(1.0 * 4 / 3)
+    assert logs["latent clip fraction"][0].item() == 0.0
+    assert logs["latent rollout gap"][0].item() == pytest.approx(4.0 + 6.0 + 0.7)
+    mb["latent_recomputed_logprobs"] = torch.tensor([0.8, 1.0, 1.0])  # a later PPO epoch
+    _, logs = loss.latent_terms(_NoSP, hidden, mb)
+    assert logs["latent clip fraction"][0].item() == 1.0  # r = e^0.2 > 1.1 with A = +1
+
+
+def test_hylar_rewards_on_decoded_text(tiny_ckpts):
+    """Spec 1.9 #17: HyLaR's format (think, canvas span, think, answer; at least one span) and
+    its accuracy (-1 on heavy repetition) on text as the rollout decodes it."""
+    from transformers import AutoProcessor
+
+    from megatron_latent.latent import registry
+    from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
+
+    path = tiny_ckpts["tiny-a"]
+    proc = AutoProcessor.from_pretrained(path)
+    method = registry.build("hylar", proc.tokenizer, Qwen25VLConfig.from_hf(path))
+    r = method.rl_rewards()
+    span = "<|canvas_start|>" + "<|canvas|>" * 3 + "<|canvas_end|>"
+    good = f"<think>look</think>\n{span}\n<think>red</think><answer>red</answer><|im_end|>"
+    assert r["format"](good, "red") == 1.0 and r["accuracy"](good, "red") == 1.0
+    assert r["format"]("<think>look</think><answer>red</answer>", "red") == 0.0  # no span
+    looped = "<think>" + "the cat sat on the mat " * 40 + f"</think>{span}<answer>red</answer>"
+    assert r["accuracy"](looped, "red") == -1.0
+    assert method.rl_untrained_ids() == ()  # <|canvas_start|> is trained (LVR's opener is not)
+    assert method.rl_decode_program().steps == 32  # spec 1.9 #10: the cap is wired, 2 x 16
