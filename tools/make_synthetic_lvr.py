@@ -2,6 +2,7 @@
 """Write a small synthetic visual-search dataset in the LVR stage-1 and stage-2 (RL) formats.
 
     python tools/make_synthetic_lvr.py --out data/synthetic_vsearch --num 200 --seed 0 [--val-num 20]
+    python tools/make_synthetic_lvr.py --out data/vsearch_hard --num 200 --difficulty 2
 
 Writes OUT/images/*.png, OUT/train.json and OUT/val.json (stage 1: "<image>\\n<question>" ->
 "<lvr>\\n<answer>X</answer>", with the target's normalised xyxy box), OUT/train_rl.json and
@@ -34,6 +35,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--min-side", type=int, default=224, help="smallest image side in pixels")
     ap.add_argument("--max-side", type=int, default=448, help="largest image side in pixels")
+    ap.add_argument("--difficulty", type=int, choices=(0, 1, 2), default=0,
+                    help="0: one small target (default); 1, 2: a smaller target among 2 or 4 "
+                         "larger distractors that share the attribute the question names")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = ap.parse_args(argv)
@@ -45,7 +49,8 @@ def main(argv=None) -> int:
     try:
         path = make_synthetic_lvr(out, num=args.num, val_num=args.val_num, seed=args.seed,
                                   min_side=args.min_side, max_side=args.max_side,
-                                  overwrite=args.overwrite, progress=not args.no_progress)
+                                  overwrite=args.overwrite, progress=not args.no_progress,
+                                  difficulty=args.difficulty)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -7,6 +7,14 @@ the fill) in one of six colours. The question asks about the target's colour or 
 answer is one word; the box is the target's tight bounding box (outline included) padded by
 1 px.
 
+``difficulty`` (0, 1 or 2; 0 is the above, the default) makes the search harder: a smaller target
+(level 1: 4-7% of the shorter side, level 2: 3-5%) and distractors (2, then 4) that share the
+attribute the question names but not the one it asks about (for "What colour is the small
+square?", squares of other colours; for "What shape is the small red object?", red objects of
+other shapes), each 2-3x the target's size and apart from every other object: "small" picks the
+target out, and each distractor would give a wrong answer, so the answer needs the target's
+region. Level 0 draws exactly what it did before the knob existed (same bytes).
+
 Answer vocabulary (9 words): colours red, green, blue, yellow, white, black; shapes circle,
 square, triangle. Questions are ``What colour is the small <shape>?`` (answer: the colour) and
 ``What shape is the small <colour> object?`` (answer: the shape), half each.
@@ -63,6 +71,10 @@ ANSWERS = tuple(COLOURS) + SHAPES
 QUESTION_TYPES = ("colour", "shape")
 BG_RANGE = (8, 247)  # background pixel values are mapped into this range (no 0 or 255)
 TARGET_FRAC = (0.06, 0.12)  # target size as a fraction of the shorter image side
+# difficulty -> (target size fraction, distractors); distractor sides are DISTRACTOR_SCALE x target's
+LEVELS = {0: (TARGET_FRAC, 0), 1: ((0.04, 0.07), 2), 2: ((0.03, 0.05), 4)}
+DISTRACTOR_SCALE = (2.0, 3.0)
+GAP = 3  # pixels kept free between the boxes of any two objects
 BOX_PAD = 1  # pixels added on every side of the tight box (clipped to the image)
 _DARK, _LIGHT = (40, 40, 40), (215, 215, 215)  # outline colours (not target colours)
 
@@ -120,15 +132,10 @@ def _shape_xy(shape: str, x: int, y: int, s: int):
     return [x, y, x + s - 1, y + s - 1]
 
 
-def _draw_target(img: Image.Image, rng: random.Random, colour: str, shape: str) -> list[float]:
-    """Draw the target in place; return its normalised, padded xyxy box."""
+def _draw_shape(img: Image.Image, colour: str, shape: str, x: int, y: int, s: int) -> list[float]:
+    """Draw a shape of side `s` at (x, y) in place; return its normalised, padded xyxy box."""
     w, h = img.size
-    lo, hi = TARGET_FRAC
-    s = max(8, round(min(w, h) * rng.uniform(lo, hi)))
     width = 1 if s < 20 else 2  # outline width
-    margin = BOX_PAD + 1
-    x = rng.randint(margin, w - s - margin)
-    y = rng.randint(margin, h - s - margin)
     fill = COLOURS[colour]
     outline = _DARK if sum(fill) / 3 > 100 else _LIGHT
     mask = Image.new("L", img.size, 0)
@@ -142,19 +149,74 @@ def _draw_target(img: Image.Image, rng: random.Random, colour: str, shape: str) 
     return [round(bx0 / w, 4), round(by0 / h, 4), round(bx1 / w, 4), round(by1 / h, 4)]
 
 
-def make_sample(seed: int, split: str, index: int, min_side: int = 224, max_side: int = 448):
-    """One sample: (PIL image, stage-1 record without the image path, dict of target facts)."""
+def _draw_target(img: Image.Image, rng: random.Random, colour: str, shape: str,
+                 frac=TARGET_FRAC) -> tuple[list[float], tuple[int, int, int]]:
+    """Draw the target in place; (its normalised, padded xyxy box, its (x, y, side))."""
+    w, h = img.size
+    lo, hi = frac
+    s = max(8, round(min(w, h) * rng.uniform(lo, hi)))
+    margin = BOX_PAD + 1
+    x = rng.randint(margin, w - s - margin)
+    y = rng.randint(margin, h - s - margin)
+    return _draw_shape(img, colour, shape, x, y, s), (x, y, s)
+
+
+def _draw_distractors(img: Image.Image, rng: random.Random, n: int, kind: str, colour: str,
+                      shape: str, target: tuple[int, int, int]) -> list[dict]:
+    """Up to `n` distractors, each sharing the attribute the question names (the shape for a
+    colour question, the colour for a shape question) and differing in the one it asks about,
+    2-3x the target's side, apart from every object (placement tries 200 spots, then gives up
+    on that distractor). -> [{"colour", "shape", "box"}]."""
+    w, h = img.size
+    taken = [target]
+    margin = BOX_PAD + 1
+    out = []
+    for _ in range(n):
+        if kind == "colour":
+            d_colour, d_shape = rng.choice([c for c in COLOURS if c != colour]), shape
+        else:
+            d_colour, d_shape = colour, rng.choice([t for t in SHAPES if t != shape])
+        s = min(round(target[2] * rng.uniform(*DISTRACTOR_SCALE)), min(w, h) // 3)
+        if s < 2 * target[2]:
+            continue  # too small a picture to keep "small" unambiguous
+        for _ in range(200):
+            x, y = rng.randint(margin, w - s - margin), rng.randint(margin, h - s - margin)
+            if all(x + s + GAP <= tx or tx + ts + GAP <= x or y + s + GAP <= ty or ty + ts + GAP <= y
+                   for tx, ty, ts in taken):
+                out.append({"colour": d_colour, "shape": d_shape,
+                            "box": _draw_shape(img, d_colour, d_shape, x, y, s)})
+                taken.append((x, y, s))
+                break
+    return out
+
+
+def _check_difficulty(difficulty: int) -> None:
+    if difficulty not in LEVELS:
+        raise ValueError(f"difficulty must be one of {sorted(LEVELS)}, got {difficulty!r}")
+
+
+def make_sample(seed: int, split: str, index: int, min_side: int = 224, max_side: int = 448,
+                difficulty: int = 0):
+    """One sample: (PIL image, stage-1 record without the image path, dict of target facts;
+    with difficulty > 0 also "distractors": [{"colour", "shape", "box"}])."""
+    _check_difficulty(difficulty)
+    frac, n_distractors = LEVELS[difficulty]
     rng = random.Random(f"{DS_NAME}/{seed}/{split}/{index}")
     w, h = rng.randint(min_side, max_side), rng.randint(min_side, max_side)
     img = _background(rng, w, h)
     colour, shape = rng.choice(tuple(COLOURS)), rng.choice(SHAPES)
-    box = _draw_target(img, rng, colour, shape)
-    question, answer = question_for(rng.choice(QUESTION_TYPES), colour, shape)
+    box, placed = _draw_target(img, rng, colour, shape, frac)
+    kind = rng.choice(QUESTION_TYPES)
+    facts = {"colour": colour, "shape": shape}
+    if n_distractors:
+        facts["distractors"] = _draw_distractors(img, rng, n_distractors, kind, colour, shape,
+                                                 placed)
+    question, answer = question_for(kind, colour, shape)
     record = {"id": f"{DS_NAME}_{split}_{index:06d}", "image": f"{split}_{index:06d}.png",
               "conversations": [{"from": "human", "value": f"<image>\n{question}"},
                                 {"from": "gpt", "value": f"<lvr>\n<answer>{answer}</answer>"}],
               "bboxes": [box]}
-    return img, record, {"colour": colour, "shape": shape, "answer": answer}
+    return img, record, {**facts, "answer": answer}
 
 
 def to_stage2(record: dict) -> dict:
@@ -172,10 +234,12 @@ def _dump(path: Path, obj) -> None:
 
 
 def make_synthetic_lvr(out_dir, num: int = 200, val_num: int = 20, seed: int = 0, min_side: int = 224,
-                       max_side: int = 448, overwrite: bool = False, *, progress: bool = True) -> Path:
+                       max_side: int = 448, overwrite: bool = False, *, progress: bool = True,
+                       difficulty: int = 0) -> Path:
     """Write the dataset (see the module docstring for the layout) to `out_dir`; return its path.
 
-    `num` train and `val_num` val samples, image sides in [min_side, max_side]. The directory is
+    `num` train and `val_num` val samples, image sides in [min_side, max_side], `difficulty`
+    (module docstring) 0, 1 or 2. The directory is
     built beside `out_dir` and renamed into place; an existing non-empty `out_dir` is only
     replaced when `overwrite=True`. `progress` shows a tqdm bar on stderr.
     """
@@ -185,6 +249,7 @@ def make_synthetic_lvr(out_dir, num: int = 200, val_num: int = 20, seed: int = 0
         raise ValueError(f"need num >= 1 and val_num >= 0, got num={num}, val_num={val_num}")
     if not 32 <= min_side <= max_side:
         raise ValueError(f"need 32 <= min_side <= max_side, got {min_side}, {max_side}")
+    _check_difficulty(difficulty)
     out_dir = Path(out_dir).absolute()
     check_writable(out_dir, overwrite)
 
@@ -194,7 +259,7 @@ def make_synthetic_lvr(out_dir, num: int = 200, val_num: int = 20, seed: int = 0
         for split, n in (("train", num), ("val", val_num)):
             records = []
             for i in range(n):
-                img, rec, _ = make_sample(seed, split, i, min_side, max_side)
+                img, rec, _ = make_sample(seed, split, i, min_side, max_side, difficulty)
                 img.save(tmp / "images" / rec["image"], format="PNG", compress_level=1)  # 3x faster than 6, ~8% larger
                 records.append(rec)
                 bar.update(1)

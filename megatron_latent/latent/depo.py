@@ -153,8 +153,9 @@ class DePOLoss(PolicyLoss):
         adv = batch["advantages"].to(logp.dtype).unsqueeze(1)
         pg, clipped = dual_clip_surrogate(logp, batch["old_logprobs"], adv, self.eps_low,
                                           self.eps_high, self.dual_clip)
-        logs = {"pg loss": pg, "clip fraction": clipped,
-                "ratio": (logp - batch["old_logprobs"]).clamp(-10, 10).exp()}
+        delta = logp - batch["old_logprobs"]
+        logs = {"pg loss": pg, "clip fraction": clipped, "ratio": delta.clamp(-10, 10).exp(),
+                "rollout gap": delta.abs()}
         if not self.beta:
             return pg, logs
         kl = low_var_kl(logp, batch["ref_logprobs"])

@@ -83,6 +83,13 @@ class LVR(LatentMethod):
 
         return make_format_reward(TOKENS[0], TOKENS[2])
 
+    def probe_regions(self, micro_batch, image_features, spatial_merge_size):
+        """The box's visual tokens among same-size tiles of its image's merged token grid."""
+        from megatron_latent.eval.latent_probe import box_regions
+
+        return box_regions(micro_batch["latent_mask"], micro_batch["latent_index"],
+                           image_features, micro_batch["image_grid_thw"], spatial_merge_size)
+
 
 def predictor_mask(latent_mask: torch.Tensor) -> torch.Tensor:
     """[b, s]: True at t when t+1 is a latent position (its hidden state predicts that token)."""

@@ -90,7 +90,8 @@ class GRPOLoss(PolicyLoss):
         pg, clipped, ratio = clipped_surrogate(logp, batch["old_logprobs"], adv,
                                                self.eps_low, self.eps_high)
         loss = pg
-        logs = {"pg loss": pg, "clip fraction": clipped, "ratio": ratio}
+        logs = {"pg loss": pg, "clip fraction": clipped, "ratio": ratio,
+                "rollout gap": (logp - batch["old_logprobs"]).abs()}
         if self.beta:
             kl = k3_kl(logp, batch["ref_logprobs"])
             loss = loss + self.beta * kl

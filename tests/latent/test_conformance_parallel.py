@@ -128,6 +128,7 @@ def test_rl_step0_on_policy_at_tp2_and_pp2(name, tiny_ckpts, synthetic_lvr, tmp_
     for layout, hist in res.items():
         assert len(hist) == 2 and all(math.isfinite(h["policy loss"]) for h in hist), layout
         assert hist[0]["ratio"] == pytest.approx(1.0, abs=1e-5), layout
+        assert hist[0]["rollout gap"] <= 1e-5, layout  # mean |log p_train - log p_rollout|
         assert hist[0]["latent-span rate"] == 1.0
         assert hist[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the reference is the start
         if "latent rollout gap" in hist[0]:  # a method with a latent policy
