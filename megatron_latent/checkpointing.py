@@ -224,6 +224,13 @@ def load_common(ckpt: str | Path, iteration: int | None = None) -> dict:
     return _load_checked(ckpt, iteration, dist_checkpointing.load_common_state_dict)
 
 
+def tensor_keys(ckpt: str | Path, iteration: int | None = None) -> set[str]:
+    """The sharded tensors' keys an iteration holds (from its metadata, no tensor is read)."""
+    from megatron.core import dist_checkpointing
+
+    return set(_load_checked(ckpt, iteration, dist_checkpointing.load_tensors_metadata))
+
+
 def save_model(ckpt: str | Path, model, iteration: int = 0) -> Path:
     return save_state(ckpt, iteration, {"model": model.sharded_state_dict()})
 

@@ -123,6 +123,11 @@ class LatentMethod(ABC):
         """The SFT dataset for this method (`collate(samples, pad_to)`, `pack(...)`)."""
         raise NotImplementedError(f"latent method {self.name!r} has no SFT data loader")
 
+    def prepare_step(self, model_chunks, micro_batches: list[dict], forward_only) -> None:
+        """Before a step's schedule: forward-only passes whose results the step's micro-batches
+        need (e.g. hidden states its latents are built from), attached to them in place.
+        `forward_only(model_chunks, micro_batches, method) -> head outputs on the last stage`."""
+
     @abstractmethod
     def sft_step(self, micro_batch: dict) -> LatentStep:
         ...

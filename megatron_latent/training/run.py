@@ -178,13 +178,14 @@ def setup_training(cfg, mcfg, resume: bool, method=None):
 
 def _load_weights(ckpt, model, method) -> None:
     """A checkpoint's weights as a run's start. Saved by another method (a plain converted
-    Qwen2.5-VL, or LVR's SFT for a new method), it holds none of this method's side modules:
-    they keep their fresh values."""
+    Qwen2.5-VL, or LVR's SFT for a new method) or by an earlier stage of this one without side
+    modules (DeepLatent's stage 1), it holds none of them: they keep their fresh values."""
     from megatron_latent.latent import registry
 
     recorded = registry.checkpoint_record(checkpointing.read_metadata(ckpt))["name"]
     modules = model.latent_modules
-    if method is not None and recorded != method.name:
+    if method is not None and (recorded != method.name or not any(
+            k.startswith("latent_modules.") for k in checkpointing.tensor_keys(ckpt))):
         model.latent_modules = None
     try:
         checkpointing.load_model(ckpt, model)

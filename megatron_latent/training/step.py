@@ -162,6 +162,7 @@ def launch_step(model_chunks, optimizer, micro_batches: list[dict],
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
+    method.prepare_step(model_chunks, micro_batches, forward_outputs)
     attach_step_totals(method, micro_batches)
     logs = _run_schedule(model_chunks, micro_batches, make_forward_step(method), False)
     ok, grad_norm, _ = optimizer.step()
@@ -180,6 +181,7 @@ def eval_losses(model_chunks, micro_batches: list[dict], method: LatentMethod = 
     for chunk in model_chunks:
         chunk.eval()
     try:
+        method.prepare_step(model_chunks, micro_batches, forward_outputs)
         attach_step_totals(method, micro_batches)
         logs = _run_schedule(model_chunks, micro_batches, make_forward_step(method), True)
     finally:
