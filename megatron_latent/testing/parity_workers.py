@@ -103,3 +103,50 @@ def train_runs(runs: dict, out_path: str) -> None:
         ps.destroy_model_parallel()
     if dist.get_rank() == 0:
         torch.save(results, out_path)
+
+
+def latentformer_tp_run(ref_path: str, ckpt_tp1: str, ckpt_tp2: str, out_path: str) -> None:
+    """DeepLatent's side modules at TP=2, loaded from the TP=1 dist checkpoint `ckpt_tp1`
+    (a reshard): their latents and gradients on the TP=1 run's inputs (`ref_path`: shape,
+    inputs, loss weights, TP=1 results per noise flag), as max abs errors against TP=1 (a
+    sharded parameter's gradient against its slice) in `out_path`. Then one SGD step
+    (p -= 0.01 * the last pass's grad) and a save at TP=2 into `ckpt_tp2` (the reverse)."""
+    from pathlib import Path
+
+    from megatron.core import dist_checkpointing
+
+    from megatron_latent.latent.latentformer import DeepLatentModules, parallel_linear_config
+
+    parallel.initialize(parallel.ParallelConfig(2), seed=99)  # another seed: weights must load
+    ref = torch.load(ref_path, weights_only=False)
+    shape = dict(ref["shape"])
+    dim, heads = shape.pop("dim"), shape.pop("num_heads")
+    mods = DeepLatentModules(parallel_linear_config(2, torch.float32), dim, heads, **shape)
+    mods.load_state_dict(dist_checkpointing.load(mods.sharded_state_dict(), ckpt_tp1))
+    rank = ps.get_tensor_model_parallel_rank()
+    errs = {}
+    for noise, want in ref["results"].items():
+        mods.zero_grad(set_to_none=True)
+        lat, _ = mods.build_latents(**ref["inputs"], noise=noise,
+                                    generator=torch.Generator().manual_seed(5))
+        (lat * ref["weights"]).sum().backward()
+        errs[f"latents/noise={noise}"] = (lat - want["latents"]).abs().max().item()
+        for name, p in mods.named_parameters():
+            if p.grad is None:  # the scale head: not on this path
+                continue
+            full = want["grads"][name]
+            if getattr(p, "tensor_model_parallel", False):
+                full = full.chunk(2, dim=p.partition_dim)[rank]
+            errs[f"grad/noise={noise}/{name}"] = (p.grad - full).abs().max().item()
+    with torch.no_grad():
+        for p in mods.parameters():
+            if p.grad is not None:
+                p.sub_(0.01 * p.grad)
+    if dist.get_rank() == 0:
+        Path(ckpt_tp2).mkdir(parents=True)
+    dist.barrier()
+    dist_checkpointing.save(mods.sharded_state_dict(), ckpt_tp2)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, errs)
+    if dist.get_rank() == 0:
+        torch.save({k: max(g[k] for g in gathered) for k in errs}, out_path)
