@@ -44,6 +44,11 @@ class LatentStep(ABC):
                modules=None) -> torch.Tensor:
         return embeddings
 
+    def layer_hooks(self) -> dict:
+        """{global 1-based decoder layer: fn(h) -> h} run at that layer's output [s_local, b, h]
+        on its pipeline stage (models/qwen25vl/layer_hooks.py: AuxLoss, select_local)."""
+        return {}
+
     @abstractmethod
     def head(self, model, *, hidden_states, output_layer, output_weight, labels=None, **kwargs):
         ...
@@ -61,6 +66,7 @@ class LatentMethod(ABC):
     default_latent_steps: int = 8
     # the user turn's layout in the method's SFT data, which generation and RL prompts follow
     prompt_images_first: bool = True
+    has_rl_stage: bool = True  # False: its RL stage is not built (train_grpo refuses it)
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -134,6 +140,13 @@ class LatentMethod(ABC):
 
     def count(self, micro_batch: dict) -> dict[str, float]:
         return {"ce": float(micro_batch["loss_mask"].sum())}
+
+    def stage_logs(self) -> dict:
+        """{log name: (sum, count) tensor [2]} of terms this rank computed outside the head
+        during the step just run (e.g. at layer hooks, on any pipeline stage), then cleared;
+        the same names on every stage (zeros where none). Summed over stages and data-parallel
+        ranks with the head's logs."""
+        return {}
 
     def total_loss(self, means: dict) -> float:
         """The reported loss from the per-term means of the logs (e.g. "lm loss")."""

@@ -162,6 +162,9 @@ class LatentBlockRecord:
     f: Modulation  # the question-image features' modulation (MLP_i on h_i)
 
 
+SCALE_HEAD_SEED = 20260315
+
+
 class DeepLatentModules(nn.Module):
     """DeepLatent's side modules on one pipeline stage (see the module docstring). Parameter
     names (after `latent_modules.`): grid.queries, latentformer.blocks.{k}.{norm_sa,
@@ -182,7 +185,10 @@ class DeepLatentModules(nn.Module):
             self.mlp_l = ModulationMLP(dim, mlp_hidden, dtype)
             self.mlp_i = ModulationMLP(dim, mlp_hidden, dtype)
         if last_stage:
-            self.scale_head = ScaleHead(dim, grid_size, dtype)
+            # its own fixed init: the last stage's RNG stream differs between pipeline layouts
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(SCALE_HEAD_SEED)
+                self.scale_head = ScaleHead(dim, grid_size, dtype)
 
     @classmethod
     def from_model_config(cls, model_cfg, *, pre_process: bool, post_process: bool, **kwargs):

@@ -14,7 +14,8 @@ _METHODS: dict[str, type[LatentMethod]] = {}
 # an HF export's record of its method, beside config.json (conversion writes it)
 HF_METHOD_FILE = "latent_method.json"
 # modules that register the built-in methods when imported (imported on first lookup)
-_BUILTIN = ("megatron_latent.latent.lvr", "megatron_latent.latent.hylar")
+_BUILTIN = ("megatron_latent.latent.lvr", "megatron_latent.latent.hylar",
+            "megatron_latent.latent.deeplatent")
 
 
 def register(cls: type[LatentMethod]) -> type[LatentMethod]:

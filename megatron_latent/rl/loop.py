@@ -134,6 +134,8 @@ def run_grpo(cfg: GRPOConfig) -> list[dict]:
     resume, mcfg, tok_dir = resolve_start(cfg, over)
     builder = PromptBuilder(tok_dir, mcfg, cfg)
     method = resolve_method(cfg, resume, builder.tokenizer, mcfg).for_rl()
+    if not method.has_rl_stage:
+        raise NotImplementedError(f"latent method {method.name!r} has no RL stage yet")
     cfg.apply_method_defaults(method)
     ref_source = cfg.reference or cfg.pretrained_checkpoint or cfg.hf_dir
     if ref_source is None and cfg.kl_beta:

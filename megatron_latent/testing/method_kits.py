@@ -19,7 +19,8 @@ import torch.nn.functional as F
 class MethodKit:
     name: str
     make_data: Callable[[Path], str]  # builds the SFT data under a dir -> --data-path
-    hparams: Callable[[Path], dict]  # tiny hyper-parameters (side files built under the dir)
+    hparams: Callable[[Path, str], dict]  # tiny hyper-parameters (side files built under the
+    # dir, for the model in the HF dir)
     hf_terms: Callable  # (hf, mb, method, modules) -> {log name: mean}
     opener: str | None  # the token that opens a latent span (None: the method has none)
     cli: Callable[[dict], list[str]]  # the hyper-parameters as pretrain_sft.py flags
@@ -98,7 +99,7 @@ def _hylar_data(root: Path) -> str:
     return str(out / "train")
 
 
-def _hylar_hparams(root: Path) -> dict:
+def _hylar_hparams(root: Path, hf_dir: str) -> dict:
     from megatron_latent.testing.tiny_siglip import make_tiny_siglip
 
     siglip = root / "tiny_siglip"
@@ -107,10 +108,114 @@ def _hylar_hparams(root: Path) -> dict:
     return {"encoder": str(siglip), "canvas_tokens": 4}
 
 
+def hf_deeplatent_terms(hf, mb, method, modules):
+    """DeepLatent stage 2 (spec 2.5-2.7), on HF's modules: a context forward with the grid
+    slots holding the pad embedding gives the final-norm states at each block's placeholders;
+    the side modules build each block's latents from them (the same noise: a fixed function
+    of the sample); the training forward's CE, the (1 - cos) to the teacher states at the
+    aligned layers' outputs (forward hooks on HF's decoder layers), and the scale CE at the
+    scale placeholder."""
+    image_id = hf.config.image_token_id
+    emb, feats = _hf_embed(hf, mb, image_id)
+    lm, attn, pos = hf.model.language_model, mb["attention_mask"], mb["position_ids"]
+    with torch.no_grad():
+        h0 = lm(inputs_embeds=emb, position_ids=pos, attention_mask=attn).last_hidden_state
+    blocks, latents, seen = mb["blocks"].tolist(), [], {}
+    for k, (row, p, h, w) in enumerate(blocks):
+        seen[row] = seen.get(row, -1) + 1
+        gen = method.block_noise(mb["sample_ids"][row], seen[row])
+        z, _ = modules.build_latents(h0[row, p + 2], h0[row, p + 3], h, w,
+                                     feats[mb["question_features"][k]], mb["feature_coords"][k],
+                                     tuple(mb["feature_grid"][k]), method.sigma_q,
+                                     method.sigma_f, noise=True, generator=gen)
+        latents.append(z)
+    emb = emb.masked_scatter(mb["latent_mask"].unsqueeze(-1), torch.cat(latents).to(emb.dtype))
+    outs = {}
+
+    def grab(layer, module, args, output):
+        outs[layer] = output[0] if isinstance(output, tuple) else output
+
+    handles = [lm.layers[layer - 1].register_forward_hook(lambda m, a, o, layer=layer:
+                                                          grab(layer, m, a, o))
+               for layer in method.align_layers]
+    try:
+        h = lm(inputs_embeds=emb, position_ids=pos, attention_mask=attn).last_hidden_state
+    finally:
+        for handle in handles:
+            handle.remove()
+    sup = mb["loss_mask"][:, :-1].bool()
+    ce = F.cross_entropy(hf.lm_head(h).float()[:, :-1][sup], mb["input_ids"][:, 1:][sup])
+    cos = [1 - F.cosine_similarity(outs[layer][mb["latent_mask"]].float(),
+                                   mb["teacher"][layer].float(), dim=-1)
+           for layer in method.align_layers]
+    rows = torch.tensor([b[0] for b in blocks])
+    at = torch.tensor([b[1] + 1 for b in blocks])
+    lh, lw = modules.scale_head(h[rows, at])
+    hw = torch.tensor([[b[2] - 1, b[3] - 1] for b in blocks])
+    scale = (F.cross_entropy(lh.float(), hw[:, 0], reduction="none")
+             + F.cross_entropy(lw.float(), hw[:, 1], reduction="none")).mean()
+    return {"lm loss": ce, "align loss": torch.cat(cos).mean(), "scale loss": scale}
+
+
+def _deeplatent_data(root: Path) -> str:
+    from megatron_latent.data.synthetic_interleaved import make_synthetic_interleaved
+
+    out = root / "deeplatent_data"
+    if not out.is_dir():
+        make_synthetic_interleaved(out, num=12, val_num=4, seed=0, min_side=112, max_side=224,
+                                   progress=False, reasoning_images=2)
+    return str(out / "train")
+
+
+def _deeplatent_hparams(root: Path, hf_dir: str) -> dict:
+    """Stage 2 with a teacher-state cache of random (seeded) states for every sample: the
+    suite checks the loss formula; the teacher's own correctness (cache = online capture of
+    the stage-1 model) is tests/latent/test_teacher_cache.py's."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import AutoProcessor
+
+    from megatron_latent.data.deeplatent_data import DeepLatentDataset
+    from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
+
+    cache = root / "deeplatent_teacher"
+    hp = {"stage": 2, "teacher": str(cache)}
+    if (cache / "index.json").is_file():
+        return hp
+    cfg = Qwen25VLConfig.from_hf(hf_dir)
+    proc = AutoProcessor.from_pretrained(hf_dir)
+    from megatron_latent.latent.tokens import add_tokens
+    from megatron_latent.data.deeplatent_tokens import LATENT_TOKENS
+
+    add_tokens(proc.tokenizer, LATENT_TOKENS, cfg.vocab_size, special=False)
+    ds = DeepLatentDataset(_deeplatent_data(root), stage=1, tokenizer=proc.tokenizer,
+                           image_processor=proc.image_processor, vocab_size=cfg.vocab_size,
+                           seq_length=2048, min_pixels=3136, max_pixels=50176)
+    layers = sorted({max(1, round(cfg.num_layers * k / 4)) for k in (1, 2, 3, 4)})
+    gen = torch.Generator().manual_seed(0)
+    tensors, index = {}, {}
+    for i in range(len(ds)):
+        s = ds[i]
+        n = sum(h * w for h, w in s["teacher_grids"])
+        for layer in layers:
+            tensors[f"{s['sample_id']}/L{layer}"] = torch.randn(n, cfg.hidden_size, generator=gen)
+        index[s["sample_id"]] = {"shard": 0, "grids": s["teacher_grids"], "layers": layers,
+                                 "model_hash": "random"}
+    cache.mkdir(parents=True)
+    save_file(tensors, str(cache / "00000.safetensors"))
+    (cache / "index.json").write_text(json.dumps(index))
+    return hp
+
+
 KITS = {
-    "lvr": MethodKit("lvr", _lvr_data, lambda root: {"loss_lambda": 0.1}, hf_lvr_terms,
+    "lvr": MethodKit("lvr", _lvr_data, lambda root, hf: {"loss_lambda": 0.1}, hf_lvr_terms,
                      "<|lvr_start|>", lambda hp: ["--lvr-loss-lambda", str(hp["loss_lambda"])]),
     "hylar": MethodKit("hylar", _hylar_data, _hylar_hparams, hf_hylar_terms,
                        "<|canvas_start|>", lambda hp: ["--canvas-encoder", hp["encoder"],
                                                        "--canvas-tokens", str(hp["canvas_tokens"])]),
+    "deeplatent": MethodKit("deeplatent", _deeplatent_data, _deeplatent_hparams,
+                            hf_deeplatent_terms, "<latent>",
+                            lambda hp: ["--deeplatent-stage", "2", "--teacher-states",
+                                        hp["teacher"]]),
 }

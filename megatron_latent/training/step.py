@@ -110,14 +110,24 @@ class PendingLogs:
     def __init__(self, method: LatentMethod, logs: list[dict], grad_norm=None,
                  update_ok: bool | None = None):
         self.method, self.update_ok, self.keys = method, update_ok, None
+        # terms computed off the head (layer hooks), on whichever stage holds the layer
+        stage = method.stage_logs()
+        if stage:
+            names = sorted(stage)
+            t = torch.stack([stage[k].double().to(_device()) for k in names])
+            if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+                dist.all_reduce(t, group=parallel_state.get_pipeline_model_parallel_group())
+            stage = dict(zip(names, t))
         # the clip's norm is a device tensor with TE's kernels, a host float (or None) without
         self.norm_on_device = torch.is_tensor(grad_norm)
         self.grad_norm = None if self.norm_on_device else grad_norm
         extra = [grad_norm.reshape(1).double()] if self.norm_on_device else []
         if parallel_state.is_pipeline_last_stage():
-            self.keys = sorted(logs[0])
-            pairs = torch.stack([torch.stack([d[k] for k in self.keys]) for d in logs]).sum(0)
-            pairs = pairs.double()
+            self.keys = sorted(logs[0]) + sorted(stage)
+            pairs = torch.stack([torch.stack([d[k] for k in sorted(logs[0])]) for d in logs])
+            pairs = pairs.sum(0).double()
+            if stage:
+                pairs = torch.cat([pairs, torch.stack([stage[k] for k in sorted(stage)])])
             dist.all_reduce(pairs, group=parallel_state.get_data_parallel_group())
             extra = [pairs.flatten()] + extra
         self.download = host_copy.Download(torch.cat(extra)) if extra else None

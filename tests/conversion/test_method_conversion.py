@@ -21,25 +21,29 @@ from megatron_latent.latent.registry import HF_METHOD_FILE
 from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
 
 METHODS = registry.names()
-HYLAR = {"canvas_tokens": 4, "encoder_dim": 32, "compressor_heads": 2}
+# tiny hyper-parameters of methods whose defaults build large side modules
+HPARAMS = {"hylar": {"canvas_tokens": 4, "encoder_dim": 32, "compressor_heads": 2},
+           "deeplatent": {"stage": 2}}
 
 
-def _side_tensors(name: str, hidden: int, seed: int) -> dict:
+def _side_tensors(name: str, src: str, seed: int) -> dict:
     """Random side-module tensors of the method's shapes (none for methods without modules)."""
-    if name != "hylar":
-        return {}
-    from megatron_latent.latent.canvas import CanvasEncoder
+    from transformers import AutoTokenizer
 
+    cfg = Qwen25VLConfig.from_hf(src)
+    method = registry.build(name, AutoTokenizer.from_pretrained(src), cfg, HPARAMS.get(name))
+    modules = method.build_modules(cfg, pre_process=True, post_process=True)
+    if modules is None:
+        return {}
     torch.manual_seed(seed)
-    enc = CanvasEncoder(32, hidden, n_queries=4, n_heads=2)
-    return {k: torch.randn_like(v) for k, v in enc.state_dict().items()}
+    return {k: torch.randn_like(v) for k, v in modules.state_dict().items()
+            if not k.endswith("_extra_state")}
 
 
 def _method_hf_dir(src: str, out: Path, name: str) -> Path:
     shutil.copytree(src, out)
-    hp = HYLAR if name == "hylar" else {}
-    (out / HF_METHOD_FILE).write_text(json.dumps({"name": name, "hparams": hp}))
-    side = _side_tensors(name, Qwen25VLConfig.from_hf(src).hidden_size, seed=1)
+    (out / HF_METHOD_FILE).write_text(json.dumps({"name": name, "hparams": HPARAMS.get(name, {})}))
+    side = _side_tensors(name, src, seed=1)
     if side:
         save_file(side, out / SIDE_FILE)
     return out
@@ -61,10 +65,10 @@ def test_round_trip_with_method_is_bit_exact(name, tiny_ckpts, tmp_path, megatro
     side_a = _tensors(hf, SIDE_FILE)
     assert set(side_a) == set(_tensors(back, SIDE_FILE))
     assert all(torch.equal(v, _tensors(back, SIDE_FILE)[k]) for k, v in side_a.items())
-    assert bool(side_a) == (name == "hylar")
+    assert bool(side_a) == (name in ("hylar", "deeplatent"))
     record = json.loads((back / HF_METHOD_FILE).read_text())
     assert record["name"] == name and all(record["hparams"][k] == v
-                                          for k, v in (HYLAR if name == "hylar" else {}).items())
+                                          for k, v in HPARAMS.get(name, {}).items())
 
 
 def test_hylar_mid_sft_layout_imports(tiny_ckpts, tmp_path, megatron_single_rank):
@@ -77,7 +81,7 @@ def test_hylar_mid_sft_layout_imports(tiny_ckpts, tmp_path, megatron_single_rank
     cfg.update(canvas_id=9, canvas_start_id=10, canvas_end_id=11, canvas_token_num=4)
     (hf / "config.json").write_text(json.dumps(cfg))
     weights = load_file(hf / "model.safetensors")
-    side = _side_tensors("hylar", Qwen25VLConfig.from_hf(src).hidden_size, seed=2)
+    side = _side_tensors("hylar", src, seed=2)
     weights.update({f"canvas_extractor.{k}": v for k, v in side.items()})
     # the frozen SigLIP: dropped on import, not mistaken for one of ours
     weights["canvas_extractor.siglip2_vision.vision_model.post_layernorm.weight"] = torch.ones(32)
@@ -86,7 +90,7 @@ def test_hylar_mid_sft_layout_imports(tiny_ckpts, tmp_path, megatron_single_rank
     with pytest.raises(ValueError, match="shape"):
         convert.hf_to_megatron(hf, tmp_path / "default_width")
     assert not (tmp_path / "default_width").exists()
-    (hf / HF_METHOD_FILE).write_text(json.dumps({"name": "hylar", "hparams": HYLAR}))
+    (hf / HF_METHOD_FILE).write_text(json.dumps({"name": "hylar", "hparams": HPARAMS["hylar"]}))
     convert.hf_to_megatron(hf, tmp_path / "mc")
     convert.megatron_to_hf(tmp_path / "mc", tmp_path / "back")
     got = _tensors(tmp_path / "back", SIDE_FILE)

@@ -35,17 +35,19 @@ COMMON = dict(micro_batch_size=2, global_batch_size=4, seq_length=512, min_pixel
 def test_layouts_match_tp1_per_term(name, tiny_ckpts, tmp_path):
     kit = KITS[name]
     base = dict(COMMON, data_path=kit.make_data(tmp_path), hf_dir=tiny_ckpts["tiny-a"],
-                latent_method=name, latent_hparams=kit.hparams(tmp_path), train_iters=2,
+                latent_method=name, latent_hparams=kit.hparams(tmp_path, tiny_ckpts["tiny-a"]), train_iters=2,
                 optim=dict(lr=1e-3), lr_decay_style="constant")
     runs = {"tp1": base, "tp2": dict(base, tensor_model_parallel_size=2),
             "tp2sp": dict(base, tensor_model_parallel_size=2, sequence_parallel=True),
             "pp2": dict(base, pipeline_model_parallel_size=2)}
     run_distributed(train_runs, 2, runs, str(tmp_path / "runs.pt"))
     res = torch.load(tmp_path / "runs.pt", weights_only=False)
-    for layout in ("tp2", "tp2sp", "pp2"):
-        for term in ("lm loss", "latent mse"):
-            ref, got = res["tp1"][0][term], res[layout][0][term]
-            assert ref > 0 and abs(got - ref) <= 1e-5, (layout, term, got, ref)
+    terms = [k for k in res["tp1"][0] if k.endswith(("loss", "mse")) and k != "loss"] + ["loss"]
+    assert len(terms) >= 3, terms  # the LM term, the method's own, the total
+    diffs = {(layout, term): (res[layout][0][term], res["tp1"][0][term])
+             for layout in ("tp2", "tp2sp", "pp2") for term in terms}
+    for (layout, term), (got, ref) in diffs.items():  # fp32: relative to the term's size
+        assert ref > 0 and abs(got - ref) <= 1e-5 * max(1.0, ref), (layout, term, diffs)
 
 
 def _launch(args, log, nproc: int = 2):
@@ -76,7 +78,7 @@ def test_kill_and_resume_gives_the_same_losses(name, tiny_ckpts, tmp_path):
     # tests/slurm/test_train_sbatch.py)
     tp = 2 if registry.method_class(name).build_modules is not LatentMethod.build_modules else 1
     args = ["--hf-dir", tiny_ckpts["tiny-a"], "--data-path", kit.make_data(tmp_path),
-            "--latent-method", name, *kit.cli(kit.hparams(tmp_path)),
+            "--latent-method", name, *kit.cli(kit.hparams(tmp_path, tiny_ckpts["tiny-a"])),
             "--tensor-model-parallel-size", str(tp), "--lr", "1e-3", "--lr-decay-style", "constant",
             *[f"--{k.replace('_', '-')}={v}" for k, v in COMMON.items()]]
     with open(tmp_path / "ref.log", "w") as log:  # uninterrupted reference: 8 steps
@@ -108,13 +110,13 @@ def test_kill_and_resume_gives_the_same_losses(name, tiny_ckpts, tmp_path):
         assert resumed[step] == pytest.approx(ref[step], abs=1e-6), (step, resumed, ref)
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", [n for n in METHODS if registry.method_class(n).has_rl_stage])
 def test_rl_step0_on_policy_at_tp2_and_pp2(name, tiny_ckpts, synthetic_lvr, tmp_path):
     from megatron_latent.testing.rl_workers import grpo_runs
 
     kit = KITS[name]
     base = dict(data_path=str(synthetic_lvr / "meta_rl.json"), latent_method=name,
-                latent_hparams=kit.hparams(tmp_path), hf_dir=tiny_ckpts["tiny-a"],
+                latent_hparams=kit.hparams(tmp_path, tiny_ckpts["tiny-a"]), hf_dir=tiny_ckpts["tiny-a"],
                 prompts_per_step=2, group_size=4, micro_batch_size=4, seq_length=1024,
                 max_new_tokens=6, temperature=1.0, top_k=0, latent_steps=2,
                 answer_prefix=kit.opener, rewards="vowels:1.0", filter_reward="vowels",
