@@ -29,12 +29,15 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--min-side", type=int, default=224, help="smallest image side in pixels")
     ap.add_argument("--max-side", type=int, default=448, help="largest image side in pixels")
+    ap.add_argument("--reasoning-images", type=int, default=1,
+                    help="zoom steps per row: reasoning images (DeepLatent: latent blocks)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = ap.parse_args(argv)
     try:
         path = make_synthetic_interleaved(args.out, num=args.n, val_num=args.val_n, seed=args.seed,
                                           min_side=args.min_side, max_side=args.max_side,
+                                          reasoning_images=args.reasoning_images,
                                           overwrite=args.overwrite, progress=not args.no_progress)
     except FileExistsError as e:
         print(f"error: {e}", file=sys.stderr)

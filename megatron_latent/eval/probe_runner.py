@@ -122,6 +122,9 @@ def teacher_forced(model, method, mb: dict, seed: int, max_regions: int) -> dict
     hidden states before its slots, "target" [n, h] | None, "region": (candidates [k, h], own
     index) | None: the own region and at most `max_regions - 1` others drawn at random};
     the norms of its text embeddings and image features."""
+    from megatron_latent.training.step import forward_outputs
+
+    method.prepare_step([model], [mb], forward_outputs)  # e.g. DeepLatent's context pass
     cap = _Capture(method.sft_step(mb), mb, model.cfg.image_token_id)
     model(mb["input_ids"], position_ids=mb["position_ids"], pixel_values=mb["pixel_values"],
           image_grid_thw=mb["image_grid_thw"], latent=cap)

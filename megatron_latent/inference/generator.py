@@ -12,6 +12,15 @@ Each request returns its tokens (latent positions hold the method's latent id), 
 log-prob of each token (0 at latent positions), the vectors fed at latent positions and their
 log-probs as sampled actions (0 for a deterministic program): the RL step trains on exactly
 these.
+
+Chunk appends (decode programs with `uses_chunks`, latent/decoding.py): after the prefill and
+after every iteration the program may ask for a block of inputs per row (forced ids, vectors,
+at given mRoPE offsets), appended at every row's next cache slots by ONE eager forward of s > 1
+tokens at `write_index > 0`: causal within the block, full to the valid cache, rows with fewer
+inputs leaving masked slots (`KVCache.valid`), which the records drop (decode_loop.py). It sees
+that forward's hidden states and may ask for another block, then one-token decoding (graphed
+or not) resumes. Such a block's attention is the cache's general masked path (SDPA), not the
+one-token kernels. PP = 1 only.
 """
 
 from __future__ import annotations
@@ -23,8 +32,9 @@ import torch
 
 from megatron_latent.ops import decode_gemm
 from megatron_latent.inference.decode_loop import DecodeLoop
+from megatron_latent.latent.decoding import Chunk, ChunkOutput
 from megatron_latent.models.qwen25vl.kv_cache import KVCache
-from megatron_latent.inference.sampling import SamplingParams, sample
+from megatron_latent.inference.sampling import SamplingParams, policy_logprobs, sample
 from megatron_latent.inference.stages import StageLink
 from megatron_latent.models.qwen25vl.rope_index import rope_index
 
@@ -69,8 +79,21 @@ def _allow_shape_variants() -> None:
 class Generator:
     def __init__(self, model, *, rule=None, max_context: int | None = None,
                  pad_id: int = 0, cuda_graphs: bool = False, check_every: int = 8,
-                 split_attention: bool = True, max_graphs: int = 4):
+                 split_attention: bool = True, max_graphs: int = 4,
+                 chunk_slots: int | None = None):
+        """`chunk_slots`: cache slots beyond max_new_tokens for the empty slots chunk appends
+        leave in rows with fewer inputs (a row still gets max_new_tokens tokens at most; when
+        the slots run out, generation stops: finish reason "length"); None: the program's
+        `chunk_slots`."""
         self.model, self.cfg, self.rule = model, model.cfg, rule
+        if getattr(rule, "bind", None) is not None:  # a program may use the side modules
+            rule.bind(model)
+        self.chunks = bool(getattr(rule, "uses_chunks", False))
+        if chunk_slots is None:
+            chunk_slots = int(getattr(rule, "chunk_slots", 0))
+        if chunk_slots < 0:
+            raise ValueError(f"chunk_slots must be >= 0, got {chunk_slots}")
+        self.chunk_slots = chunk_slots
         self.max_context = max_context or self.cfg.max_position_embeddings
         self.pad_id, self.check_every = pad_id, check_every
         self.cuda_graphs = cuda_graphs
@@ -79,11 +102,16 @@ class Generator:
         self.split_attention = split_attention
         self.device = next(model.parameters()).device
         self.link = StageLink(model, self.device)
+        if self.chunks and not self.link.single_stage:
+            raise ValueError("a decode program with chunk appends (uses_chunks) needs one "
+                             "pipeline stage (PP = 1): chunk appends run eager on the stage that "
+                             "holds both the embedding and the head")
         self._loops: dict = {}  # graphed decode loops by shape and sampling settings
         self.max_graphs = max_graphs
         # image/video pads are placeholders the processor expands; a sampled one could not be
         # fed back (no pixels). Recorded log-probs stay those of the unmodified head.
-        self.suppress = torch.tensor([self.cfg.image_token_id, self.cfg.video_token_id],
+        never = [int(t) for t in getattr(rule, "never_sample", ())]
+        self.suppress = torch.tensor([self.cfg.image_token_id, self.cfg.video_token_id, *never],
                                      device=self.device)
         _allow_shape_variants()
 
@@ -141,11 +169,13 @@ class Generator:
     def _prefill(self, batch: dict, cache: KVCache):
         cache.mark(batch["mask"])
         cache.dense_prefill = bool(batch["mask"].all())
+        prefill = getattr(self.rule, "prefill_step", None)
+        step = prefill(batch["ids"], batch["image_grid_thw"]) if prefill is not None else None
         out = self.link.forward(
             lambda: self.model(input_ids=batch["ids"], position_ids=batch["positions"],
                                pixel_values=batch["pixel_values"],
                                image_grid_thw=batch["image_grid_thw"], inference_context=cache,
-                               head=self._head),
+                               head=self._head, latent=step),
             seq_len=batch["ids"].shape[1], batch=batch["ids"].shape[0])
         cache.advance(batch["ids"].shape[1])
         cache.dense_prefill = False
@@ -165,6 +195,114 @@ class Generator:
             seq_len=1, batch=ids.shape[0])
         cache.advance(1)
         return out
+
+    # ------------------------------------------------------------------ chunk appends
+    def _hidden_head(self, *, hidden_states, **_):
+        return hidden_states  # [s, b, h] final-norm states
+
+    def _logits_of(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head on final-norm states [..., h] -> fp32 logits [..., vocab] (last stage)."""
+        lm = self.model.language_model
+        weight = (lm.shared_embedding_or_output_weight()
+                  if lm.share_embeddings_and_output_weights else None)
+        x = hidden.reshape(-1, 1, hidden.shape[-1])
+        logits = self.model.logits(x, lm.output_layer, weight, runtime_gather_output=True,
+                                   matmul=decode_gemm.gemm)
+        return logits[..., : self.cfg.vocab_size].float().reshape(*hidden.shape[:-1], -1)
+
+    def _events(self, loop: DecodeLoop, params: SamplingParams, j: int, logits_log) -> int:
+        """After a forward at column j: the program's chunk appends, if it asks for any.
+        -> the next column."""
+        out = ChunkOutput(0, loop.consumed.unsqueeze(1).clone(),
+                          (~loop.rec["finished"]).long(), loop.hidden.unsqueeze(1).clone(),
+                          loop.logits.clone(), self._logits_of)
+        while j < loop.slots:
+            req = self.rule.chunk(loop.state, out)
+            if req is None:
+                break
+            done = self._append(loop, req, params, j, logits_log, out.index + 1)
+            if done is None:
+                break
+            out, k = done
+            j += k
+        return j
+
+    def _append(self, loop: DecodeLoop, req: Chunk, params: SamplingParams, j: int, logits_log,
+                index: int):
+        """One chunk append at column j (eager): -> (its ChunkOutput, columns used), or None
+        when no row appends anything."""
+        dev, b = self.device, loop.consumed.shape[0]
+        ids = req.ids.to(dev).long()
+        if ids.dim() != 2 or ids.shape[0] != b or req.lengths.shape != (b,):
+            raise ValueError(f"a chunk needs ids [b={b}, k] and lengths [b], got "
+                             f"{tuple(ids.shape)} and {tuple(req.lengths.shape)}")
+        if ids.shape[1] == 0:
+            return None
+        t = torch.arange(ids.shape[1], device=dev)
+        lengths = torch.where(loop.rec["finished"], 0,
+                              req.lengths.to(dev).long().clamp(0, ids.shape[1]))
+        valid = t < lengths.unsqueeze(1)
+        ids = torch.where(valid, ids, self.pad_id)
+        if bool(((ids < 0) | (ids >= self.cfg.vocab_size)).any()):
+            raise ValueError(f"chunk ids outside the vocabulary [0, {self.cfg.vocab_size})")
+        feed = (torch.zeros_like(valid) if req.feed is None else req.feed.to(dev).bool()) & valid
+        # a stop id ends the row (nothing after it); a row gets n_new tokens at most
+        stop = valid & ~feed & loop.is_stop[ids]
+        lengths = torch.minimum(lengths, torch.where(stop, t, ids.shape[1]).min(1).values + 1)
+        lengths = torch.minimum(lengths, (loop.n_new - (j - loop.holes)).clamp(min=0))
+        k = min(int(lengths.max()), loop.slots - j)
+        if k == 0:
+            return None
+        lengths = lengths.clamp(max=k)
+        t, ids = t[:k], ids[:, :k]
+        valid, feed = t < lengths.unsqueeze(1), feed[:, :k]
+        feed = feed & valid
+        h = self.cfg.hidden_size
+        vectors = (torch.zeros(b, k, h, device=dev) if req.vectors is None
+                   else req.vectors[:, :k].to(dev))
+        vec_logp = (torch.zeros(b, k, device=dev) if req.vector_logprobs is None
+                    else req.vector_logprobs[:, :k].to(dev).float())
+        offsets = (torch.zeros(b, k, 3, dtype=torch.long, device=dev) if req.offsets is None
+                   else req.offsets[:, :k].to(dev).long())
+        offsets = torch.where(valid.unsqueeze(-1), offsets, 0)
+        positions = ((loop.next_pos + loop.j).view(1, b, 1) + t.view(1, 1, k)
+                     + offsets.permute(2, 0, 1))  # [3, b, k]
+        cache = loop.cache
+        cache.mark(valid)
+        emb = self.model.language_model.embedding(input_ids=ids, position_ids=None)  # [k, b, h]
+        emb = torch.where(feed.t().unsqueeze(-1), vectors.transpose(0, 1).to(emb.dtype), emb)
+        hidden = self.link.forward(
+            lambda: self.model(input_ids=ids, position_ids=positions, decoder_input=emb,
+                               inference_context=cache, head=self._hidden_head),
+            seq_len=k, batch=b)
+        cache.advance(k)
+        hidden = hidden.transpose(0, 1)  # [b, k, h]
+        # logits: each input's log-prob under the logits before it, and the rows' last ones
+        # (in slices: [b, k, vocab] at once can be large)
+        rows, last = torch.arange(b, device=dev), (lengths - 1).clamp(min=0)
+        logp = torch.zeros(b, k, device=dev)
+        new_logits, prev = loop.logits.clone(), loop.logits
+        step = max(1, (1 << 26) // (b * self.cfg.vocab_size))
+        for t0 in range(0, k, step):
+            logits = self._logits_of(hidden[:, t0:t0 + step])  # [b, s, vocab]
+            s = logits.shape[1]
+            before = torch.cat([prev.unsqueeze(1), logits[:, :-1]], 1)
+            logp[:, t0:t0 + s] = (policy_logprobs(before, params)
+                                  .gather(-1, ids[:, t0:t0 + s, None])[..., 0])
+            if logits_log is not None:
+                for u in range(s):
+                    logits_log.append(torch.where(valid[:, t0 + u, None], before[:, u], 0)
+                                      .cpu())
+            here = (lengths > 0) & (last >= t0) & (last < t0 + s)
+            new_logits = torch.where(here.unsqueeze(1),
+                                     logits[rows, (last - t0).clamp(0, s - 1)], new_logits)
+            prev = logits[:, -1]
+        loop.record_chunk(j, ids, valid, feed, vectors, vec_logp, offsets, logp)
+        has = lengths > 0
+        loop.logits.copy_(new_logits)
+        loop.hidden.copy_(torch.where(has.unsqueeze(1), hidden[rows, last], loop.hidden))
+        loop.consumed.copy_(torch.where(has, ids[rows, last], loop.consumed))
+        return ChunkOutput(index, ids, lengths, hidden, new_logits, self._logits_of), k
 
     # ------------------------------------------------------------------ one iteration
     def _choose(self, loop: DecodeLoop, params: SamplingParams):
@@ -203,14 +341,15 @@ class Generator:
         graph), and the callable running one non-final iteration: eager or a graph replay.
         Graphed loops are kept (the `max_graphs` most recently used)."""
         n_new = params.max_new_tokens
-        key = (b, width, n_new, params.temperature, params.top_p, params.top_k)
+        slots = n_new + (self.chunk_slots if self.chunks else 0)
+        key = (b, width, n_new, slots, params.temperature, params.top_p, params.top_k)
         if graphs and key in self._loops:
             self._loops[key] = self._loops.pop(key)  # most recently used last
             return self._loops[key]
-        cache = KVCache(b, width + n_new, self.device, self.cfg.params_dtype,
+        cache = KVCache(b, width + slots, self.device, self.cfg.params_dtype,
                         split_attention=self.split_attention)
         loop = DecodeLoop(cache, n_new, self.cfg.vocab_size, self.cfg.hidden_size,
-                          self.cfg.params_dtype, self.rule, self.pad_id)
+                          self.cfg.params_dtype, self.rule, self.pad_id, slots=slots)
         step = partial(self._iteration, loop, params, False)
         if not graphs:  # eager: nothing worth keeping (a cache per prompt width would pile up)
             return loop, step
@@ -232,7 +371,7 @@ class Generator:
     def generate(self, prompts: list[Prompt], params: SamplingParams,
                  record_logits: bool = False) -> list[Completion]:
         batch = self._prepare(prompts, params)
-        b, width, n_new = batch["ids"].shape[0], batch["ids"].shape[1], params.max_new_tokens
+        b, width = batch["ids"].shape[0], batch["ids"].shape[1]
         # one graph per iteration on one stage; per-step host copies of the logits need eager
         graphs = (self.cuda_graphs and self.device.type == "cuda" and self.link.single_stage
                   and not record_logits and self.max_graphs > 0)
@@ -240,36 +379,50 @@ class Generator:
         loop.reset(batch["next_pos"], params.stop_ids, params.seed)
         loop.take(self._prefill(batch, loop.cache))
         loop.consumed.copy_(batch["ids"][:, -1])
-        logits_log = []
-        for j in range(n_new):
-            if record_logits and self.link.last:
+        logits_log = [] if record_logits and self.link.last else None
+        j = self._events(loop, params, 0, logits_log) if self.chunks else 0  # j: next column
+        steps = 0
+        while j < loop.slots:
+            if logits_log is not None:
                 logits_log.append(loop.logits.to("cpu", copy=True))  # a snapshot
-            if j == n_new - 1:
+            if j == loop.slots - 1:
                 self._iteration(loop, params, last=True)
                 break
             iterate()
-            if (j % self.check_every == self.check_every - 1
+            j, steps = j + 1, steps + 1
+            if self.chunks:
+                j = self._events(loop, params, j, logits_log)
+            if (steps % self.check_every == 0
                     and self.link.all_finished(loop.rec["finished"])):
                 break
         rec = self.link.share_records(loop.rec)
-        return self._completions(rec, logits_log)
+        return self._completions(rec, logits_log or [], params.stop_ids)
 
-    def _completions(self, rec, logits_log) -> list[Completion]:
+    def _completions(self, rec, logits_log, stop_ids=()) -> list[Completion]:
+        """Each row's columns up to its last token, without the empty slots of chunk appends."""
         rec = {k: v.cpu() for k, v in rec.items()}
         logits = torch.stack(logits_log, 1) if logits_log else None
+        offsets = self.rule is not None and (getattr(self.rule, "uses_position_offsets", False)
+                                             or self.chunks)
         out = []
         for i in range(rec["tokens"].shape[0]):
             n = int(rec["length"][i])
-            feed = rec["feed"][i, :n]
+            keep = ~rec["hole"][i, :n]
+            row = {k: rec[k][i, :n][keep] for k in ("tokens", "logprobs", "feed", "forced",
+                                                      "latents", "latent_logprobs",
+                                                      "pos_offset")}
+            feed, tokens = row["feed"], row["tokens"].tolist()
+            # finished: a stop id (the last token, not a fed position) or the row's budget
+            stopped = (bool(rec["finished"][i]) and len(tokens) > 0 and not bool(feed[-1])
+                       and tokens[-1] in stop_ids)
             out.append(Completion(
-                tokens=rec["tokens"][i, :n].tolist(), logprobs=rec["logprobs"][i, :n].tolist(),
+                tokens=tokens, logprobs=row["logprobs"].tolist(),
                 latent_positions=feed.nonzero().flatten().tolist(),
-                latents=rec["latents"][i, :n][feed].float(),
-                latent_logprobs=rec["latent_logprobs"][i, :n][feed].tolist(),
-                forced_positions=rec["forced"][i, :n].nonzero().flatten().tolist(),
-                position_offsets=(rec["pos_offset"][i, :n] if self.rule is not None
-                                  and self.rule.uses_position_offsets else None),
-                finish_reason="stop" if bool(rec["finished"][i]) else "length",
-                logits=None if logits is None else logits[i, :n]))
+                latents=row["latents"][feed].float(),
+                latent_logprobs=row["latent_logprobs"][feed].tolist(),
+                forced_positions=row["forced"].nonzero().flatten().tolist(),
+                position_offsets=row["pos_offset"] if offsets else None,
+                finish_reason="stop" if stopped else "length",
+                logits=None if logits is None else logits[i, :n][keep]))
         return out
 

@@ -17,6 +17,21 @@ Latent positions are appended as `latent_id`, so a finished sequence is in the t
 (start, latent x n, end) and RL can replay it in one parallel forward with the recorded vectors
 injected at those positions.
 
+Chunk appends (programs with `uses_chunks`; eager and PP = 1): after the prefill and after every
+decode iteration the generator calls `chunk(state, out)` with that forward's outputs (a
+`ChunkOutput`). A program that wants a block appended at once (e.g. forced placeholders whose
+hidden states decide what comes next, then a grid of vectors) returns a `Chunk`: per row k_i
+inputs (ids, and vectors where `feed`) at given mRoPE offsets, all appended at the rows' next
+positions by ONE forward of max k_i tokens (shorter rows' slots are masked in the KV cache: no
+later query sees them, and they are dropped from the records). The generator then calls
+`chunk` again with that forward's outputs (`out.index` counts the chunks of this event), until
+it returns None; one-token decoding then resumes for all rows, sampling from each row's last
+logits. Chunk tokens are recorded as forced (not sampled; vectors at `latent_id` positions), so
+the finished sequence stays in the training format. Offsets are relative to the row's plain
+(compact) text positions, like `position_offsets`; a program whose block shifts the positions
+of the text after it (an image-like grid: the text continues at the block's max position)
+returns that shift from `position_offsets` (so `uses_position_offsets`) for later tokens.
+
 Modes (seed-methods.md 2.6 and 3.6). Entry is always on the forward whose input was `start_id`,
 and its hidden state is the first latent input:
 - "steps":       exactly `steps` latent inputs, then the token sampled after the last one (LVR).
@@ -32,10 +47,42 @@ and its hidden state is the first latent input:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 MODES = ("steps", "sampled_end", "threshold", "forced")
+
+
+@dataclass
+class Chunk:
+    """A decode program's request: per row, `lengths[i]` inputs appended in one forward (0: the
+    row appends nothing). ids [b, k] (recorded; embedded where not `feed`); feed [b, k] bool:
+    the input is `vectors` [b, k, h] instead (record `ids` as the latent id there);
+    offsets [b, k, 3]: mRoPE offsets of each input over its plain text position (None: 0);
+    vector_logprobs [b, k]: log-prob of each fed vector as a sampled action (None: 0)."""
+    ids: torch.Tensor
+    lengths: torch.Tensor
+    feed: torch.Tensor | None = None
+    vectors: torch.Tensor | None = None
+    offsets: torch.Tensor | None = None
+    vector_logprobs: torch.Tensor | None = None
+
+
+@dataclass
+class ChunkOutput:
+    """What a forward did, as a program's `chunk` sees it. index: 0 after a prefill or a
+    one-token decode step, n after the n-th chunk of the current event. ids [b, k]: the inputs
+    consumed (the latent id where a vector was fed); lengths [b]: real inputs per row (0: the
+    row appended nothing, or it has finished); hidden [b, k, h]: final-norm hidden states;
+    logits [b, vocab] (fp32): each row's last logits, what it samples from next;
+    logits_of(hidden [..., h]) -> [..., vocab]: the LM head, for logits anywhere else."""
+    index: int
+    ids: torch.Tensor
+    lengths: torch.Tensor
+    hidden: torch.Tensor
+    logits: torch.Tensor
+    logits_of: Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -57,6 +104,12 @@ class LatentRule:
             raise ValueError(f"latent-end threshold must be in (0, 1], got {self.threshold}")
 
     uses_position_offsets = False
+    uses_chunks = False  # `chunk` is called after every forward (eager, PP = 1)
+    # (not dataclass fields) spare cache slots the generator reserves, by default, for the
+    # empty slots chunk appends leave in shorter rows; ids the head never draws (e.g. the
+    # placeholders a program forces)
+    chunk_slots = 0
+    never_sample = ()
 
     @property
     def needs_end_prob(self) -> bool:
@@ -98,4 +151,17 @@ class LatentRule:
 
     def position_offsets(self, state: dict) -> torch.Tensor | None:
         """[3, b] mRoPE offsets of the tokens appended at this step (`uses_position_offsets`)."""
+        return None
+
+    def chunk(self, state: dict, out: ChunkOutput) -> Chunk | None:
+        """(`uses_chunks`) the block to append after the forward `out` describes, or None."""
+        return None
+
+    def bind(self, model) -> None:
+        """Called by the generator with the model it drives (a program may use the model's
+        side modules, `model.latent_modules`)."""
+
+    def prefill_step(self, input_ids: torch.Tensor, image_grid_thw):
+        """A latent step for the prompt's forward (its `inject` sees the prompt's image
+        features, e.g. to keep them for the program's events), or None."""
         return None

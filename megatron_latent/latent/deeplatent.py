@@ -32,6 +32,8 @@ class DeepLatent(LatentMethod):
     ids: dict
     hidden_size: int
     num_layers: int
+    image_token_id: int
+    spatial_merge_size: int
     stage: int = 2
     align_layers: list[int] | None = None  # None: 4 evenly spaced, the last included
     lambda_align: float = 4.0
@@ -68,7 +70,8 @@ class DeepLatent(LatentMethod):
     @classmethod
     def create(cls, token_ids, model_cfg, **hparams) -> "DeepLatent":
         return cls(ids=dict(token_ids), hidden_size=model_cfg.hidden_size,
-                   num_layers=model_cfg.num_layers, **hparams)
+                   num_layers=model_cfg.num_layers, image_token_id=model_cfg.image_token_id,
+                   spatial_merge_size=model_cfg.spatial_merge_size, **hparams)
 
     def hparams(self) -> dict:
         keys = ("stage", "align_layers", "lambda_align", "lambda_scale", "max_blocks",
@@ -185,6 +188,19 @@ class DeepLatent(LatentMethod):
             self._teacher_cache = TeacherCache(self.teacher)
         for mb in micro_batches:
             mb["teacher"] = self._teacher_cache.get(mb["sample_ids"], self.align_layers)
+
+    # ------------------------------------------------------------ generation
+    def decode_program(self, mode: str | None = None, steps: int | None = None,
+                       threshold: float = 0.5):
+        """Stage 2: whole blocks (the grid size is the scale head's; `steps` is unused)."""
+        if self.stage == 1:
+            return None
+        if mode not in (None, "blocks"):
+            raise ValueError(f"DeepLatent decodes in latent mode 'blocks' only, got {mode!r}")
+        from megatron_latent.latent.deeplatent_decode import DeepLatentProgram
+
+        return DeepLatentProgram(self.ids, self.image_token_id, self.spatial_merge_size,
+                                 self.max_blocks, self.sigma_q, self.sigma_f)
 
     def block_noise(self, sample_id: str, k: int) -> torch.Generator:
         """The noise of block k of a sample: a fixed function of the sample (the same on every
@@ -312,8 +328,9 @@ class DeepLatentStep(LatentStep):
         from megatron_latent.latent.teacher import alignment_hook
         from megatron_latent.models.qwen25vl.layer_hooks import slot_positions
 
-        totals = self.mb["step_totals"]
-        weight = self.m.lambda_align * totals["ce"] / totals["align"].clamp(min=1.0)
+        # a layer-hook loss is added to the gradient as is (training.step divides only the
+        # head's sum by the global token count): its own global mean
+        weight = self.m.lambda_align / self.mb["step_totals"]["align"].clamp(min=1.0)
         slots = slot_positions(self.mb["latent_mask"])
         seq = self.mb["input_ids"].shape[1]
         def sp_aware(fn):

@@ -63,7 +63,17 @@ def recompute_logits(model, prompt, completion) -> torch.Tensor:
     p = len(prompt.input_ids)
     mask = torch.zeros_like(full, dtype=torch.bool)
     mask[0, [p + j for j in completion.latent_positions]] = True
-    logits = model(full, pixel_values=None if prompt.pixel_values is None
+    positions = None
+    if completion.position_offsets is not None:  # the decode program's (e.g. image-like grids)
+        from megatron_latent.models.qwen25vl.rope_index import rope_index
+
+        cfg = model.cfg
+        positions, _ = rope_index(full.cpu(), prompt.image_grid_thw,
+                                  image_token_id=cfg.image_token_id,
+                                  spatial_merge_size=cfg.spatial_merge_size)
+        positions[:, 0, p:] += completion.position_offsets.t()
+        positions = positions.to(dev)
+    logits = model(full, position_ids=positions, pixel_values=None if prompt.pixel_values is None
                    else prompt.pixel_values.to(dev),
                    image_grid_thw=prompt.image_grid_thw, latent=InjectLatents(mask, completion.latents))
     return logits[0, p - 1: p - 1 + len(completion.tokens)].float().cpu()
@@ -99,3 +109,49 @@ def generate_run(hf_dir: str, out_path: str, tp: int, pp: int, max_new: int = 10
     dist.broadcast(theirs, src=ps.get_pipeline_model_parallel_last_rank(),
                    group=ps.get_pipeline_model_parallel_group())
     assert torch.equal(mine, theirs), "pipeline stages disagree on the generated records"
+
+
+class Replay(LatentRule):
+    """One token per step: the forced ids and fed vectors of recorded completions, at their
+    recorded offsets (the existing queue-style path); sampled text elsewhere."""
+
+    uses_position_offsets = True
+
+    def __init__(self, comps, latent, end, never_sample, hidden: int):
+        super().__init__(latent, latent, end, "forced", steps=1)
+        n = max(len(c.tokens) for c in comps)
+        b = len(comps)
+        self.tok = torch.zeros(b, n, dtype=torch.long)
+        self.scripted = torch.zeros(b, n, dtype=torch.bool)
+        self.feed = torch.zeros(b, n, dtype=torch.bool)
+        self.vec = torch.zeros(b, n, hidden)
+        self.off = torch.zeros(b, n, 3, dtype=torch.long)
+        for i, c in enumerate(comps):
+            m = len(c.tokens)
+            self.tok[i, :m] = torch.tensor(c.tokens)
+            self.scripted[i, c.forced_positions + c.latent_positions] = True
+            self.feed[i, c.latent_positions] = True
+            self.vec[i, c.latent_positions] = c.latents
+            self.off[i, :m] = c.position_offsets
+            self.off[i, m:] = c.position_offsets[-1]
+        self.never_sample = never_sample
+
+    def init_state(self, batch, device):
+        return {"c": torch.zeros(batch, dtype=torch.long, device=device)}
+
+    def _at(self, t, state, back=0):
+        c = (state["c"] - back).clamp(0, t.shape[1] - 1)
+        return t.to(c.device)[torch.arange(c.shape[0], device=c.device), c]
+
+    def step(self, state, consumed, sampled, end_prob=None):
+        appended = torch.where(self._at(self.scripted, state), self._at(self.tok, state), sampled)
+        feed = self._at(self.feed, state)
+        state["c"].add_(1)
+        return appended, feed
+
+    def feed_vectors(self, state, hidden, feed, generator=None):
+        return (self._at(self.vec, state, 1).to(hidden.dtype),
+                torch.zeros(hidden.shape[0], device=hidden.device))
+
+    def position_offsets(self, state):
+        return self._at(self.off, state, 1).t()

@@ -59,7 +59,11 @@ class KVCache(BaseInferenceContext):
     def mark(self, token_valid: torch.Tensor) -> None:
         """Before a forward of s tokens: record which are real ([b, s] bool) and build the mask
         all layers use. Key j is visible to query i iff it is a real token not in i's future;
-        every query also sees itself, so padding rows are never fully masked (NaN)."""
+        every query also sees itself, so padding rows are never fully masked (NaN). A forward of
+        s > 1 tokens at write_index > 0 (a decode program's chunk append) is causal within its
+        tokens and sees the whole valid cache; its tokens marked not real stay invisible to
+        every later query (holes). It attends through SDPA (`attend`), s = 1 through the
+        decode kernels where they run."""
         s = token_valid.shape[1]
         self.index = self.write_index + torch.arange(s, device=self.device)
         self.valid.index_copy_(1, self.index, token_valid.to(self.device))

@@ -23,6 +23,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_latent.models.qwen25vl import specs
 from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
+from megatron_latent.models.qwen25vl.layer_hooks import LayerHooks
 from megatron_latent.models.qwen25vl.rope_index import rope_index
 from megatron_latent.models.qwen25vl.vision import Qwen25VisionModel
 from megatron_latent.ops import cross_entropy as ops_ce
@@ -64,6 +65,7 @@ class Qwen25VLModel(MegatronModule):
         # wraps the token lookup; training/wgrad_fusion.py swaps in a context that sends the
         # embedding's weight gradient straight into DDP's main_grad
         self.embedding_grad_route = nullcontext
+        self._layer_hooks = None  # LayerHooks, installed by the first step that has hooks
 
     # ------------------------------------------------------------ pipeline plumbing
     def set_input_tensor(self, input_tensor) -> None:
@@ -145,11 +147,21 @@ class Qwen25VLModel(MegatronModule):
             head = partial(latent.head, self)
         if decoder_input is not None and self.config.sequence_parallel:
             decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
-        return self.language_model(
-            input_ids=input_ids, position_ids=position_ids, attention_mask=None,
-            decoder_input=decoder_input, labels=labels, inference_context=inference_context,
-            runtime_gather_output=runtime_gather_output, packed_seq_params=packed_seq_params,
-            output_processor=head or self.lm_head)
+        with self.layer_hooks(getattr(latent, "layer_hooks", dict)()):
+            return self.language_model(
+                input_ids=input_ids, position_ids=position_ids, attention_mask=None,
+                decoder_input=decoder_input, labels=labels, inference_context=inference_context,
+                runtime_gather_output=runtime_gather_output, packed_seq_params=packed_seq_params,
+                output_processor=head or self.lm_head)
+
+    def layer_hooks(self, hooks: dict):
+        """A context running `hooks` ({global 1-based layer: fn(h) -> h}, layer_hooks.py) at
+        this stage's decoder layers for one forward; installed on first use."""
+        if not hooks and self._layer_hooks is None:
+            return nullcontext()
+        if self._layer_hooks is None:
+            self._layer_hooks = LayerHooks(self.language_model.decoder, self.config)
+        return self._layer_hooks.use(hooks)
 
     def lm_head(self, *, hidden_states, output_layer, output_weight, labels=None,
                 runtime_gather_output=None, **_):

@@ -1,0 +1,124 @@
+"""DeepLatent's decode program (spec 2.8): on a sampled `<latent>`, the three placeholders are
+appended in one forward; their final-norm states give the grid size (the scale head's argmax) and
+the modulations (no noise at inference); the LatentFormer builds the H x W grid, which is appended
+with `</latent>` in a second forward at image-like positions (slot (i, j) of a block whose first
+slot is at p: (p, p + i, p + j); the text after it continues at p + max(H, W)). Sampling then
+resumes. Uses the generator's chunk appends (latent/decoding.py): eager, PP = 1."""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_latent.latent.base import LatentStep
+from megatron_latent.latent.decoding import Chunk, LatentRule
+from megatron_latent.latent.deeplatent_modules import grid_coords
+
+
+class DeepLatentProgram(LatentRule):
+    uses_chunks = True
+    uses_position_offsets = True
+
+    def __init__(self, ids: dict, image_token_id: int, merge: int, max_blocks: int,
+                 sigma_q: float | None, sigma_f: float | None, max_grid: int = 16):
+        from megatron_latent.data.deeplatent_tokens import END, IMOD, PAD, QMOD, SCALE, START
+
+        super().__init__(ids[START], ids[PAD], ids[END], "forced", steps=max_grid * max_grid)
+        self.placeholders = torch.tensor([ids[SCALE], ids[QMOD], ids[IMOD]])
+        self.never_sample = (ids[SCALE], ids[QMOD], ids[IMOD], ids[PAD], ids[END])
+        # spare cache slots for the padding chunk appends leave in rows without an event
+        self.chunk_slots = max_blocks * (4 + max_grid * max_grid)
+        self.image_token_id, self.merge, self.max_blocks = image_token_id, merge, max_blocks
+        self.sigma_q, self.sigma_f = sigma_q or 0.0, sigma_f or 0.0
+        self.modules, self.features = None, None
+
+    def bind(self, model) -> None:
+        if model.latent_modules is None:
+            raise ValueError("DeepLatent generation needs the model's side modules (build it "
+                             "with the method: build_model(..., latent_method=method))")
+        self.modules = model.latent_modules
+
+    def prefill_step(self, input_ids, image_grid_thw):
+        return _KeepFeatures(self, input_ids, image_grid_thw)
+
+    def init_state(self, batch, device):
+        return {"shift": torch.zeros(batch, dtype=torch.long, device=device),
+                "blocks": torch.zeros(batch, dtype=torch.long, device=device)}
+
+    def step(self, state, consumed, sampled, end_prob=None):
+        return sampled, torch.zeros_like(sampled, dtype=torch.bool)
+
+    def position_offsets(self, state):
+        return state["shift"].expand(3, -1)
+
+    def chunk(self, state, out):
+        b, dev = out.ids.shape[0], out.ids.device
+        shift = state["shift"]
+        if out.index == 0:
+            last = out.ids[torch.arange(b, device=dev), (out.lengths - 1).clamp(min=0)]
+            rows = (out.lengths > 0) & (last == self.start_id) & (state["blocks"] < self.max_blocks)
+            if not bool(rows.any()):
+                return None
+            state["blocks"].add_(rows.long())
+            return Chunk(self.placeholders.to(dev).expand(b, 3), torch.where(rows, 3, 0),
+                         offsets=shift.view(b, 1, 1).expand(b, 3, 3))
+        if out.index != 1:
+            return None
+        return self._grid(state, out, out.lengths == 3)
+
+    def _grid(self, state, out, rows):
+        b, dev = out.ids.shape[0], out.ids.device
+        h = out.hidden[:, :3]
+        hh, ww = self.modules.scale_head.predict(h[:, 0])
+        hh, ww = torch.where(rows, hh, 1), torch.where(rows, ww, 1)
+        n = hh * ww
+        k_max = int(n.max()) + 1
+        vectors = torch.zeros(b, k_max, h.shape[-1], dtype=h.dtype, device=dev)
+        for i in rows.nonzero().flatten().tolist():
+            feats, coords, frame = self.features[i]
+            z, _ = self.modules.build_latents(h[i, 1], h[i, 2], int(hh[i]), int(ww[i]),
+                                              feats.to(dev), coords, frame or (int(hh[i]),
+                                                                               int(ww[i])),
+                                              self.sigma_q, self.sigma_f, noise=False)
+            vectors[i, :z.shape[0]] = z.to(h.dtype)
+        k = torch.arange(k_max, device=dev).expand(b, -1)
+        feed = k < n.unsqueeze(1)
+        ids = torch.where(feed, self.latent_id, self.end_id)
+        slot = torch.stack([-k, k // ww.unsqueeze(1) - k, k % ww.unsqueeze(1) - k], -1)
+        after = (torch.maximum(hh, ww) - n).view(b, 1, 1)  # `</latent>` at p + max(H, W)
+        offsets = torch.where(feed.unsqueeze(-1), slot, after) + state["shift"].view(b, 1, 1)
+        state["shift"].copy_(torch.where(rows, state["shift"] + after.view(b), state["shift"]))
+        return Chunk(ids, torch.where(rows, n + 1, 0), feed, vectors, offsets)
+
+
+class _KeepFeatures(LatentStep):
+    """The prompt forward's injection point: keeps each row's question-image features, their
+    merged-grid coordinates and the first image's grid (the frame a latent grid is laid over)."""
+
+    def __init__(self, program: DeepLatentProgram, input_ids, image_grid_thw):
+        self.p, self.ids, self.grid = program, input_ids, image_grid_thw
+
+    def inject(self, embeddings, image_features, modules=None):
+        p, m = self.p, self.p.merge
+        grids = [] if self.grid is None else [(h // m, w // m) for _, h, w in self.grid.tolist()]
+        counts = (self.ids == p.image_token_id).sum(1).tolist()
+        rows, at, g = [], 0, 0
+        for n in counts:
+            mine, used = [], 0
+            while used < n:
+                mine.append(grids[g])
+                used += grids[g][0] * grids[g][1]
+                g += 1
+            feats = (image_features[at:at + n].detach() if n
+                     else embeddings.new_zeros(0, embeddings.shape[-1]))
+            coords = (torch.cat([grid_coords(h, w) for h, w in mine]) if mine
+                      else torch.zeros(0, 2, dtype=torch.long))
+            rows.append((feats, coords, mine[0] if mine else None))
+            at += n
+        p.features = rows
+        return embeddings
+
+    def head(self, model, **kw):
+        raise NotImplementedError
+
+    def loss(self, output):
+        raise NotImplementedError
