@@ -43,7 +43,9 @@ class DeepLatent(LatentMethod):
     latentformer_ffn: bool = False
     sigma_q: float | None = None  # 0.1 x RMS of the base variable, fixed at the first step
     sigma_f: float | None = None
-    teacher: str | None = None  # a teacher-state cache dir (tools/cache_teacher_states.py)
+    # the teacher states: a cache dir (tools/cache_teacher_states.py), or a stage-1 checkpoint
+    # (a megatron_latent checkpoint or an HF dir) run online as a frozen copy in each step
+    teacher: str | None = None
     context_passes: int = 1
     latent_positions: str = "image"
     freeze_modules: bool = False
@@ -87,7 +89,8 @@ class DeepLatent(LatentMethod):
         a("--align-layers", default=None,
           help="DeepLatent: 1-based decoder layers aligned to the teacher, e.g. 7,14,21,28")
         a("--teacher-states", default=None,
-          help="DeepLatent stage 2: the teacher-state cache (tools/cache_teacher_states.py)")
+          help="DeepLatent stage 2: the teacher-state cache (tools/cache_teacher_states.py), "
+               "or the stage-1 checkpoint to run online (no disk; one more frozen model)")
         a("--align-loss-weight", type=float, default=None, help="DeepLatent: (4.0)")
         a("--scale-loss-weight", type=float, default=None, help="DeepLatent: (0.5)")
         a("--latentformer-layers", type=int, default=None, help="DeepLatent: (1)")
@@ -123,8 +126,18 @@ class DeepLatent(LatentMethod):
         from megatron_latent.data.deeplatent_data import DeepLatentDataset
 
         kwargs.pop("latent_tokens", None)
-        return DeepLatentDataset(data_path, stage=self.stage, max_blocks=self.max_blocks,
-                                 latent_positions=self.latent_positions, **kwargs)
+        ds = DeepLatentDataset(data_path, stage=self.stage, max_blocks=self.max_blocks,
+                               latent_positions=self.latent_positions, **kwargs)
+        if self.stage == 2 and self.online_teacher:
+            return _WithStage1(ds, DeepLatentDataset(data_path, stage=1,
+                                                     max_blocks=self.max_blocks, **kwargs))
+        return ds
+
+    @property
+    def online_teacher(self) -> bool:
+        from megatron_latent.latent.teacher import cache_dir
+
+        return self.teacher is not None and not (cache_dir(self.teacher) / "index.json").is_file()
 
     def count(self, mb: dict) -> dict[str, float]:
         out = {"ce": float(mb["loss_mask"].sum())}
@@ -181,13 +194,36 @@ class DeepLatent(LatentMethod):
             self._feature_sq = None
         if self.teacher is None:
             raise ValueError("DeepLatent stage 2 needs teacher states: --teacher-states DIR (a "
-                             "cache written by tools/cache_teacher_states.py)")
+                             "cache written by tools/cache_teacher_states.py, or the stage-1 "
+                             "checkpoint to run online)")
         if self._teacher_cache is None:
-            from megatron_latent.latent.teacher import TeacherCache
-
-            self._teacher_cache = TeacherCache(self.teacher)
+            self._teacher_cache = self._open_teacher(model_chunks, forward_only)
+        if self.online_teacher:
+            if any("teacher_batch" not in mb for mb in micro_batches):
+                raise ValueError("an online teacher needs each sample's stage-1 sequence: build "
+                                 "the dataset with this method's sft_dataset")
+            states = self._teacher_cache.states([mb.pop("teacher_batch")
+                                                 for mb in micro_batches])
+            for mb, st in zip(micro_batches, states):
+                mb["teacher"] = st
+            return
         for mb in micro_batches:
             mb["teacher"] = self._teacher_cache.get(mb["sample_ids"], self.align_layers)
+
+    def _open_teacher(self, model_chunks, forward_only):
+        from megatron_latent.latent import teacher
+
+        if not self.online_teacher:
+            return teacher.TeacherCache(self.teacher)
+        from megatron_latent import checkpointing
+        from megatron_latent.training.build import build_model, unwrap
+
+        cfg = unwrap(model_chunks[0]).cfg
+        chunks = build_model(cfg, None if checkpointing.is_checkpoint(self.teacher)
+                             else self.teacher, wrap_ddp=False)
+        if checkpointing.is_checkpoint(self.teacher):
+            checkpointing.load_model(self.teacher, chunks[0])
+        return teacher.OnlineTeacher(chunks, self.align_layers, forward_only)
 
     # ------------------------------------------------------------ generation
     def decode_program(self, mode: str | None = None, steps: int | None = None,
@@ -207,6 +243,32 @@ class DeepLatent(LatentMethod):
         tensor-parallel rank, and after a resume)."""
         digest = hashlib.blake2b(f"{sample_id}/{k}".encode(), digest_size=8).digest()
         return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2 ** 63 - 1))
+
+
+class _WithStage1:
+    """Stage-2 samples with their stage-1 twin (the same row: both stages keep or skip rows
+    alike), whose collated batch an online teacher runs: `mb["teacher_batch"]`."""
+
+    def __init__(self, stage2, stage1):
+        if len(stage1) != len(stage2):
+            raise ValueError(f"{len(stage1)} stage-1 and {len(stage2)} stage-2 samples")
+        self.ds, self.twin = stage2, stage1
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return {**self.ds[i], "stage1": self.twin[i]}
+
+    def collate(self, samples, pad_to=None):
+        mb = self.ds.collate(samples, pad_to)
+        mb["teacher_batch"] = self.twin.collate([s["stage1"] for s in samples], pad_to)
+        return mb
+
+    def __getattr__(self, name):  # everything else is the stage-2 dataset's
+        if name in ("ds", "twin"):  # not set yet (unpickling)
+            raise AttributeError(name)
+        return getattr(self.ds, name)
 
 
 def _device():
