@@ -35,6 +35,9 @@ def parse_args(argv=None, default_method: str | None = None):
     a("--valid-data-path")
     a("--eval-interval", type=int, default=0)
     a("--eval-iters", type=int, default=1)
+    a("--eval-latent-probes", action="store_true",
+      help="at each evaluation also log the cheap latent probes (homogeneity, grounding, "
+           "scale of the teacher-forced latents; tools/latent_probe.py has all of them)")
     a("--sequence-parallel", action="store_true")
     a("--micro-batch-size", type=int, default=1)
     a("--global-batch-size", type=int, default=1)
@@ -54,6 +57,7 @@ def config_from_args(args):
     return TrainConfig(
         **common_config(args), valid_data_path=args.valid_data_path,
         eval_interval=args.eval_interval, eval_iters=args.eval_iters,
+        eval_latent_probes=args.eval_latent_probes,
         sequence_parallel=args.sequence_parallel, micro_batch_size=args.micro_batch_size,
         global_batch_size=args.global_batch_size, latent_method=args.latent_method,
         latent_hparams=hparams,

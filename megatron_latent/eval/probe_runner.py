@@ -332,3 +332,26 @@ def teacher_forced_logs(rows: list[list[dict]]) -> dict[str, float]:
             logs["probe top1 regions"] = tf["regions"]["top1"]
         logs["probe norm ratio"] = logs["probe latent norm"] / max(_norm(rows, "target"), 1e-12)
     return {k: v for k, v in logs.items() if v is not None}
+
+
+@torch.no_grad()
+def eval_probe_logs(model, method, micro_batches: list[dict], seed: int) -> dict[str, float]:
+    """`teacher_forced_logs` over a training run's validation micro-batches (this rank's; the
+    unwrapped model of one pipeline stage holding all layers)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_latent.platform.devices import device
+
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        raise ValueError("--eval-latent-probes needs pipeline parallel size 1")
+    dev, mode = device(), model.training
+    model.eval()
+    rows = []
+    try:
+        for k, mb in enumerate(micro_batches):
+            b = {key: v.to(dev) if torch.is_tensor(v) and key != "image_grid_thw" else v
+                 for key, v in mb.items()}
+            rows += teacher_forced(model, method, b, seed + k, MAX_REGIONS)["rows"]
+    finally:
+        model.train(mode)
+    return teacher_forced_logs(rows)

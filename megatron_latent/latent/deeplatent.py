@@ -361,8 +361,10 @@ class _ContextStep(LatentStep):
             sq += torch.stack([f.pow(2).sum().cpu(), torch.tensor(float(f.numel()))])
         if self.prev is None:
             return embeddings
-        return _BlockLatents(self.m, self.mb, noise=False)(embeddings, image_features, modules,
-                                                          self.prev)
+        # the training pass's latents (its noise is a fixed function of the sample), so that
+        # n passes make blocks <= n exact
+        return _BlockLatents(self.m, self.mb, noise=True)(embeddings, image_features, modules,
+                                                         self.prev)
 
     def head(self, model, *, hidden_states, **_):
         full = _full_hidden(model, hidden_states)

@@ -18,6 +18,7 @@ from megatron_latent.training.run import (LoopConfig, StopSignals, flat_config, 
                                           resolve_start, save, setup_training,
                                           start_checkpoint_writer)
 from megatron_latent.training.run_logger import RunLogger
+from megatron_latent.training.build import unwrap
 from megatron_latent.training.step import eval_losses, launch_step
 
 
@@ -26,6 +27,7 @@ class TrainConfig(LoopConfig):
     valid_data_path: str | None = None
     eval_interval: int = 0
     eval_iters: int = 1
+    eval_latent_probes: bool = False  # the cheap latent probes at each evaluation (PP=1)
     sequence_parallel: bool = False
     micro_batch_size: int = 1
     global_batch_size: int = 1
@@ -216,7 +218,12 @@ def train(cfg: TrainConfig) -> list[dict]:
                 vm = [mb for k in range(cfg.eval_iters) for mb in
                       _micro_batches(valid_ds, vorder, k * cfg.global_batch_size, cfg, num_micro)]
                 ev = eval_losses(model, vm, method)
+                if cfg.eval_latent_probes:
+                    from megatron_latent.eval.probe_runner import eval_probe_logs
+
+                    ev.update(eval_probe_logs(unwrap(model[0]), method, vm, cfg.seed))
                 log.log(iteration, {f"valid {k}": v for k, v in ev.items()})
+                history.append({"iteration": iteration, "valid": ev})
             if saving:
                 prefetcher.settle()
                 save(cfg, mcfg, model, optimizer, scheduler, iteration, consumed, tokenizer, tok_dir,

@@ -293,3 +293,24 @@ def test_every_method_is_probed(name, tiny_ckpts, tmp_path_factory, megatron_sin
     if name == "lvr":  # box tokens: retrieved among their image's regions too
         assert g["teacher_forced"]["regions"]["n"] == 4
     assert res["scale"]["targets"] > 0 and res["scale"]["text_embeddings"] > 0
+
+
+@pytest.mark.slow
+def test_eval_latent_probes_in_an_sft_run(tiny_ckpts, synthetic_lvr, tmp_path):
+    """--eval-latent-probes: each evaluation of an SFT run also logs the cheap probes, equal to
+    teacher_forced_logs over the same validation micro-batches (here: their presence and range;
+    the metrics themselves are the hand-worked tests above)."""
+    from megatron_latent.testing.distributed import run_distributed
+    from megatron_latent.testing.parity_workers import train_runs
+
+    run = dict(data_path=str(synthetic_lvr / "meta.json"), hf_dir=tiny_ckpts["tiny-a"],
+               valid_data_path=str(synthetic_lvr / "meta_val.json"), eval_interval=2,
+               eval_latent_probes=True, train_iters=2, micro_batch_size=2, global_batch_size=2,
+               seq_length=1024, min_pixels=3136, max_pixels=50176)
+    run_distributed(train_runs, 1, {"probe": run}, str(tmp_path / "h.pt"))
+    hist = torch.load(tmp_path / "h.pt", weights_only=False)["probe"]
+    valid = [h["valid"] for h in hist if "valid" in h]
+    assert len(valid) == 1
+    v = valid[0]
+    assert -1.0 <= v["probe within-span cosine"] <= 1.0 and v["probe latent norm"] > 0
+    assert 0.0 <= v["probe top1 regions"] <= 1.0 and 0.0 <= v["probe top1 samples"] <= 1.0
