@@ -21,12 +21,8 @@ from megatron_latent.models.qwen25vl.rope_index import rope_index
 def collate_stage1(samples: list[dict], ids: dict, merge: int, pad_to: int | None = None) -> dict:
     """Common fields plus teacher_mask [b, s] bool: the <|image_pad|> slots of assistant images
     (row-major within an image, images in order; the teacher-state order)."""
-    if not samples:
-        raise ValueError("collate needs at least one sample")
-    input_ids, labels, loss_mask, attention_mask = pad_rows(samples, ids["pad"], pad_to)
-    teacher_mask = _pad_mask(samples, "teacher_mask", input_ids.shape[1])
-    _check_slots(teacher_mask, samples, "teacher_mask")
-    grids = _image_grids(samples)
+    input_ids, labels, loss_mask, attention_mask, teacher_mask, grids = _padded(
+        samples, ids, pad_to, "teacher_mask")
     position_ids, _ = rope_index(input_ids, grids, image_token_id=ids["<|image_pad|>"],
                                  spatial_merge_size=merge, attention_mask=attention_mask)
     return {"input_ids": input_ids, "labels": labels, "loss_mask": loss_mask,
@@ -45,12 +41,8 @@ def collate_stage2(samples: list[dict], ids: dict, merge: int, pad_to: int | Non
     block's own (H, W) in a row without question images: its latents then sit at their own
     cells and have no features to attend to).
     Grid slots get image-like mRoPE positions unless `image_like` is False (then text-like)."""
-    if not samples:
-        raise ValueError("collate needs at least one sample")
-    input_ids, labels, loss_mask, attention_mask = pad_rows(samples, ids["pad"], pad_to)
-    latent_mask = _pad_mask(samples, "latent_mask", input_ids.shape[1])
-    _check_slots(latent_mask, samples, "latent_mask")
-    grids = _image_grids(samples)
+    input_ids, labels, loss_mask, attention_mask, latent_mask, grids = _padded(
+        samples, ids, pad_to, "latent_mask")
     latent_grids = [g for x in samples for g in x["teacher_grids"]]
     position_ids, _ = rope_index(input_ids, grids, image_token_id=ids["<|image_pad|>"],
                                  spatial_merge_size=merge, attention_mask=attention_mask,
@@ -131,6 +123,17 @@ def question_features(samples: list[dict], merge: int) -> list[tuple]:
         out.append((torch.arange(offset, offset + len(coords)), coords, grid))
         offset += len(coords)
     return out
+
+
+def _padded(samples: list[dict], ids: dict, pad_to, mask_key: str):
+    """Right-padded ids, labels, loss mask, attention mask, the stage's slot mask (checked
+    against the samples' grids) and the image grids."""
+    if not samples:
+        raise ValueError("collate needs at least one sample")
+    input_ids, labels, loss_mask, attention_mask = pad_rows(samples, ids["pad"], pad_to)
+    mask = _pad_mask(samples, mask_key, input_ids.shape[1])
+    _check_slots(mask, samples, mask_key)
+    return input_ids, labels, loss_mask, attention_mask, mask, _image_grids(samples)
 
 
 def _pad_mask(samples: list[dict], key: str, s: int) -> torch.Tensor:

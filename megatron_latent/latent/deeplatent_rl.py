@@ -31,12 +31,12 @@ not counted.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from megatron.core import tensor_parallel
 
+from megatron_latent.latent.deeplatent_modules import _wide
 from megatron_latent.rl.losses import GRPOLoss, clipped_surrogate
 
 REDUCTIONS = ("sum", "mean_per_dim")
@@ -98,17 +98,20 @@ def block_fields(records) -> dict:
     mods, stats, ns, sigmas = [], [], [], []
     for rec in records:
         pair = (rec.q, rec.f)
-        mods.append(torch.stack([torch.stack([m.gamma.float(), m.beta.float()]) for m in pair]))
+        # fp32 at least (bf16 gammas of the MLPs), fp64 kept (the statistics' own precision)
+        mods.append(torch.stack([torch.stack([_wide(m.gamma), _wide(m.beta)]) for m in pair]))
         stats.append(torch.stack([torch.stack([m.stats.s1, m.stats.s2, m.stats.xe, m.stats.e1])
-                                  .float() for m in pair]))
+                                  for m in pair]))
         ns.append([float(m.stats.n) for m in pair])
         # noise off (greedy eval rollouts): the action is deterministic, no density
         sigmas.append([m.sigma if m.noisy else 0.0 for m in pair])
     if not records:
         return {"block_modulation": torch.zeros(0, 2, 2, 0), "block_stats": torch.zeros(0, 2, 4, 0),
-                "block_n": torch.zeros(0, 2), "block_sigma": torch.zeros(0, 2)}
-    return {"block_modulation": torch.stack(mods), "block_stats": torch.stack(stats),
-            "block_n": torch.tensor(ns), "block_sigma": torch.tensor(sigmas)}
+                "block_n": torch.zeros(0, 2), "block_sigma": torch.zeros(0, 2, dtype=torch.float64)}
+    mods = torch.stack(mods)
+    return {"block_modulation": mods, "block_stats": torch.stack(stats).to(mods.dtype),
+            "block_n": torch.tensor(ns),  # exact in fp32 up to 2^24 rows
+            "block_sigma": torch.tensor(sigmas, dtype=torch.float64)}  # the float sigma, exactly
 
 
 def _valid(batch) -> torch.Tensor:

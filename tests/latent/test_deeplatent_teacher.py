@@ -5,27 +5,18 @@ the checkpoint), term by term (fp32), on real DeepLatent data."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from megatron_latent.latent import registry
+from megatron_latent.testing.tools import load_tool
 from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
 from megatron_latent.testing.method_kits import KITS
 from megatron_latent.training.build import OptimSettings, build_model, build_optimizer, unwrap
 from megatron_latent.training.step import train_step
 
-REPO = Path(__file__).resolve().parents[2]
-
-
 def _tool():
-    spec = importlib.util.spec_from_file_location("cache_teacher_states",
-                                                  REPO / "tools" / "cache_teacher_states.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("cache_teacher_states")
 
 
 def test_cached_teacher_equals_online(tiny_ckpts, tmp_path, megatron_single_rank):

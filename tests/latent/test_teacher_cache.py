@@ -7,7 +7,6 @@ torchrun (1 and 2 data-parallel ranks) writes the same cache, equal to `capture_
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_latent.testing.tools import load_tool
 from megatron_latent.latent.teacher import OnlineTeacher, TeacherCache, capture_states
 from megatron_latent.models.qwen25vl.rope_index import rope_index
 from megatron_latent.testing.samples import photos
@@ -27,11 +27,7 @@ N = 8
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("cache_teacher_states",
-                                                  REPO / "tools" / "cache_teacher_states.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("cache_teacher_states")
 
 
 class ToyStage1:
