@@ -1,0 +1,380 @@
+"""DeepLatent latent thought time per block (issue #21): the time from the start of a `<latent>`
+event to the logits of the first token after `</latent>`, with the block appended in two chunk
+forwards (the generator's chunk path) against the same tokens and vectors fed one per step.
+
+    python benchmarks/bench_deeplatent_block.py --shape 7b --batch 1 8 \\
+        --json-out benchmarks/results/2026-12-03/deeplatent_block.json
+    python benchmarks/bench_deeplatent_block.py --shape tiny --batch 1 2 --repeat 2   # CPU smoke
+
+Model: Qwen2.5-VL at the `--shape` (7b: all 28 LLM layers, hidden 3,584, the 32-block vision
+tower), random weights, bf16, megatron-core's local spec (no TE), with DeepLatent's stage-2
+side modules (`registry.build("deeplatent", ..., {"stage": 2, "max_blocks": 1})`: one block a
+row, so a `<latent>` sampled after the block starts nothing). The scale head is overwritten
+(zero weights, biases one-hot at class `--grid` - 1), so its argmax grid is `--grid` x `--grid`
+(16 x 16 = 256 latents) whatever the random weights give. Each prompt: one `--image`-pixel
+image, `--text-tokens` question ids, and `<latent>` as the answer prefix, so the event fires on
+the prefill's output. Greedy.
+
+What one event runs (latent/deeplatent_decode.py, inference/generator.py):
+  chunk 1: the 3 placeholders (scale, qmod, imod) in one forward;
+  grid:    the scale head's argmax (H, W) and the LatentFormer's H*W latents (one call per row);
+  chunk 2: H*W latents + `</latent>` in one forward, at image-like positions, then the LM head
+           on every position of the chunk (the records' log-probs) and the rows' last logits;
+then one-token decoding resumes: the first token after `</latent>` is sampled from those logits
+and its own decode step (`next step`) runs.
+
+Reported per batch size (median and min over `--repeat` warm calls, after `--warmup`):
+- thought ms: the event, synchronised before and after (CUDA; host time included): chunk 1 +
+  grid + chunk 2, i.e. to the logits the first post-block token is sampled from; with its
+  parts (chunk forwards alone, the LM head + log-probs of chunk 2, the grid);
+- thought + next step ms: plus the first post-block decode iteration (sample it and its
+  forward: a CUDA graph replay);
+- e2e diff ms: generate(max_new_tokens = 3 + H*W + 2) minus generate of a program that never
+  fires (max_blocks = 0, max_new_tokens = 1), both ending with one decode iteration: a
+  cross-check of `thought ms` without the probes;
+- one-per-step ms: the `Replay` program (testing/generation.py) feeding the same ids and
+  vectors one per decode step (graphed), generate(3 + H*W + 2) minus generate(1) of the same
+  program: 3 + H*W + 1 decode steps, to the same logits; TPLT = that / (H*W).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_generate import SHAPES, hf_config  # noqa: E402
+
+
+class StubTokenizer:
+    """Enough of a tokenizer for `registry.build` to add DeepLatent's six tokens at the first
+    free ids (151665.. at the 7B shape, as on Qwen2.5-VL's tokenizer)."""
+
+    def __init__(self, first_free: int):
+        self.n, self.added = first_free, {}
+
+    def __len__(self):
+        return self.n + len(self.added)
+
+    def get_vocab(self):
+        return dict(self.added)
+
+    def add_tokens(self, tokens, special_tokens=False):
+        for t in tokens:
+            self.added[t] = len(self)
+
+    def convert_tokens_to_ids(self, t):
+        return self.added.get(t)
+
+    def encode(self, t, add_special_tokens=False):
+        return [self.added[t]]
+
+
+class Probe:
+    """Timers patched into the generator's chunk path (this benchmark only): each fired event's
+    total, its chunk appends, their forwards and LM-head parts, the grid, and the decode
+    iteration right after it. CUDA is synchronised at each boundary (the chunk path already
+    syncs the host several times per event)."""
+
+    def __init__(self, sync):
+        self.sync, self.on = sync, False
+        self.events, self.cur, self.await_step = [], None, False
+
+    def now(self):
+        self.sync()
+        return time.perf_counter()
+
+    def install(self):
+        from megatron_latent.inference.generator import Generator
+        from megatron_latent.inference.stages import StageLink
+        from megatron_latent.latent.deeplatent_decode import DeepLatentProgram
+
+        probe = self
+        events, append, grid = Generator._events, Generator._append, DeepLatentProgram._grid
+        forward, loop_of, logits_of = StageLink.forward, Generator._loop, Generator._logits_of
+
+        def _events(gen, loop, params, j, logits_log):
+            if not probe.on:
+                return events(gen, loop, params, j, logits_log)
+            probe.cur = {"chunks": [], "forwards": [], "lm_head": 0.0, "grid": 0.0}
+            t0 = probe.now()
+            j2 = events(gen, loop, params, j, logits_log)
+            t1 = probe.now()
+            if j2 > j:
+                probe.cur.update(total=t1 - t0, columns=j2 - j)
+                probe.events.append(probe.cur)
+                probe.await_step = True
+            probe.cur = None
+            return j2
+
+        def _append(gen, *a, **kw):
+            if probe.cur is None:
+                return append(gen, *a, **kw)
+            probe.cur["forwards"].append(0.0)
+            t0 = probe.now()
+            out = append(gen, *a, **kw)
+            probe.cur["chunks"].append(probe.now() - t0)
+            return out
+
+        def _forward(link, run, seq_len, batch):
+            if probe.cur is None or not probe.cur["forwards"]:
+                return forward(link, run, seq_len, batch)
+            t0 = probe.now()
+            out = forward(link, run, seq_len, batch)
+            probe.cur["forwards"][-1] += probe.now() - t0
+            return out
+
+        def _logits_of(gen, hidden):
+            if probe.cur is None:
+                return logits_of(gen, hidden)
+            t0 = probe.now()
+            out = logits_of(gen, hidden)
+            probe.cur["lm_head"] += probe.now() - t0
+            return out
+
+        def _grid(program, state, out, rows):
+            if probe.cur is None:
+                return grid(program, state, out, rows)
+            t0 = probe.now()
+            req = grid(program, state, out, rows)
+            probe.cur["grid"] += probe.now() - t0
+            return req
+
+        def _loop(gen, *a, **kw):
+            loop, step = loop_of(gen, *a, **kw)
+
+            def timed():
+                if not (probe.on and probe.await_step):
+                    return step()
+                t0 = probe.now()
+                step()
+                probe.events[-1]["next_step"] = probe.now() - t0
+                probe.await_step = False
+            return loop, timed
+
+        Generator._events, Generator._append, Generator._logits_of = _events, _append, _logits_of
+        Generator._loop, StageLink.forward, DeepLatentProgram._grid = _loop, _forward, _grid
+
+
+def make_prompts(shape, batch, text_tokens, image, latent_id, device):
+    """`batch` prompts: an image, a short question, `<latent>` (the event's trigger)."""
+    import torch
+
+    from megatron_latent.inference.generator import Prompt
+
+    ids, g = shape["ids"], torch.Generator().manual_seed(0)
+    side = image // 14
+    n_img = side * side // 4
+    prompts = []
+    for _ in range(batch):
+        text = torch.randint(0, 1000, (text_tokens,), generator=g).tolist()
+        seq = [ids["vision_start"]] + [ids["image"]] * n_img + [ids["vision_end"]] + text
+        pixels = torch.randn(side * side, 3 * 2 * 14 * 14, generator=g).to(device, torch.bfloat16)
+        prompts.append(Prompt(seq + [latent_id], pixels, torch.tensor([[1, side, side]])))
+    return prompts
+
+
+def stats(xs):
+    return {"median_ms": 1e3 * statistics.median(xs), "min_ms": 1e3 * min(xs),
+            "max_ms": 1e3 * max(xs), "n": len(xs)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="7b")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--grid", type=int, default=16, help="forced grid side (H = W)")
+    ap.add_argument("--text-tokens", type=int, default=24)
+    ap.add_argument("--image", type=int, default=448, help="image side in pixels (x14 patches)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--replay-repeat", type=int, default=3)
+    ap.add_argument("--no-graphs", action="store_true", help="eager one-token decode steps")
+    ap.add_argument("--skip-replay", action="store_true")
+    ap.add_argument("--json-out", default=None)
+    args = ap.parse_args()
+
+    import torch
+
+    from megatron_latent import parallel
+    from megatron_latent.inference.generator import Generator
+    from megatron_latent.inference.sampling import SamplingParams
+    from megatron_latent.latent import registry
+    from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
+    from megatron_latent.models.qwen25vl.model import Qwen25VLModel
+    from megatron_latent.testing.generation import Replay
+
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    graphs = cuda and not args.no_graphs
+    shape = SHAPES[args.shape]
+    parallel.initialize(parallel.ParallelConfig(), seed=0)
+    t_build = time.perf_counter()
+    cfg = Qwen25VLConfig.from_hf(hf_config(shape).to_dict(), spec="local",
+                                 params_dtype=torch.bfloat16)
+    tok = StubTokenizer(shape["ids"]["lvr_start"])  # the first free id
+    method = registry.build("deeplatent", tok, cfg, {"stage": 2, "max_blocks": 1})
+    modules = method.build_modules(cfg, pre_process=True, post_process=True)
+    torch.manual_seed(0)
+    model = Qwen25VLModel(cfg, latent_modules=modules).to(dev).eval()
+    head = model.latent_modules.scale_head
+    with torch.no_grad():  # argmax -> class grid - 1 -> H = W = grid
+        for lin in (head.h, head.w):
+            lin.weight.zero_()
+            lin.bias.zero_()
+            lin.bias[args.grid - 1] = 1.0
+    program = method.decode_program()
+    idle = method.decode_program()
+    idle.max_blocks = 0  # never fires; same spare cache slots
+    t_build = time.perf_counter() - t_build
+    n_lat = args.grid * args.grid
+    n_block = 3 + n_lat + 1  # placeholders, latents, </latent>
+    gpu = torch.cuda.get_device_name() if cuda else "cpu"
+    start_id = program.start_id
+    n_params = sum(p.numel() for p in model.parameters())
+    side = sum(p.numel() for p in model.latent_modules.parameters())
+    prompt_len = len(make_prompts(shape, 1, args.text_tokens, args.image, start_id, dev)[0]
+                     .input_ids)
+    print(f"# {gpu}; shape {args.shape} ({cfg.num_layers} LLM layers, hidden {cfg.hidden_size}); "
+          f"spec local, bf16; params {n_params / 1e9:.2f} B (side modules {side / 1e6:.1f} M); "
+          f"built in {t_build:.1f} s", flush=True)
+    print(f"# scale head forced: zero weights, biases one-hot at class {args.grid - 1} -> every "
+          f"block {args.grid}x{args.grid} = {n_lat} latents; block = 3 placeholders + {n_lat} "
+          f"latents + </latent> = {n_block} tokens; prompt {prompt_len} tokens (one "
+          f"{args.image}px image, {args.text_tokens} text ids, <latent>); decode steps "
+          f"{'CUDA graphs' if graphs else 'eager'}; chunk forwards eager", flush=True)
+
+    probe = Probe(sync)
+    probe.install()
+
+    def timed(fn):
+        sync()
+        t = time.perf_counter()
+        out = fn()
+        sync()
+        return time.perf_counter() - t, out
+
+    rows = []
+    result = {"gpu": gpu, "args": vars(args), "date": "2026-12-03", "spec": "local",
+              "dtype": "bf16", "prompt_tokens": prompt_len, "block_tokens": n_block,
+              "latents": n_lat, "scale_head_forced": f"zero weights, bias one-hot at "
+              f"{args.grid - 1} (argmax H = W = {args.grid})", "rows": rows}
+
+    def save():
+        if args.json_out:
+            Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json_out).write_text(json.dumps(result, indent=1))
+
+    for b in args.batch:
+        prompts = make_prompts(shape, b, args.text_tokens, args.image, start_id, dev)
+        n_new = n_block + 1  # the block, the first token after it (its forward runs too)
+        full, one = SamplingParams(max_new_tokens=n_new), SamplingParams(max_new_tokens=1)
+        gen = Generator(model, rule=program, cuda_graphs=graphs, check_every=1)
+        gen_idle = Generator(model, rule=idle, cuda_graphs=graphs, check_every=1)
+        row = {"batch": b}
+        # ---- the chunk path
+        for _ in range(args.warmup):
+            out = gen.generate(prompts, full)
+            gen_idle.generate(prompts, one)
+        lat = [len(c.latent_positions) for c in out]
+        assert all(n == n_lat for n in lat), f"expected {n_lat} latents a row, got {lat}"
+        assert all(c.tokens[n_block - 1] == program.end_id for c in out)
+        probe.events.clear()
+        t_full, t_idle = [], []
+        for _ in range(args.repeat):
+            probe.on = True
+            t, out = timed(lambda: gen.generate(prompts, full))
+            probe.on = False
+            t_full.append(t)
+            t_idle.append(timed(lambda: gen_idle.generate(prompts, one))[0])
+        ev = probe.events
+        assert len(ev) == args.repeat and all(len(e["chunks"]) == 2 for e in ev), ev
+        # two passes without probes (no syncs inside): the end-to-end cross-check
+        t_full_np, t_idle_np = [], []
+        for _ in range(args.repeat):
+            t_full_np.append(timed(lambda: gen.generate(prompts, full))[0])
+            t_idle_np.append(timed(lambda: gen_idle.generate(prompts, one))[0])
+        row.update(
+            thought=stats([e["total"] for e in ev]),
+            thought_plus_next_step=stats([e["total"] + e["next_step"] for e in ev]),
+            chunk1=stats([e["chunks"][0] for e in ev]),
+            chunk1_forward=stats([e["forwards"][0] for e in ev]),
+            grid_latentformer=stats([e["grid"] for e in ev]),
+            chunk2=stats([e["chunks"][1] for e in ev]),
+            chunk2_forward=stats([e["forwards"][1] for e in ev]),
+            chunk_lm_heads=stats([e["lm_head"] for e in ev]),
+            next_step=stats([e["next_step"] for e in ev]),
+            generate_block=stats(t_full_np), generate_idle=stats(t_idle_np),
+            e2e_diff_ms=1e3 * (statistics.median(t_full_np) - statistics.median(t_idle_np)),
+            e2e_diff_min_ms=1e3 * (min(t_full_np) - min(t_idle_np)),
+        )
+        first_after = [c.tokens[n_block] for c in out]
+        # ---- the same block fed one token / vector per decode step
+        if not args.skip_replay:
+            replay = Replay(out, program.latent_id, program.end_id, program.never_sample,
+                            cfg.hidden_size)
+            for k in ("tok", "scripted", "feed", "vec", "off"):  # on the device: graph-safe
+                setattr(replay, k, getattr(replay, k).to(dev))
+            gen_r = Generator(model, rule=replay, cuda_graphs=graphs, check_every=1)
+            try:
+                for _ in range(args.warmup):
+                    rep = gen_r.generate(prompts, full)
+                    gen_r.generate(prompts, one)
+            except Exception as e:  # noqa: BLE001 (a graph problem: report, then eager)
+                print(f"# replay with graphs failed ({type(e).__name__}: {e}); eager", flush=True)
+                gen_r = Generator(model, rule=replay, cuda_graphs=False, check_every=1)
+                rep = gen_r.generate(prompts, full)
+                row["replay_graphs"] = False
+            same = all(r.tokens[:n_block] == c.tokens[:n_block] and
+                       r.latent_positions == c.latent_positions for r, c in zip(rep, out))
+            t_r, t_r1 = [], []
+            for _ in range(args.replay_repeat):
+                t_r.append(timed(lambda: gen_r.generate(prompts, full))[0])
+                t_r1.append(timed(lambda: gen_r.generate(prompts, one))[0])
+            d = [a - c for a, c in zip(t_r, t_r1)]
+            row.update(one_per_step=stats(d), replay_generate=stats(t_r),
+                       replay_prefill=stats(t_r1),
+                       one_per_step_tplt_ms=1e3 * statistics.median(d) / n_lat,
+                       one_per_step_step_ms=1e3 * statistics.median(d) / n_block,
+                       replay_same_block=same,
+                       replay_same_first_token=[r.tokens[n_block] for r in rep] == first_after)
+            row["speedup_vs_one_per_step"] = (row["one_per_step"]["median_ms"]
+                                              / row["thought"]["median_ms"])
+            del gen_r, replay
+        row["thought_tplt_ms"] = row["thought"]["median_ms"] / n_lat
+        rows.append(row)
+        print(json.dumps({k: (round(v, 3) if isinstance(v, float) else
+                              {kk: round(vv, 3) for kk, vv in v.items()} if isinstance(v, dict)
+                              else v) for k, v in row.items()}), flush=True)
+        save()
+        del gen, gen_idle
+        if cuda:
+            torch.cuda.empty_cache()
+    if cuda:
+        result["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    save()
+
+    def f(r, k, key="median_ms"):
+        return f"{r[k][key]:.2f}" if k in r else "-"
+
+    print(f"\n| batch | thought ms (median / min) | + next step | chunk 1 (fwd) | grid + "
+          f"LatentFormer | chunk 2 (fwd / LM heads) | e2e diff | one-per-step ms | speedup |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['batch']} | **{f(r, 'thought')}** / {f(r, 'thought', 'min_ms')} "
+              f"| {f(r, 'thought_plus_next_step')} | {f(r, 'chunk1')} ({f(r, 'chunk1_forward')}) "
+              f"| {f(r, 'grid_latentformer')} | {f(r, 'chunk2')} ({f(r, 'chunk2_forward')} / "
+              f"{f(r, 'chunk_lm_heads')}) | {r['e2e_diff_ms']:.2f} | {f(r, 'one_per_step')} "
+              f"| {r.get('speedup_vs_one_per_step', float('nan')):.1f}x |")
+
+
+if __name__ == "__main__":
+    main()
