@@ -17,9 +17,13 @@ the prefill's output. Greedy.
 
 What one event runs (latent/deeplatent_decode.py, inference/generator.py):
   chunk 1: the 3 placeholders (scale, qmod, imod) in one forward;
-  grid:    the scale head's argmax (H, W) and the LatentFormer's H*W latents (one call per row);
+  grid:    the scale head's argmax (H, W) and the LatentFormer's H*W latents (one batched call
+           per group of rows with the same grid and image layout);
   chunk 2: H*W latents + `</latent>` in one forward, at image-like positions, then the LM head
-           on every position of the chunk (the records' log-probs) and the rows' last logits;
+           where it is used (before `</latent>` and at the last input: the records' log-probs
+           and the rows' last logits);
+each chunk forward a CUDA graph replay (per batch and padded size: 3 and 16*16 + 1) where the
+decode steps are graphed, unless --no-chunk-graphs;
 then one-token decoding resumes: the first token after `</latent>` is sampled from those logits
 and its own decode step (`next step`) runs.
 
@@ -93,12 +97,11 @@ class Probe:
 
     def install(self):
         from megatron_latent.inference.generator import Generator
-        from megatron_latent.inference.stages import StageLink
         from megatron_latent.latent.deeplatent_decode import DeepLatentProgram
 
         probe = self
         events, append, grid = Generator._events, Generator._append, DeepLatentProgram._grid
-        forward, loop_of, logits_of = StageLink.forward, Generator._loop, Generator._logits_of
+        forward, loop_of, logits_of = Generator._chunk_forward, Generator._loop, Generator._logits_of
 
         def _events(gen, loop, params, j, logits_log):
             if not probe.on:
@@ -123,11 +126,11 @@ class Probe:
             probe.cur["chunks"].append(probe.now() - t0)
             return out
 
-        def _forward(link, run, seq_len, batch):
+        def _forward(gen, *a, **kw):  # eager or a CUDA graph replay
             if probe.cur is None or not probe.cur["forwards"]:
-                return forward(link, run, seq_len, batch)
+                return forward(gen, *a, **kw)
             t0 = probe.now()
-            out = forward(link, run, seq_len, batch)
+            out = forward(gen, *a, **kw)
             probe.cur["forwards"][-1] += probe.now() - t0
             return out
 
@@ -160,7 +163,7 @@ class Probe:
             return loop, timed
 
         Generator._events, Generator._append, Generator._logits_of = _events, _append, _logits_of
-        Generator._loop, StageLink.forward, DeepLatentProgram._grid = _loop, _forward, _grid
+        Generator._loop, Generator._chunk_forward, DeepLatentProgram._grid = _loop, _forward, _grid
 
 
 def make_prompts(shape, batch, text_tokens, image, latent_id, device):
@@ -197,6 +200,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--replay-repeat", type=int, default=3)
     ap.add_argument("--no-graphs", action="store_true", help="eager one-token decode steps")
+    ap.add_argument("--no-chunk-graphs", action="store_true",
+                    help="eager chunk forwards (default: CUDA graphs where decode steps have them)")
     ap.add_argument("--skip-replay", action="store_true")
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args()
@@ -250,7 +255,8 @@ def main() -> None:
           f"block {args.grid}x{args.grid} = {n_lat} latents; block = 3 placeholders + {n_lat} "
           f"latents + </latent> = {n_block} tokens; prompt {prompt_len} tokens (one "
           f"{args.image}px image, {args.text_tokens} text ids, <latent>); decode steps "
-          f"{'CUDA graphs' if graphs else 'eager'}; chunk forwards eager", flush=True)
+          f"{'CUDA graphs' if graphs else 'eager'}; chunk forwards "
+          f"{'CUDA graphs' if graphs and not args.no_chunk_graphs else 'eager'}", flush=True)
 
     probe = Probe(sync)
     probe.install()
@@ -277,8 +283,10 @@ def main() -> None:
         prompts = make_prompts(shape, b, args.text_tokens, args.image, start_id, dev)
         n_new = n_block + 1  # the block, the first token after it (its forward runs too)
         full, one = SamplingParams(max_new_tokens=n_new), SamplingParams(max_new_tokens=1)
-        gen = Generator(model, rule=program, cuda_graphs=graphs, check_every=1)
-        gen_idle = Generator(model, rule=idle, cuda_graphs=graphs, check_every=1)
+        cg = not args.no_chunk_graphs
+        gen = Generator(model, rule=program, cuda_graphs=graphs, check_every=1, chunk_graphs=cg)
+        gen_idle = Generator(model, rule=idle, cuda_graphs=graphs, check_every=1,
+                             chunk_graphs=cg)
         row = {"batch": b}
         # ---- the chunk path
         for _ in range(args.warmup):

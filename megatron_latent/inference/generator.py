@@ -15,8 +15,9 @@ these.
 
 Chunk appends (decode programs with `uses_chunks`, latent/decoding.py): after the prefill and
 after every iteration the program may ask for a block of inputs per row (forced ids, vectors,
-at given mRoPE offsets), appended at every row's next cache slots by ONE eager forward of s > 1
-tokens at `write_index > 0`: causal within the block, full to the valid cache, rows with fewer
+at given mRoPE offsets), appended at every row's next cache slots by ONE forward of s > 1
+tokens at `write_index > 0` (eager, or on graphed decode loops a CUDA graph replay padded to the
+program's `chunk_shapes`, cuda_graph.ChunkGraph): causal within the block, full to the valid cache, rows with fewer
 inputs leaving masked slots (`KVCache.valid`), which the records drop (decode_loop.py). It sees
 that forward's hidden states and may ask for another block, then one-token decoding (graphed
 or not) resumes. Such a block's attention is the cache's general masked path (SDPA), not the
@@ -31,6 +32,7 @@ from functools import partial
 import torch
 
 from megatron_latent.ops import decode_gemm
+from megatron_latent.inference.cuda_graph import ChunkGraph
 from megatron_latent.inference.decode_loop import DecodeLoop
 from megatron_latent.latent.decoding import Chunk, ChunkOutput
 from megatron_latent.models.qwen25vl.kv_cache import KVCache
@@ -80,11 +82,12 @@ class Generator:
     def __init__(self, model, *, rule=None, max_context: int | None = None,
                  pad_id: int = 0, cuda_graphs: bool = False, check_every: int = 8,
                  split_attention: bool = True, max_graphs: int = 4,
-                 chunk_slots: int | None = None):
+                 chunk_slots: int | None = None, chunk_graphs: bool = True):
         """`chunk_slots`: cache slots beyond max_new_tokens for the empty slots chunk appends
         leave in rows with fewer inputs (a row still gets max_new_tokens tokens at most; when
         the slots run out, generation stops: finish reason "length"); None: the program's
-        `chunk_slots`."""
+        `chunk_slots`. `chunk_graphs`: with `cuda_graphs`, chunk forwards replay CUDA graphs
+        too (per batch and padded chunk size, cuda_graph.ChunkGraph)."""
         self.model, self.cfg, self.rule = model, model.cfg, rule
         if getattr(rule, "bind", None) is not None:  # a program may use the side modules
             rule.bind(model)
@@ -96,7 +99,7 @@ class Generator:
         self.chunk_slots = chunk_slots
         self.max_context = max_context or self.cfg.max_position_embeddings
         self.pad_id, self.check_every = pad_id, check_every
-        self.cuda_graphs = cuda_graphs
+        self.cuda_graphs, self.chunk_graphs = cuda_graphs, chunk_graphs
         # split-K decode attention (decode_attention.py; used where Triton runs on the device,
         # else SDPA): measured 5.62 vs 6.16 ms a batch-8 7B decode step on an H200
         self.split_attention = split_attention
@@ -267,21 +270,61 @@ class Generator:
         offsets = torch.where(valid.unsqueeze(-1), offsets, 0)
         positions = ((loop.next_pos + loop.j).view(1, b, 1) + t.view(1, 1, k)
                      + offsets.permute(2, 0, 1))  # [3, b, k]
-        cache = loop.cache
+        hidden = self._chunk_forward(loop, ids, valid, feed, vectors, positions, j)  # [b, k, h]
+        loop.cache.advance(k)
+        # logits: each input's log-prob under the logits before it, and the rows' last ones
+        rows, last = torch.arange(b, device=dev), (lengths - 1).clamp(min=0)
+        if logits_log is not None:
+            logp, new_logits = self._chunk_logits_all(loop, params, hidden, ids, valid, lengths,
+                                                      logits_log)
+        else:
+            logp, new_logits = self._chunk_logits_needed(loop, params, hidden, ids, valid, feed,
+                                                         lengths)
+        loop.record_chunk(j, ids, valid, feed, vectors, vec_logp, offsets, logp)
+        has = lengths > 0
+        loop.logits.copy_(new_logits)
+        loop.hidden.copy_(torch.where(has.unsqueeze(1), hidden[rows, last], loop.hidden))
+        loop.consumed.copy_(torch.where(has, ids[rows, last], loop.consumed))
+        return ChunkOutput(index, ids, lengths, hidden, new_logits, self._logits_of), k
+
+    def _chunk_body(self, cache: KVCache, ids, valid, feed, vectors, positions):
+        """A chunk's forward (ids, valid, feed [b, k], vectors [b, k, h], positions [3, b, k])
+        -> final-norm states [k, b, h]; no host sync (CUDA-graph safe); the caller advances
+        the cache."""
         cache.mark(valid)
         emb = self.model.language_model.embedding(input_ids=ids, position_ids=None)  # [k, b, h]
         emb = torch.where(feed.t().unsqueeze(-1), vectors.transpose(0, 1).to(emb.dtype), emb)
-        hidden = self.link.forward(
+        return self.link.forward(
             lambda: self.model(input_ids=ids, position_ids=positions, decoder_input=emb,
                                inference_context=cache, head=self._hidden_head),
-            seq_len=k, batch=b)
-        cache.advance(k)
-        hidden = hidden.transpose(0, 1)  # [b, k, h]
-        # logits: each input's log-prob under the logits before it, and the rows' last ones
-        # (in slices: [b, k, vocab] at once can be large)
+            seq_len=ids.shape[1], batch=ids.shape[0])
+
+    def _chunk_forward(self, loop: DecodeLoop, ids, valid, feed, vectors, positions, j: int):
+        """The chunk's forward at column j -> hidden [b, k, h]: eager, or (graphed decode
+        loops) a CUDA graph replay of a fixed shape [b, kp], kp the program's smallest
+        `chunk_shapes` size >= k (else k), the padding slots masked (`valid` False, like a
+        shorter row's) and after every real input, so no real query sees them; the cache's
+        next writes go over them. Eager when the padded block would pass the cache's end."""
+        b, k = ids.shape
+        graphs = getattr(loop, "chunk_graphs", None)
+        kp = min((n for n in getattr(self.rule, "chunk_shapes", ()) if n >= k), default=k)
+        if graphs is None or int(loop.cache.write_index) + kp > loop.cache.max_len:
+            return self._chunk_body(loop.cache, ids, valid, feed, vectors, positions
+                                    ).transpose(0, 1)
+        g = graphs.get(kp)
+        if g is None:
+            g = graphs[kp] = ChunkGraph(self, loop.cache, b, kp, self.cfg.hidden_size,
+                                        self.cfg.params_dtype, self.pad_id)
+        return g(ids, valid, feed, vectors, positions)[:, :k]
+
+    def _chunk_logits_all(self, loop, params, hidden, ids, valid, lengths, logits_log):
+        """record_logits: the LM head at every position of the chunk (each input's logits are
+        logged). -> (log-prob of each input [b, k], the rows' last logits [b, vocab])."""
+        b, k, dev = ids.shape[0], ids.shape[1], ids.device
         rows, last = torch.arange(b, device=dev), (lengths - 1).clamp(min=0)
         logp = torch.zeros(b, k, device=dev)
         new_logits, prev = loop.logits.clone(), loop.logits
+        # in slices: [b, k, vocab] at once can be large
         step = max(1, (1 << 26) // (b * self.cfg.vocab_size))
         for t0 in range(0, k, step):
             logits = self._logits_of(hidden[:, t0:t0 + step])  # [b, s, vocab]
@@ -289,20 +332,47 @@ class Generator:
             before = torch.cat([prev.unsqueeze(1), logits[:, :-1]], 1)
             logp[:, t0:t0 + s] = (policy_logprobs(before, params)
                                   .gather(-1, ids[:, t0:t0 + s, None])[..., 0])
-            if logits_log is not None:
-                for u in range(s):
-                    logits_log.append(torch.where(valid[:, t0 + u, None], before[:, u], 0)
-                                      .cpu())
+            for u in range(s):
+                logits_log.append(torch.where(valid[:, t0 + u, None], before[:, u], 0).cpu())
             here = (lengths > 0) & (last >= t0) & (last < t0 + s)
             new_logits = torch.where(here.unsqueeze(1),
                                      logits[rows, (last - t0).clamp(0, s - 1)], new_logits)
             prev = logits[:, -1]
-        loop.record_chunk(j, ids, valid, feed, vectors, vec_logp, offsets, logp)
-        has = lengths > 0
-        loop.logits.copy_(new_logits)
-        loop.hidden.copy_(torch.where(has.unsqueeze(1), hidden[rows, last], loop.hidden))
-        loop.consumed.copy_(torch.where(has, ids[rows, last], loop.consumed))
-        return ChunkOutput(index, ids, lengths, hidden, new_logits, self._logits_of), k
+        return logp, new_logits
+
+    def _chunk_logits_needed(self, loop, params, hidden, ids, valid, feed, lengths):
+        """The LM head only where its output is used: before each recorded (non-fed) input
+        (position u - 1, or the logits before the chunk for u = 0) and at each row's last
+        input. Fed positions' log-probs are recorded as 0, so a grid of latents needs the head
+        at two positions a row. -> as `_chunk_logits_all`."""
+        b, k, dev = ids.shape[0], ids.shape[1], ids.device
+        rows, last = torch.arange(b, device=dev), (lengths - 1).clamp(min=0)
+        scored = valid & ~feed  # the inputs whose log-prob is recorded
+        need = torch.zeros(b, k, dtype=torch.bool, device=dev)
+        need[:, :-1] = scored[:, 1:]
+        need[rows, last] |= lengths > 0
+        cols = need.any(0).nonzero().flatten()  # one host sync (the chunk path is eager)
+        logp = torch.zeros(b, k, device=dev)
+        new_logits = loop.logits.clone()
+        if scored[:, 0].any():
+            logp[:, 0] = policy_logprobs(loop.logits, params).gather(1, ids[:, :1])[:, 0]
+        if cols.numel() == 0:
+            return logp, new_logits
+        step = max(1, (1 << 26) // (b * self.cfg.vocab_size))
+        for c0 in range(0, cols.numel(), step):
+            at = cols[c0:c0 + step]
+            logits = self._logits_of(hidden[:, at])  # [b, s, vocab] at positions `at`
+            nxt = at + 1  # the inputs these logits score
+            ok = nxt < k
+            if bool(ok.any()):
+                a, n = at[ok], nxt[ok]
+                logp[:, n] = (policy_logprobs(logits[:, ok], params)
+                              .gather(-1, ids[:, n, None])[..., 0])
+            hit = (at.unsqueeze(0) == last.unsqueeze(1)) & (lengths > 0).unsqueeze(1)  # [b, s]
+            here = hit.any(1)
+            idx = hit.float().argmax(1)
+            new_logits = torch.where(here.unsqueeze(1), logits[rows, idx], new_logits)
+        return logp, new_logits
 
     # ------------------------------------------------------------------ one iteration
     def _choose(self, loop: DecodeLoop, params: SamplingParams):
@@ -355,6 +425,8 @@ class Generator:
             return loop, step
         from megatron_latent.inference.cuda_graph import GraphedIteration
 
+        if self.chunks and self.chunk_graphs:
+            loop.chunk_graphs = {}  # ChunkGraph by padded chunk size
         self._loops[key] = (loop, GraphedIteration(step, loop.tensors(),
                                                    None if params.greedy else loop.gen))
         while len(self._loops) > self.max_graphs:  # each holds a KV cache and a graph pool

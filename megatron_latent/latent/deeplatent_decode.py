@@ -11,7 +11,7 @@ import torch
 
 from megatron_latent.latent.base import LatentStep
 from megatron_latent.latent.decoding import Chunk, LatentRule
-from megatron_latent.latent.deeplatent_modules import grid_coords
+from megatron_latent.latent.deeplatent_modules import grid_coords, latent_coords
 
 
 class DeepLatentProgram(LatentRule):
@@ -27,6 +27,9 @@ class DeepLatentProgram(LatentRule):
         self.never_sample = (ids[SCALE], ids[QMOD], ids[IMOD], ids[PAD], ids[END])
         # spare cache slots for the padding chunk appends leave in rows without an event
         self.chunk_slots = max_blocks * (4 + max_grid * max_grid)
+        # the generator's CUDA graphs of chunk forwards: the placeholders, a grid padded to
+        # the largest + `</latent>`
+        self.chunk_shapes = (3, max_grid * max_grid + 1)
         self.image_token_id, self.merge, self.max_blocks = image_token_id, merge, max_blocks
         self.sigma_q, self.sigma_f = sigma_q or 0.0, sigma_f or 0.0
         self.modules, self.features = None, None
@@ -73,13 +76,9 @@ class DeepLatentProgram(LatentRule):
         n = hh * ww
         k_max = int(n.max()) + 1
         vectors = torch.zeros(b, k_max, h.shape[-1], dtype=h.dtype, device=dev)
-        for i in rows.nonzero().flatten().tolist():
-            feats, coords, frame = self.features[i]
-            z, _ = self.modules.build_latents(h[i, 1], h[i, 2], int(hh[i]), int(ww[i]),
-                                              feats.to(dev), coords, frame or (int(hh[i]),
-                                                                               int(ww[i])),
-                                              self.sigma_q, self.sigma_f, noise=False)
-            vectors[i, :z.shape[0]] = z.to(h.dtype)
+        sel = rows.nonzero().flatten().tolist()
+        for idx, z in zip(*self._latents(h, hh, ww, sel, dev)):
+            vectors[idx, :z.shape[1]] = z.to(h.dtype)
         k = torch.arange(k_max, device=dev).expand(b, -1)
         feed = k < n.unsqueeze(1)
         ids = torch.where(feed, self.latent_id, self.end_id)
@@ -88,6 +87,59 @@ class DeepLatentProgram(LatentRule):
         offsets = torch.where(feed.unsqueeze(-1), slot, after) + state["shift"].view(b, 1, 1)
         state["shift"].copy_(torch.where(rows, state["shift"] + after.view(b), state["shift"]))
         return Chunk(ids, torch.where(rows, n + 1, 0), feed, vectors, offsets)
+
+
+    def _latents(self, h, hh, ww, sel: list[int], dev):
+        """The LatentFormer's latents of rows `sel`, one batched call per group of rows with
+        the same grid and the same question-image layout (as `build_latents` row by row, noise
+        off): -> (row indices, latents [rows, H*W, d]) per group."""
+        groups: dict = {}
+        for i in sel:
+            feats, coords, frame = self.features[i]
+            g = (int(hh[i]), int(ww[i]), frame, feats.shape[0])
+            for key, members in groups.items():
+                if key[:4] == g and torch.equal(self.features[members[0]][1], coords):
+                    members.append(i)
+                    break
+            else:
+                groups[(*g, len(groups))] = [i]
+        idx_out, z_out = [], []
+        for (height, width, frame, _, _), members in groups.items():
+            if len(members) == 1:
+                i = members[0]
+                feats, coords, frame = self.features[i]
+                z, _ = self.modules.build_latents(h[i, 1], h[i, 2], height, width, feats.to(dev),
+                                                  coords, frame or (height, width),
+                                                  self.sigma_q, self.sigma_f, noise=False)
+                z = z.unsqueeze(0)
+            else:
+                z = self._latents_batched(h, members, height, width, frame or (height, width),
+                                          dev)
+            idx_out.append(torch.tensor(members, device=dev))
+            z_out.append(z)
+        return idx_out, z_out
+
+    def _latents_batched(self, h, members, height, width, frame, dev):
+        """`build_latents` (noise off) for several rows with the same grid and question-image
+        layout, the LatentFormer over a batch [s, rows, d] instead of one call per row."""
+        m = self.modules
+        dtype = m.grid.queries.dtype
+        rows = torch.tensor(members, device=dev)
+        gamma_q, beta_q = m.mlp_l(h[rows, 1])  # [r, d]
+        gamma_f, beta_f = m.mlp_i(h[rows, 2])
+        feats = torch.stack([self.features[i][0].to(dev) for i in members], 1).to(dtype)
+        grid = m.grid.resized(height, width)  # [n_z, d]
+        z = (1 + gamma_q) * grid.unsqueeze(1) + beta_q  # [n_z, r, d]
+        f = (1 + gamma_f) * feats + beta_f  # [n_f, r, d]
+        coords = self.features[members[0]][1]
+        if coords is None:
+            coords = grid_coords(*frame, device=dev)
+        lf = m.latentformer
+        angles_z = lf.rotary(latent_coords(height, width, frame, device=dev))
+        angles_f = lf.rotary(coords.to(dev))
+        for block in lf.blocks:
+            z = block(z, f, angles_z, angles_f)
+        return z.transpose(0, 1)  # [r, n_z, d]
 
 
 class _KeepFeatures(LatentStep):

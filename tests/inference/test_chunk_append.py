@@ -244,6 +244,36 @@ def test_chunk_rows_alone_and_budget(setup):
         assert a.tokens == c.tokens[:n] and a.finish_reason == "stop"
 
 
+def test_chunk_logits_only_where_needed(setup, monkeypatch):
+    """Without record_logits the chunk path runs the LM head only before the recorded (non-fed)
+    inputs and at each row's last input: same tokens, log-probs and latents as the head at
+    every position (record_logits), and far fewer head positions on the grid chunks."""
+    from megatron_latent.inference import generator as g
+
+    s = setup
+    model, prompts, program = s["model"], s["prompts"], s["program"]
+    params = SamplingParams(max_new_tokens=22)
+    gen = Generator(model, rule=program, pad_id=s["pad"])
+    full = gen.generate(prompts, params, record_logits=True)
+    seen = []
+    real = g.Generator._logits_of
+
+    def counted(self, hidden):
+        seen.append(hidden.shape[1] if hidden.dim() == 3 else 1)
+        return real(self, hidden)
+
+    monkeypatch.setattr(g.Generator, "_logits_of", counted)
+    lean = gen.generate(prompts, params)
+    for a, c in zip(full, lean):
+        assert a.tokens == c.tokens and a.latent_positions == c.latent_positions
+        assert a.forced_positions == c.forced_positions
+        assert torch.equal(a.latents, c.latents)
+        assert torch.equal(a.position_offsets, c.position_offsets)
+        assert max(abs(x - y) for x, y in zip(a.logprobs, c.logprobs)) <= 1e-5
+    # a grid chunk (k = H*W + 1 <= 5) needs the head at <= 2 positions per row with an event
+    assert seen and max(seen) <= 4, seen
+
+
 def test_chunk_program_refuses_pipeline_stages(setup, monkeypatch):
     from megatron_latent.inference import generator as g
 
@@ -293,3 +323,40 @@ def test_chunk_append_with_cuda_graphs(spec, dtype, tiny_ckpts, megatron_single_
             assert c.tokens == graphed.tokens
             ref = _recompute(model, s["cfg"], prompt, c)[0]
             assert (ref - c.logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,shapes", [(torch.float32, (3, 5)), (torch.float32, ()),
+                                          (torch.bfloat16, ())])
+def test_graphed_chunks_equal_eager_chunks(dtype, shapes, tiny_ckpts, megatron_single_rank):
+    """On a GPU, graphed decode steps: chunk forwards replayed as CUDA graphs (per batch and
+    chunk size; `shapes` (3, 5): grids padded to 4 latents + end, masked slots) equal eager
+    chunk forwards; exactly where the shapes are not padded."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    s = _case(tiny_ckpts["tiny-a"], "local", dtype, "cuda")
+    model, prompts, program = s["model"], s["prompts"], s["program"]
+    program.chunk_shapes = shapes
+    params = SamplingParams(max_new_tokens=22)
+    runs = {}
+    for chunk_graphs in (False, True):
+        gen = Generator(model, rule=program, cuda_graphs=True, pad_id=s["pad"], chunk_slots=48,
+                        chunk_graphs=chunk_graphs)
+        first = gen.generate(prompts, params)  # captures
+        runs[chunk_graphs] = gen.generate(prompts, params)  # replays
+        assert [c.tokens for c in first] == [c.tokens for c in runs[chunk_graphs]]
+        (loop, _), = gen._loops.values()
+        graphs = getattr(loop, "chunk_graphs", None)
+        if chunk_graphs:
+            assert graphs and all(g.graph is not None for g in graphs.values())
+            if shapes:
+                assert sorted(graphs) == [3, 5]
+        else:
+            assert graphs is None
+    assert [len(_blocks(c, s["place"])) for c in runs[True]] == [2, 2, 0]
+    tol = 0 if not shapes else 1e-4
+    for eager, graphed in zip(runs[False], runs[True]):
+        assert graphed.tokens == eager.tokens
+        assert graphed.latent_positions == eager.latent_positions
+        assert torch.equal(graphed.position_offsets, eager.position_offsets)
+        assert torch.allclose(graphed.latents, eager.latents, atol=tol, rtol=0)
+        assert all(abs(x - y) <= tol for x, y in zip(graphed.logprobs, eager.logprobs))
