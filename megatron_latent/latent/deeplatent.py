@@ -181,17 +181,10 @@ class DeepLatent(LatentMethod):
             prev = [_last_to_first(o if outs else None, (mb["blocks"].shape[0], 3,
                                                          self.hidden_size))
                     for mb, o in zip(micro_batches, outs or [None] * len(micro_batches))]
+            if self._feature_sq is not None:  # before a later pass or the step injects noise
+                self._fix_sigma_f()
         for mb, mod in zip(micro_batches, prev):
             mb["mod_hidden"] = mod
-        if self._feature_sq is not None:
-            import torch.distributed as dist
-            from megatron.core import parallel_state as ps
-
-            sq = self._feature_sq.to(_device())
-            dist.all_reduce(sq, group=ps.get_data_parallel_group())
-            if ps.is_pipeline_first_stage():  # the stage that injects
-                self.sigma_f = 0.1 * float((sq[0] / sq[1].clamp(min=1)).sqrt())
-            self._feature_sq = None
         if self.teacher is None:
             raise ValueError("DeepLatent stage 2 needs teacher states: --teacher-states DIR (a "
                              "cache written by tools/cache_teacher_states.py, or the stage-1 "
@@ -209,6 +202,18 @@ class DeepLatent(LatentMethod):
             return
         for mb in micro_batches:
             mb["teacher"] = self._teacher_cache.get(mb["sample_ids"], self.align_layers)
+
+    def _fix_sigma_f(self) -> None:
+        """sigma_f = 0.1 x RMS of the question features the first context pass saw, over all
+        data-parallel ranks: the same in any layout, recorded with the hparams."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        sq = self._feature_sq.to(_device())
+        dist.all_reduce(sq, group=ps.get_data_parallel_group())
+        if ps.is_pipeline_first_stage():  # the stage that injects
+            self.sigma_f = 0.1 * float((sq[0] / sq[1].clamp(min=1)).sqrt())
+        self._feature_sq = None
 
     def _open_teacher(self, model_chunks, forward_only):
         from megatron_latent.latent import teacher
@@ -236,7 +241,7 @@ class DeepLatent(LatentMethod):
         from megatron_latent.latent.deeplatent_decode import DeepLatentProgram
 
         return DeepLatentProgram(self.ids, self.image_token_id, self.spatial_merge_size,
-                                 self.max_blocks, self.sigma_q, self.sigma_f)
+                                 self.max_blocks)
 
     def block_noise(self, sample_id: str, k: int) -> torch.Generator:
         """The noise of block k of a sample: a fixed function of the sample (the same on every
@@ -313,8 +318,8 @@ class _BlockLatents:
         if m.sigma_q is None:  # fixed once (spec 2.5); recorded with the method's hparams
             m.sigma_q = 0.1 * float(modules.grid.queries.detach().float().pow(2).mean().sqrt())
         if m.sigma_f is None:
-            f = image_features.detach().float() if image_features is not None else None
-            m.sigma_f = 0.1 * float(f.pow(2).mean().sqrt()) if f is not None and f.numel() else 0.0
+            raise ValueError("DeepLatent's sigma_f is set by the first context pass: run "
+                             "method.prepare_step before the step")
         rows = mb["sample_ids"]
         per_row_k: dict[int, int] = {}
         out = []

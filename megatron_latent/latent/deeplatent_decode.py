@@ -11,7 +11,7 @@ import torch
 
 from megatron_latent.latent.base import LatentStep
 from megatron_latent.latent.decoding import Chunk, LatentRule
-from megatron_latent.latent.deeplatent_modules import grid_coords, latent_coords
+from megatron_latent.latent.deeplatent_modules import grid_coords
 
 
 class DeepLatentProgram(LatentRule):
@@ -19,7 +19,7 @@ class DeepLatentProgram(LatentRule):
     uses_position_offsets = True
 
     def __init__(self, ids: dict, image_token_id: int, merge: int, max_blocks: int,
-                 sigma_q: float | None, sigma_f: float | None, max_grid: int = 16):
+                 max_grid: int = 16):
         from megatron_latent.data.deeplatent_tokens import END, IMOD, PAD, QMOD, SCALE, START
 
         super().__init__(ids[START], ids[PAD], ids[END], "forced", steps=max_grid * max_grid)
@@ -31,7 +31,6 @@ class DeepLatentProgram(LatentRule):
         # the largest + `</latent>`
         self.chunk_shapes = (3, max_grid * max_grid + 1)
         self.image_token_id, self.merge, self.max_blocks = image_token_id, merge, max_blocks
-        self.sigma_q, self.sigma_f = sigma_q or 0.0, sigma_f or 0.0
         self.modules, self.features = None, None
 
     def bind(self, model) -> None:
@@ -88,11 +87,9 @@ class DeepLatentProgram(LatentRule):
         state["shift"].copy_(torch.where(rows, state["shift"] + after.view(b), state["shift"]))
         return Chunk(ids, torch.where(rows, n + 1, 0), feed, vectors, offsets)
 
-
     def _latents(self, h, hh, ww, sel: list[int], dev):
-        """The LatentFormer's latents of rows `sel`, one batched call per group of rows with
-        the same grid and the same question-image layout (as `build_latents` row by row, noise
-        off): -> (row indices, latents [rows, H*W, d]) per group."""
+        """The LatentFormer's latents of rows `sel`, one call per group of rows with the same
+        grid and the same question-image layout -> (row indices, latents [rows, H*W, d])."""
         groups: dict = {}
         for i in sel:
             feats, coords, frame = self.features[i]
@@ -105,41 +102,13 @@ class DeepLatentProgram(LatentRule):
                 groups[(*g, len(groups))] = [i]
         idx_out, z_out = [], []
         for (height, width, frame, _, _), members in groups.items():
-            if len(members) == 1:
-                i = members[0]
-                feats, coords, frame = self.features[i]
-                z, _ = self.modules.build_latents(h[i, 1], h[i, 2], height, width, feats.to(dev),
-                                                  coords, frame or (height, width),
-                                                  self.sigma_q, self.sigma_f, noise=False)
-                z = z.unsqueeze(0)
-            else:
-                z = self._latents_batched(h, members, height, width, frame or (height, width),
-                                          dev)
-            idx_out.append(torch.tensor(members, device=dev))
-            z_out.append(z)
+            rows = torch.tensor(members, device=dev)
+            feats = torch.stack([self.features[i][0].to(dev) for i in members], 1)
+            z_out.append(self.modules.inference_latents(
+                h[rows, 1], h[rows, 2], height, width, feats, self.features[members[0]][1],
+                frame or (height, width)))
+            idx_out.append(rows)
         return idx_out, z_out
-
-    def _latents_batched(self, h, members, height, width, frame, dev):
-        """`build_latents` (noise off) for several rows with the same grid and question-image
-        layout, the LatentFormer over a batch [s, rows, d] instead of one call per row."""
-        m = self.modules
-        dtype = m.grid.queries.dtype
-        rows = torch.tensor(members, device=dev)
-        gamma_q, beta_q = m.mlp_l(h[rows, 1])  # [r, d]
-        gamma_f, beta_f = m.mlp_i(h[rows, 2])
-        feats = torch.stack([self.features[i][0].to(dev) for i in members], 1).to(dtype)
-        grid = m.grid.resized(height, width)  # [n_z, d]
-        z = (1 + gamma_q) * grid.unsqueeze(1) + beta_q  # [n_z, r, d]
-        f = (1 + gamma_f) * feats + beta_f  # [n_f, r, d]
-        coords = self.features[members[0]][1]
-        if coords is None:
-            coords = grid_coords(*frame, device=dev)
-        lf = m.latentformer
-        angles_z = lf.rotary(latent_coords(height, width, frame, device=dev))
-        angles_f = lf.rotary(coords.to(dev))
-        for block in lf.blocks:
-            z = block(z, f, angles_z, angles_f)
-        return z.transpose(0, 1)  # [r, n_z, d]
 
 
 class _KeepFeatures(LatentStep):

@@ -145,11 +145,15 @@ class LatentFormer(nn.Module):
 
     def forward(self, z: torch.Tensor, feats: torch.Tensor, z_coords: torch.Tensor,
                 feat_coords: torch.Tensor) -> torch.Tensor:
+        """z [n_z, d] and feats [n_f, d], or a batch of grids [n_z, b, d] and [n_f, b, d]
+        sharing their coordinates."""
         angles_z, angles_f = self.rotary(z_coords), self.rotary(feat_coords)
-        z, feats = z.unsqueeze(1), feats.unsqueeze(1)  # megatron's [s, b, h] with b = 1
+        single = z.dim() == 2
+        if single:  # megatron's [s, b, h] with b = 1
+            z, feats = z.unsqueeze(1), feats.unsqueeze(1)
         for block in self.blocks:
             z = block(z, feats, angles_z, angles_f)
-        return z.squeeze(1)
+        return z.squeeze(1) if single else z
 
 
 @dataclass
@@ -226,6 +230,22 @@ class DeepLatentModules(nn.Module):
         z_coords = latent_coords(height, width, feat_grid, device=device)
         latents = self.latentformer(z, f, z_coords, feat_coords.to(device))
         return latents, LatentBlockRecord((height, width), rec_q, rec_f)
+
+    def inference_latents(self, h_l: torch.Tensor, h_i: torch.Tensor, height: int, width: int,
+                          feats: torch.Tensor, feat_coords: torch.Tensor | None,
+                          feat_grid: tuple[int, int]) -> torch.Tensor:
+        """`build_latents` without noise for r rows sharing a grid size and a question-image
+        layout, in one LatentFormer call: h_l, h_i [r, d]; feats [n_f, r, d] -> [r, H*W, d]."""
+        dtype = self.grid.queries.dtype
+        gamma_q, beta_q = self.mlp_l(h_l)
+        gamma_f, beta_f = self.mlp_i(h_i)
+        z = (1 + gamma_q) * self.grid.resized(height, width).unsqueeze(1) + beta_q
+        f = (1 + gamma_f) * feats.detach().to(dtype) + beta_f
+        device = z.device
+        if feat_coords is None:
+            feat_coords = grid_coords(*feat_grid, device=device)
+        z_coords = latent_coords(height, width, feat_grid, device=device)
+        return self.latentformer(z, f, z_coords, feat_coords.to(device)).transpose(0, 1)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
         """Replicated tensors with a TP replica id (one TP rank writes them); the parallel

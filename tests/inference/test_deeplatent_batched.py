@@ -22,7 +22,7 @@ def test_batched_latents_equal_per_row(megatron_single_rank):
             mlp.fc2.weight.normal_(0, 0.1)
             mlp.fc2.bias.normal_(0, 0.1)
     prog = DeepLatentProgram.__new__(DeepLatentProgram)
-    prog.modules, prog.sigma_q, prog.sigma_f = mods, 0.3, 0.2
+    prog.modules = mods
     shared = grid_coords(3, 4)
     prog.features = [(torch.randn(12, D), shared, (3, 4)),  # rows 0, 1, 3: one group
                      (torch.randn(12, D), shared.clone(), (3, 4)),

@@ -51,7 +51,9 @@ def two_block_batch(tiny_ckpts, tmp_path_factory, megatron_single_rank):
     with torch.no_grad():  # non-zero modulation, so the latents depend on the states
         for name in ("mlp_l", "mlp_i"):
             getattr(model.latent_modules, name).fc2.weight.normal_(0, 0.05)
-    return method, model.eval(), mb
+    model.eval()
+    method.prepare_step([model], [dict(mb)], forward_outputs)  # fixes sigma_f, as a run does
+    return method, model, mb
 
 
 def _passes(method, model, mb, n):
