@@ -59,6 +59,9 @@ class Completion:
     latent_logprobs: list[float] = field(default_factory=list)
     # indices into `tokens` the decode program appended instead of the sampled id (not actions)
     forced_positions: list[int] = field(default_factory=list)
+    # the decode program's records of this row's latent events (latent.decoding.LatentRule
+    # .event_records), e.g. a block's sampled continuous actions
+    events: list = field(default_factory=list, repr=False)
     # the decode program's mRoPE offsets of each token [len(tokens), 3]; None: it uses none
     position_offsets: torch.Tensor | None = field(default=None, repr=False)
     logits: torch.Tensor | None = field(default=None, repr=False)  # [len(tokens), vocab]
@@ -218,7 +221,7 @@ class Generator:
         -> the next column."""
         out = ChunkOutput(0, loop.consumed.unsqueeze(1).clone(),
                           (~loop.rec["finished"]).long(), loop.hidden.unsqueeze(1).clone(),
-                          loop.logits.clone(), self._logits_of)
+                          loop.logits.clone(), self._logits_of, loop.gen)
         while j < loop.slots:
             req = self.rule.chunk(loop.state, out)
             if req is None:
@@ -285,7 +288,7 @@ class Generator:
         loop.logits.copy_(new_logits)
         loop.hidden.copy_(torch.where(has.unsqueeze(1), hidden[rows, last], loop.hidden))
         loop.consumed.copy_(torch.where(has, ids[rows, last], loop.consumed))
-        return ChunkOutput(index, ids, lengths, hidden, new_logits, self._logits_of), k
+        return ChunkOutput(index, ids, lengths, hidden, new_logits, self._logits_of, loop.gen), k
 
     def _chunk_body(self, cache: KVCache, ids, valid, feed, vectors, positions):
         """A chunk's forward (ids, valid, feed [b, k], vectors [b, k, h], positions [3, b, k])
@@ -476,6 +479,8 @@ class Generator:
         logits = torch.stack(logits_log, 1) if logits_log else None
         offsets = self.rule is not None and (getattr(self.rule, "uses_position_offsets", False)
                                              or self.chunks)
+        records = getattr(self.rule, "event_records", None)
+        events = records() if records is not None else None
         out = []
         for i in range(rec["tokens"].shape[0]):
             n = int(rec["length"][i])
@@ -494,6 +499,7 @@ class Generator:
                 latent_logprobs=row["latent_logprobs"][feed].tolist(),
                 forced_positions=row["forced"].nonzero().flatten().tolist(),
                 position_offsets=row["pos_offset"] if offsets else None,
+                events=list(events[i]) if events else [],
                 finish_reason="stop" if stopped else "length",
                 logits=None if logits is None else logits[i, :n][keep]))
         return out

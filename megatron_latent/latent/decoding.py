@@ -76,13 +76,16 @@ class ChunkOutput:
     consumed (the latent id where a vector was fed); lengths [b]: real inputs per row (0: the
     row appended nothing, or it has finished); hidden [b, k, h]: final-norm hidden states;
     logits [b, vocab] (fp32): each row's last logits, what it samples from next;
-    logits_of(hidden [..., h]) -> [..., vocab]: the LM head, for logits anywhere else."""
+    logits_of(hidden [..., h]) -> [..., vocab]: the LM head, for logits anywhere else;
+    generator: the loop's sampling stream (seeded alike on every tensor-parallel rank), for a
+    program that samples actions of its own."""
     index: int
     ids: torch.Tensor
     lengths: torch.Tensor
     hidden: torch.Tensor
     logits: torch.Tensor
     logits_of: Callable[[torch.Tensor], torch.Tensor]
+    generator: torch.Generator | None = None
 
 
 @dataclass
@@ -164,4 +167,9 @@ class LatentRule:
     def prefill_step(self, input_ids: torch.Tensor, image_grid_thw):
         """A latent step for the prompt's forward (its `inject` sees the prompt's image
         features, e.g. to keep them for the program's events), or None."""
+        return None
+
+    def event_records(self) -> list[list] | None:
+        """After a generate call: per row, the program's records of its latent events (e.g. a
+        stochastic block's sampled actions, for RL), attached to the completions; None: none."""
         return None

@@ -9,10 +9,15 @@ forward-only *context pass* before the step (`prepare_step`: a teacher-forced fo
 produce its own inputs). Loss = CE (text, <|im_end|>, <latent>) + 4.0 * (1 - cos) to the stage-1
 model's states at the same slots, at the chosen layers (layer hooks, any pipeline stage) +
 0.5 * (CE(H) + CE(W)) of the scale head on the training pass's h_scale.
+
+RL (spec 2.9; latent/deeplatent_rl.py): continuous-space GRPO from a stage-2 checkpoint: rollouts
+sample both modulations and record their statistics; the loss scores them with the trained
+MLPs on the training forward's states; grid, LatentFormer and scale head frozen.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 
@@ -49,11 +54,15 @@ class DeepLatent(LatentMethod):
     context_passes: int = 1
     latent_positions: str = "image"
     freeze_modules: bool = False
+    # RL (spec 2.9): the continuous log-prob summed over all dims (paper) or mean per dim;
+    # the old policy of the ratio: this forward's (exactly on-policy) or the rollout's
+    cont_logprob_reduction: str = "sum"
+    cont_old_policy: str = "forward"
     name = "deeplatent"
     tokens = LATENT_TOKENS
     special_tokens = False
     prompt_images_first = False  # Zebra-CoT: the question, then its images
-    has_rl_stage = False  # continuous-space GRPO: issue #22
+    _rl: bool = field(default=False, repr=False, compare=False)
     _teacher_cache: object = field(default=None, repr=False, compare=False)
     _align_logs: list = field(default_factory=list, repr=False, compare=False)
     _split_logs: bool = field(default=False, repr=False, compare=False)
@@ -78,7 +87,8 @@ class DeepLatent(LatentMethod):
     def hparams(self) -> dict:
         keys = ("stage", "align_layers", "lambda_align", "lambda_scale", "max_blocks",
                 "latentformer_layers", "latentformer_ffn", "sigma_q", "sigma_f", "teacher",
-                "context_passes", "latent_positions", "freeze_modules")
+                "context_passes", "latent_positions", "freeze_modules",
+                "cont_logprob_reduction", "cont_old_policy")
         return {k: getattr(self, k) for k in keys}
 
     @classmethod
@@ -96,13 +106,23 @@ class DeepLatent(LatentMethod):
         a("--latentformer-layers", type=int, default=None, help="DeepLatent: (1)")
         a("--context-passes", type=int, default=None,
           help="DeepLatent: context passes before a step; n makes blocks <= n exact (1)")
+        from megatron_latent.latent.deeplatent_rl import OLD_POLICIES, REDUCTIONS
+
+        a("--cont-logprob-reduction", choices=REDUCTIONS, default=None,
+          help="DeepLatent RL: the modulation actions' log-prob and KL summed over all dims "
+               "(sum, the paper's) or divided by them (mean_per_dim)")
+        a("--cont-old-policy", choices=OLD_POLICIES, default=None,
+          help="DeepLatent RL: the ratio's old policy: this forward's, detached (forward, "
+               "default), or the rollout's recorded modulation (rollout)")
 
     @classmethod
     def hparams_from_args(cls, args) -> dict:
         pairs = (("stage", "deeplatent_stage"), ("teacher", "teacher_states"),
                  ("lambda_align", "align_loss_weight"), ("lambda_scale", "scale_loss_weight"),
                  ("latentformer_layers", "latentformer_layers"),
-                 ("context_passes", "context_passes"))
+                 ("context_passes", "context_passes"),
+                 ("cont_logprob_reduction", "cont_logprob_reduction"),
+                 ("cont_old_policy", "cont_old_policy"))
         out = {k: getattr(args, f) for k, f in pairs if getattr(args, f, None) is not None}
         if getattr(args, "align_layers", None):
             out["align_layers"] = [int(x) for x in args.align_layers.split(",")]
@@ -119,7 +139,13 @@ class DeepLatent(LatentMethod):
             latentformer_layers=self.latentformer_layers, latentformer_ffn=self.latentformer_ffn)
 
     def frozen_patterns(self) -> tuple[str, ...]:
-        return ("*latent_modules.*",) if self.freeze_modules else ()
+        if self.freeze_modules:
+            return ("*latent_modules.*",)
+        if self._rl:
+            from megatron_latent.latent.deeplatent_rl import RL_FROZEN_PATTERNS
+
+            return RL_FROZEN_PATTERNS
+        return ()
 
     # ------------------------------------------------------------ data and training
     def sft_dataset(self, data_path, **kwargs):
@@ -242,6 +268,44 @@ class DeepLatent(LatentMethod):
 
         return DeepLatentProgram(self.ids, self.image_token_id, self.spatial_merge_size,
                                  self.max_blocks)
+
+    # ------------------------------------------------------------ RL (spec 2.9)
+    def for_rl(self) -> "DeepLatent":
+        if self.stage != 2:
+            raise ValueError("DeepLatent RL starts from a stage-2 checkpoint (its latent blocks "
+                             "and modulation MLPs); this one is stage 1")
+        return dataclasses.replace(self, _rl=True)
+
+    def rl_decode_program(self, mode=None, steps=None, threshold=0.5):
+        program = self.decode_program(mode, steps, threshold)
+        if self.sigma_q is None or self.sigma_f is None:
+            raise ValueError("DeepLatent RL samples the modulations with the stage-2 sigma_q and "
+                             "sigma_f, which this checkpoint does not record: start from a "
+                             "checkpoint trained at stage 2")
+        program.sigmas = (self.sigma_q, self.sigma_f)
+        return program
+
+    def rl_defaults(self) -> dict:
+        # spec 2.9 [paper-gap -> ours]: symmetric clip 0.2, KL 0.01, 0.9 accuracy + 0.1 format
+        return {"eps_low": 0.2, "eps_high": 0.2, "kl_beta": 0.01,
+                "rewards": "accuracy:0.9,format:0.1"}
+
+    def rl_policy_loss(self, eps_low, eps_high, kl_beta):
+        from megatron.core import parallel_state as ps
+
+        from megatron_latent.latent.deeplatent_rl import ContinuousGRPOLoss
+
+        if ps.model_parallel_is_initialized() and \
+                ps.get_pipeline_model_parallel_world_size() > 1:
+            raise NotImplementedError(
+                "DeepLatent RL runs at pipeline-parallel size 1: the modulation MLPs it trains "
+                "live on the first stage and its loss on the last (use TP / DP instead)")
+        ids = self.ids
+        return ContinuousGRPOLoss(eps_low, eps_high, kl_beta,
+                                  reduction=self.cont_logprob_reduction,
+                                  old_policy=self.cont_old_policy,
+                                  block_ids=(ids[START], ids[SCALE], ids[PAD], ids[END]),
+                                  hidden_size=self.hidden_size)
 
     def block_noise(self, sample_id: str, k: int) -> torch.Generator:
         """The noise of block k of a sample: a fixed function of the sample (the same on every

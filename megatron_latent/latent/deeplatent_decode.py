@@ -3,7 +3,12 @@ appended in one forward; their final-norm states give the grid size (the scale h
 the modulations (no noise at inference); the LatentFormer builds the H x W grid, which is appended
 with `</latent>` in a second forward at image-like positions (slot (i, j) of a block whose first
 slot is at p: (p, p + i, p + j); the text after it continues at p + max(H, W)). Sampling then
-resumes. Uses the generator's chunk appends (latent/decoding.py): eager, PP = 1."""
+resumes. Uses the generator's chunk appends (latent/decoding.py): eager, PP = 1.
+
+RL rollouts (`sigmas` given): the two modulations are sampled (a = mu + sigma eps, eps from the
+generator's sampling stream, the same on every tensor-parallel rank) and each block's
+`LatentBlockRecord` (gamma, beta and the sufficient statistics the continuous GRPO ratio needs)
+is kept per row: `event_records()`, which the generator attaches to the completions."""
 
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ class DeepLatentProgram(LatentRule):
     uses_position_offsets = True
 
     def __init__(self, ids: dict, image_token_id: int, merge: int, max_blocks: int,
-                 max_grid: int = 16):
+                 max_grid: int = 16, sigmas: tuple[float, float] | None = None):
         from megatron_latent.data.deeplatent_tokens import END, IMOD, PAD, QMOD, SCALE, START
 
         super().__init__(ids[START], ids[PAD], ids[END], "forced", steps=max_grid * max_grid)
@@ -32,6 +37,7 @@ class DeepLatentProgram(LatentRule):
         self.chunk_shapes = (3, max_grid * max_grid + 1)
         self.image_token_id, self.merge, self.max_blocks = image_token_id, merge, max_blocks
         self.modules, self.features = None, None
+        self.sigmas, self.records = sigmas, []
 
     def bind(self, model) -> None:
         if model.latent_modules is None:
@@ -40,7 +46,12 @@ class DeepLatentProgram(LatentRule):
         self.modules = model.latent_modules
 
     def prefill_step(self, input_ids, image_grid_thw):
+        self.records = [[] for _ in range(input_ids.shape[0])]
         return _KeepFeatures(self, input_ids, image_grid_thw)
+
+    def event_records(self) -> list[list]:
+        """Per row, the `LatentBlockRecord` of each sampled block, in order (RL rollouts)."""
+        return self.records
 
     def init_state(self, batch, device):
         return {"shift": torch.zeros(batch, dtype=torch.long, device=device),
@@ -76,7 +87,7 @@ class DeepLatentProgram(LatentRule):
         k_max = int(n.max()) + 1
         vectors = torch.zeros(b, k_max, h.shape[-1], dtype=h.dtype, device=dev)
         sel = rows.nonzero().flatten().tolist()
-        for idx, z in zip(*self._latents(h, hh, ww, sel, dev)):
+        for idx, z in zip(*self._latents(h, hh, ww, sel, dev, out.generator)):
             vectors[idx, :z.shape[1]] = z.to(h.dtype)
         k = torch.arange(k_max, device=dev).expand(b, -1)
         feed = k < n.unsqueeze(1)
@@ -87,7 +98,7 @@ class DeepLatentProgram(LatentRule):
         state["shift"].copy_(torch.where(rows, state["shift"] + after.view(b), state["shift"]))
         return Chunk(ids, torch.where(rows, n + 1, 0), feed, vectors, offsets)
 
-    def _latents(self, h, hh, ww, sel: list[int], dev):
+    def _latents(self, h, hh, ww, sel: list[int], dev, generator=None):
         """The LatentFormer's latents of rows `sel`, one call per group of rows with the same
         grid and the same question-image layout -> (row indices, latents [rows, H*W, d])."""
         groups: dict = {}
@@ -104,9 +115,15 @@ class DeepLatentProgram(LatentRule):
         for (height, width, frame, _, _), members in groups.items():
             rows = torch.tensor(members, device=dev)
             feats = torch.stack([self.features[i][0].to(dev) for i in members], 1)
-            z_out.append(self.modules.inference_latents(
-                h[rows, 1], h[rows, 2], height, width, feats, self.features[members[0]][1],
-                frame or (height, width)))
+            args = (h[rows, 1], h[rows, 2], height, width, feats, self.features[members[0]][1],
+                    frame or (height, width))
+            if self.sigmas is None:
+                z_out.append(self.modules.inference_latents(*args))
+            else:
+                z, recs = self.modules.sample_latents(*args, *self.sigmas, generator=generator)
+                z_out.append(z)
+                for i, rec in zip(members, recs):
+                    self.records[i].append(rec)
             idx_out.append(rows)
         return idx_out, z_out
 

@@ -137,6 +137,13 @@ class Modulation:
     stats: GaussianStats
     action: torch.Tensor | None = None
 
+    def row(self, i: int) -> "Modulation":
+        """Row i of a modulation of r rows at once (x [N, r, d], gamma [r, d])."""
+        s = self.stats
+        return Modulation(self.gamma[i], self.beta[i], self.sigma, self.noisy,
+                          GaussianStats(s.s1[i], s.s2[i], s.xe[i], s.e1[i], s.n),
+                          None if self.action is None else self.action[:, i])
+
 
 def modulate(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, sigma: float, *,
              noise: bool, generator: torch.Generator | None = None,

@@ -92,9 +92,10 @@ def gaussian_kl(mu, sigma, mu_ref, sigma_ref) -> torch.Tensor:
 
 
 # ---- what the rollout records -------------------------------------------------------------------
-def block_fields(records) -> dict:
+def block_fields(records, dim: int = 0) -> dict:
     """The batch fields of one micro-batch's blocks (row-major order) from the rollout's
-    records (latentformer.LatentBlockRecord: `.q`, `.f` deeplatent_modules.Modulation)."""
+    records (latentformer.LatentBlockRecord: `.q`, `.f` deeplatent_modules.Modulation); `dim`:
+    the hidden size (the fields' width when there are no records)."""
     mods, stats, ns, sigmas = [], [], [], []
     for rec in records:
         pair = (rec.q, rec.f)
@@ -106,7 +107,8 @@ def block_fields(records) -> dict:
         # noise off (greedy eval rollouts): the action is deterministic, no density
         sigmas.append([m.sigma if m.noisy else 0.0 for m in pair])
     if not records:
-        return {"block_modulation": torch.zeros(0, 2, 2, 0), "block_stats": torch.zeros(0, 2, 4, 0),
+        return {"block_modulation": torch.zeros(0, 2, 2, dim),
+                "block_stats": torch.zeros(0, 2, 4, dim),
                 "block_n": torch.zeros(0, 2), "block_sigma": torch.zeros(0, 2, dtype=torch.float64)}
     mods = torch.stack(mods)
     return {"block_modulation": mods, "block_stats": torch.stack(stats).to(mods.dtype),
@@ -167,7 +169,12 @@ class ContinuousGRPOLoss(GRPOLoss):
     beta: float = 0.01
     reduction: str = "sum"
     old_policy: str = "forward"
+    # the block layout in a rollout's tokens (`rollout_fields`): ids of `<latent>`, the scale
+    # placeholder, a grid slot and `</latent>`; the hidden size
+    block_ids: tuple[int, int, int, int] | None = None
+    hidden_size: int = 0
     has_latent_policy = True
+    reference_needs_modules = True
 
     def __post_init__(self):
         if self.reduction not in REDUCTIONS:
@@ -217,9 +224,46 @@ class ContinuousGRPOLoss(GRPOLoss):
     def latent_logprobs(self, model, hidden, batch):
         return self._log_probs(modulation_params(model, hidden, batch), batch)[0]
 
-    def reference_terms(self, model, hidden, batch):
+    def latent_rollout_gap(self, latent_logprobs, batch):
+        """Per dimension of the action (the summed log-ratio grows with N x d): already
+        log pi_theta - log pi_rollout, divided by N x d under the "sum" reduction."""
+        gap = latent_logprobs.abs()
+        if self.reduction == "sum":
+            dims = batch["block_n"].to(gap) * batch["block_stats"].shape[-1]
+            gap = gap / dims.clamp(min=1.0)
+        return gap
+
+    def reference_fields(self, model, hidden, batch):
         """What the reference pass records: `ref_modulation` [n, 2, 2, d]."""
-        return modulation_params(model, hidden, batch).detach()
+        return {"ref_modulation": modulation_params(model, hidden, batch).detach()}
+
+    def total(self, means):
+        return means["policy loss"] + means.get("cont policy loss", 0.0)
+
+    def rollout_fields(self, rows):
+        """`blocks` and the `block_fields` of a rollout micro-batch: each completion's block
+        records (`Completion.events`) matched in order to its `<latent>`s followed by the
+        scale placeholder; a block cut by the length budget (grid or `</latent>` missing) is
+        no action (its fed latents are still injected)."""
+        if self.block_ids is None:
+            raise ValueError("rollout_fields needs the block token ids (block_ids)")
+        start, scale, pad, end = self.block_ids
+        blocks, records = [], []
+        for row, (seq, comp) in enumerate(rows):
+            seq = seq.tolist()
+            opens = [p for p in range(len(seq) - 1) if seq[p] == start and seq[p + 1] == scale]
+            if len(comp.events) > len(opens):
+                raise ValueError(f"row {row}: {len(comp.events)} block records but "
+                                 f"{len(opens)} blocks in its tokens")
+            for p, rec in zip(opens, comp.events):
+                h, w = rec.grid
+                slots, close = seq[p + 4:p + 4 + h * w], p + 4 + h * w
+                if slots != [pad] * (h * w) or close >= len(seq) or seq[close] != end:
+                    continue
+                blocks.append([row, p, h, w])
+                records.append(rec)
+        return {"blocks": torch.tensor(blocks, dtype=torch.long).view(-1, 4),
+                **block_fields(records, self.hidden_size)}
 
     def latent_terms(self, model, hidden, batch):
         return self.continuous_terms(modulation_params(model, hidden, batch), batch)
@@ -243,7 +287,8 @@ class ContinuousGRPOLoss(GRPOLoss):
         logs = {"cont pg loss": ((pg * fv).detach().sum(), n),
                 "cont clip fraction": ((clipped * fv).sum(), n),
                 "cont log ratio": ((delta * fv).detach().sum(), n),
-                "cont rollout gap": ((lp.detach().abs() * fv).sum(), n)}
+                "cont rollout gap": ((lp.detach().abs() * fv).sum(), n),
+                "cont actions per rollout": (n, float(batch["loss_mask"].shape[0]))}
         if self.beta:
             ref = batch["ref_modulation"].to(mod.device)
             sigma_ref = batch.get("ref_sigma")

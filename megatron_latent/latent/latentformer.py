@@ -247,6 +247,31 @@ class DeepLatentModules(nn.Module):
         z_coords = latent_coords(height, width, feat_grid, device=device)
         return self.latentformer(z, f, z_coords, feat_coords.to(device)).transpose(0, 1)
 
+    def sample_latents(self, h_l: torch.Tensor, h_i: torch.Tensor, height: int, width: int,
+                       feats: torch.Tensor, feat_coords: torch.Tensor | None,
+                       feat_grid: tuple[int, int], sigma_q: float, sigma_f: float,
+                       generator: torch.Generator | None = None
+                       ) -> tuple[torch.Tensor, list[LatentBlockRecord]]:
+        """`inference_latents` with the Gaussian modulation actions sampled (RL rollouts):
+        -> (latents [r, H*W, d], one `LatentBlockRecord` per row with its (gamma, beta), sigma
+        and sufficient statistics). eps_q [H*W, r, d] then eps_f [n_f, r, d] from `generator`."""
+        dtype = self.grid.queries.dtype
+        gamma_q, beta_q = self.mlp_l(h_l)
+        gamma_f, beta_f = self.mlp_i(h_i)
+        r = h_l.shape[0]
+        q = self.grid.resized(height, width).unsqueeze(1).expand(-1, r, -1)
+        kw = dict(noise=True, generator=generator)
+        z, rec_q = modulate(q, gamma_q, beta_q, sigma_q, **kw)
+        f, rec_f = modulate(feats.detach().to(dtype), gamma_f, beta_f, sigma_f, **kw)
+        device = z.device
+        if feat_coords is None:
+            feat_coords = grid_coords(*feat_grid, device=device)
+        z_coords = latent_coords(height, width, feat_grid, device=device)
+        latents = self.latentformer(z, f, z_coords, feat_coords.to(device)).transpose(0, 1)
+        records = [LatentBlockRecord((height, width), rec_q.row(i), rec_f.row(i))
+                   for i in range(r)]
+        return latents, records
+
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
         """Replicated tensors with a TP replica id (one TP rank writes them); the parallel
         linears through their own sharded_state_dict (q/k/v split on axis 0, o on axis 1)."""

@@ -83,10 +83,11 @@ def _device():
 
 
 class _Reference:
-    """The frozen reference policy; kept on the host between uses when offloaded."""
+    """The frozen reference policy; kept on the host between uses when offloaded. With
+    `method`, its side modules too (a policy loss whose `reference_fields` use them)."""
 
-    def __init__(self, mcfg, source: str, offload: bool):
-        self.chunks = build_model(mcfg, None, wrap_ddp=False)
+    def __init__(self, mcfg, source: str, offload: bool, method=None):
+        self.chunks = build_model(mcfg, None, wrap_ddp=False, latent_method=method)
         model = self.chunks[0]
         if checkpointing.is_checkpoint(source):
             checkpointing.load_model(source, model)
@@ -100,11 +101,13 @@ class _Reference:
         if self.offload:
             model.cpu()
 
-    def score(self, micro_batches, temperature: float) -> list:
+    def score(self, micro_batches, temperature: float, policy_loss) -> list:
+        """Per micro-batch {"logp": token log-probs, **policy_loss.reference_fields}."""
         if self.offload:
             self.chunks[0].to(_device())
         try:
-            return forward_outputs(self.chunks, micro_batches, TokenScorer(temperature))
+            return forward_outputs(self.chunks, micro_batches,
+                                   TokenScorer(temperature, policy_loss, reference=True))
         finally:
             if self.offload:
                 self.chunks[0].cpu()
@@ -154,12 +157,14 @@ def run_grpo(cfg: GRPOConfig) -> list[dict]:
     records = load_rl_prompts(cfg.data_path)
 
     model, optimizer, scheduler, iteration, consumed = setup_training(cfg, mcfg, resume, method)
-    reference = _Reference(mcfg, ref_source, cfg.offload_reference) if cfg.kl_beta else None
+    policy_loss = method.rl_policy_loss(cfg.eps_low, cfg.eps_high, cfg.kl_beta)
+    reference = (_Reference(mcfg, ref_source, cfg.offload_reference,
+                            method if policy_loss.reference_needs_modules else None)
+                 if cfg.kl_beta else None)
     policy = unwrap(model[0])
     generator = Generator(policy, rule=method.rl_decode_program(cfg.latent_mode, cfg.latent_steps),
                           pad_id=builder.pad_id, cuda_graphs=cfg.cuda_graphs,
                           max_context=cfg.seq_length)
-    policy_loss = method.rl_policy_loss(cfg.eps_low, cfg.eps_high, cfg.kl_beta)
     objective = RLObjective(policy_loss, cfg.temperature)
     order = SampleOrder(len(records), cfg.seed)
     log = RunLogger(cfg.train_iters, project=cfg.wandb_project, run_name=cfg.wandb_exp_name,
@@ -207,11 +212,13 @@ def _step(cfg, model, optimizer, policy, generator, builder, records, order, con
     mbs = rollout_micro_batches(rollouts, comps, adv, cfg=mcfg, pad_id=builder.pad_id,
                                 micro_batch_size=cfg.micro_batch_size,
                                 pad_to=pad_length(longest, cfg.tensor_model_parallel_size),
-                                exclude_ids=method.rl_untrained_ids())
+                                exclude_ids=method.rl_untrained_ids(),
+                                policy_loss=objective.policy_loss)
     t1 = time.perf_counter()
     if reference is not None:
-        for mb, ref_lp in zip(mbs, reference.score(mbs, cfg.temperature)):
-            mb["ref_logprobs"] = ref_lp
+        for mb, ref in zip(mbs, reference.score(mbs, cfg.temperature, objective.policy_loss)):
+            mb["ref_logprobs"] = ref.pop("logp")
+            mb.update(ref)
         if not ps.is_pipeline_last_stage():  # only the last stage computes the loss
             for mb in mbs:
                 mb["ref_logprobs"] = None

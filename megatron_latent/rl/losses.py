@@ -75,6 +75,27 @@ class PolicyLoss:
         policy."""
         return None
 
+    def latent_rollout_gap(self, latent_logprobs: torch.Tensor, batch: dict) -> torch.Tensor:
+        """|log pi_train - log pi_rollout| of each latent action, from `latent_logprobs`."""
+        return (latent_logprobs - batch["latent_old_logprobs"].to(latent_logprobs)).abs()
+
+    # the reference pass needs the method's side modules (`reference_fields` uses them)
+    reference_needs_modules = False
+
+    def reference_fields(self, model, hidden: torch.Tensor, batch: dict) -> dict:
+        """What the frozen reference's forward records for this loss besides its token
+        log-probs (e.g. its latent policy's parameters), merged into the micro-batch."""
+        return {}
+
+    def rollout_fields(self, rows: list[tuple[torch.Tensor, object]]) -> dict:
+        """Batch fields of one rollout micro-batch this loss needs, from its rows (the full
+        token sequence [n] (prompt + completion), inference.generator.Completion)."""
+        return {}
+
+    def total(self, means: dict) -> float:
+        """The step's reported objective from the per-term means of the logs."""
+        return means["policy loss"]
+
 
 @dataclass
 class GRPOLoss(PolicyLoss):

@@ -25,13 +25,14 @@ def token_logprobs(model, hidden_states, output_layer, output_weight, labels, te
 
 
 class RLStep(LatentStep):
-    """`loss` None: scoring (token log-probs); `score_only`: the token log-probs and the loss's
-    latent log-probs, no loss (the old policy recomputed before several PPO epochs)."""
+    """`loss` None: scoring (token log-probs); `score` "old": the token log-probs and the loss's
+    latent log-probs, no loss (the old policy recomputed before several PPO epochs);
+    "reference": the token log-probs and the loss's `reference_fields`."""
 
     def __init__(self, batch: dict, temperature: float, loss: PolicyLoss | None,
-                 score_only: bool = False):
+                 score: str | None = None):
         self.batch, self.temperature, self.policy_loss = batch, temperature, loss
-        self.score_only = score_only
+        self.score = score
 
     def inject(self, embeddings, image_features, modules=None):
         recorded = InjectLatents(self.batch["latent_mask"], self.batch["latent_vectors"])
@@ -42,9 +43,12 @@ class RLStep(LatentStep):
                               self.temperature)
         if self.policy_loss is None:
             return logp
-        if self.score_only:
+        if self.score == "old":
             lat = self.policy_loss.latent_logprobs(model, hidden_states, self.batch)
             return {"logp": logp.detach(), "latent": None if lat is None else lat.detach()}
+        if self.score == "reference":
+            fields = self.policy_loss.reference_fields(model, hidden_states, self.batch)
+            return {"logp": logp.detach(), **{k: v.detach() for k, v in fields.items()}}
         return {"logp": logp,
                 "latent": self.policy_loss.latent_terms(model, hidden_states, self.batch)}
 
@@ -78,18 +82,20 @@ class RLObjective(LatentMethod):
         return {**super().count(micro_batch), **self.policy_loss.count(micro_batch)}
 
     def total_loss(self, means: dict) -> float:
-        return means["policy loss"]
+        return self.policy_loss.total(means)
 
 
 class TokenScorer(LatentMethod):
     """Forward-only: per-token log-probs [b, s] of the labels (no loss); given the policy loss,
-    {"logp", "latent": its latent actions' log-probs or None} per micro-batch."""
+    {"logp", "latent": its latent actions' log-probs or None} per micro-batch, or with
+    `reference`, {"logp", **its reference_fields}."""
 
     name = "score"
 
-    def __init__(self, temperature: float = 1.0, policy_loss: PolicyLoss | None = None):
+    def __init__(self, temperature: float = 1.0, policy_loss: PolicyLoss | None = None,
+                 reference: bool = False):
         self.temperature, self.policy_loss = temperature, policy_loss
+        self.mode = None if policy_loss is None else ("reference" if reference else "old")
 
     def sft_step(self, micro_batch: dict) -> RLStep:
-        return RLStep(micro_batch, self.temperature, self.policy_loss,
-                      score_only=self.policy_loss is not None)
+        return RLStep(micro_batch, self.temperature, self.policy_loss, score=self.mode)

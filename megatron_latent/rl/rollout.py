@@ -18,7 +18,9 @@ from megatron_latent.models.qwen25vl.rope_index import rope_index
 
 def rollout_micro_batches(prompts: list[Prompt], completions: list[Completion],
                           advantages: torch.Tensor, *, cfg, pad_id: int, micro_batch_size: int,
-                          pad_to: int, exclude_ids: tuple[int, ...] = ()) -> list[dict]:
+                          pad_to: int, exclude_ids: tuple[int, ...] = (),
+                          policy_loss=None) -> list[dict]:
+    """`policy_loss` (rl/losses.py): adds the fields its `rollout_fields` builds."""
     if len(prompts) != len(completions) or len(prompts) != advantages.numel():
         raise ValueError(f"{len(prompts)} prompts, {len(completions)} completions, "
                          f"{advantages.numel()} advantages: they must match")
@@ -28,9 +30,13 @@ def rollout_micro_batches(prompts: list[Prompt], completions: list[Completion],
     out = []
     for k in range(0, len(prompts), micro_batch_size):
         rows = range(k, k + micro_batch_size)
-        out.append(_micro_batch([prompts[i] for i in rows], [completions[i] for i in rows],
-                                advantages[k:k + micro_batch_size], cfg, pad_id, pad_to,
-                                exclude_ids))
+        mb = _micro_batch([prompts[i] for i in rows], [completions[i] for i in rows],
+                          advantages[k:k + micro_batch_size], cfg, pad_id, pad_to, exclude_ids)
+        if policy_loss is not None:
+            seqs = [mb["input_ids"][i, :len(prompts[r].input_ids) + len(completions[r].tokens)]
+                    for i, r in enumerate(rows)]
+            mb.update(policy_loss.rollout_fields(list(zip(seqs, [completions[r] for r in rows]))))
+        out.append(mb)
     return out
 
 

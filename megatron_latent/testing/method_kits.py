@@ -24,6 +24,10 @@ class MethodKit:
     hf_terms: Callable  # (hf, mb, method, modules) -> {log name: mean}
     opener: str | None  # the token that opens a latent span (None: the method has none)
     cli: Callable[[dict], list[str]]  # the hyper-parameters as pretrain_sft.py flags
+    # (method, side modules) -> method: the RL part's start, as a trained SFT checkpoint would
+    # be (e.g. modules past their zero init, hparams fixed by training); None: as built
+    rl_start: Callable | None = None
+    rl_pipeline: bool = True  # its RL stage runs under pipeline parallelism (else it refuses)
 
 
 def _hf_embed(hf, mb, image_token_id):
@@ -208,6 +212,24 @@ def _deeplatent_hparams(root: Path, hf_dir: str) -> dict:
     return hp
 
 
+def _deeplatent_rl_start(method, modules):
+    """A stage-2 checkpoint's state: the modulation MLPs past their zero-initialised last layer
+    (at zero init no gradient reaches h_l / h_i through them) and the sigmas training fixes
+    (0.1 x RMS of the grid queries; of the question features, about 1 in the tiny model)."""
+    import dataclasses
+
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for mlp in (modules.mlp_l, modules.mlp_i):
+            w = mlp.fc2.weight
+            w.copy_(torch.randn(w.shape, generator=gen, dtype=torch.float32).to(w) * 0.02)
+        # small 2 x 3 grids, so a short rollout holds whole blocks and text after them
+        modules.scale_head.h.bias[1] += 100.0
+        modules.scale_head.w.bias[2] += 100.0
+    rms = float(modules.grid.queries.detach().float().pow(2).mean().sqrt())
+    return dataclasses.replace(method, sigma_q=0.1 * rms, sigma_f=0.1)
+
+
 KITS = {
     "lvr": MethodKit("lvr", _lvr_data, lambda root, hf: {"loss_lambda": 0.1}, hf_lvr_terms,
                      "<|lvr_start|>", lambda hp: ["--lvr-loss-lambda", str(hp["loss_lambda"])]),
@@ -217,5 +239,6 @@ KITS = {
     "deeplatent": MethodKit("deeplatent", _deeplatent_data, _deeplatent_hparams,
                             hf_deeplatent_terms, "<latent>",
                             lambda hp: ["--deeplatent-stage", "2", "--teacher-states",
-                                        hp["teacher"]]),
+                                        hp["teacher"]], _deeplatent_rl_start,
+                            rl_pipeline=False),
 }

@@ -111,22 +111,31 @@ def test_kill_and_resume_gives_the_same_losses(name, tiny_ckpts, tmp_path):
 
 
 @pytest.mark.parametrize("name", [n for n in METHODS if registry.method_class(n).has_rl_stage])
-def test_rl_step0_on_policy_at_tp2_and_pp2(name, tiny_ckpts, synthetic_lvr, tmp_path):
-    from megatron_latent.testing.rl_workers import grpo_runs
+def test_rl_step0_on_policy_at_tp2_and_pp2(name, tiny_ckpts, synthetic_lvr, tmp_path,
+                                           megatron_single_rank):
+    """PP=2 for a method whose RL stage runs there; otherwise DP=2, and PP=2 refused."""
+    from megatron_latent.testing.rl_workers import grpo_runs, save_rl_start
 
     kit = KITS[name]
-    base = dict(data_path=str(synthetic_lvr / "meta_rl.json"), latent_method=name,
-                latent_hparams=kit.hparams(tmp_path, tiny_ckpts["tiny-a"]), hf_dir=tiny_ckpts["tiny-a"],
+    start = save_rl_start(name, tiny_ckpts["tiny-a"], kit.hparams(tmp_path, tiny_ckpts["tiny-a"]),
+                          str(tmp_path / "start"))
+    base = dict(data_path=str(synthetic_lvr / "meta_rl.json"), pretrained_checkpoint=start,
                 prompts_per_step=2, group_size=4, micro_batch_size=4, seq_length=1024,
-                max_new_tokens=6, temperature=1.0, top_k=0, latent_steps=2,
+                max_new_tokens=16, temperature=1.0, top_k=0, latent_steps=2,
                 answer_prefix=kit.opener, rewards="vowels:1.0", filter_reward="vowels",
                 train_iters=2,
                 optim={"lr": 1e-3}, max_pixels=112 * 112, wandb_mode="disabled",
                 reward_module="megatron_latent.testing.rl_workers")
-    runs = {"tp2": dict(base, tensor_model_parallel_size=2),
-            "pp2": dict(base, pipeline_model_parallel_size=2)}
+    runs = {"tp2": dict(base, tensor_model_parallel_size=2)}
+    if kit.rl_pipeline:
+        runs["pp2"] = dict(base, pipeline_model_parallel_size=2)
+    else:
+        runs["dp2"] = dict(base, prompts_per_step=4)  # the same 2 prompts per rank
+        runs["pp2 refused"] = dict(base, pipeline_model_parallel_size=2, expect_error=True)
     run_distributed(grpo_runs, 2, runs, str(tmp_path / "rl.pt"))
     res = torch.load(tmp_path / "rl.pt", weights_only=False)
+    if not kit.rl_pipeline:
+        assert "pipeline-parallel size 1" in res.pop("pp2 refused"), res
     for layout, hist in res.items():
         assert len(hist) == 2 and all(math.isfinite(h["policy loss"]) for h in hist), layout
         assert hist[0]["ratio"] == pytest.approx(1.0, abs=1e-5), layout
@@ -135,4 +144,9 @@ def test_rl_step0_on_policy_at_tp2_and_pp2(name, tiny_ckpts, synthetic_lvr, tmp_
         assert hist[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the reference is the start
         if "latent rollout gap" in hist[0]:  # a method with a latent policy
             assert hist[0]["latent rollout gap"] <= 1e-5 * max(1.0, abs(hist[0]["latent logp"]))
-    assert res["tp2"][0]["reward"] == pytest.approx(res["pp2"][0]["reward"], abs=1e-6)
+        if "cont log ratio" in hist[0]:  # continuous actions: on-policy at step 0, no KL yet
+            assert hist[0]["cont actions per rollout"] == 2.0, layout  # the prompt opens a block
+            assert hist[0]["cont log ratio"] == 0.0 and hist[0]["cont kl"] == 0.0, layout
+            assert hist[0]["cont clip fraction"] == 0.0, layout
+    if kit.rl_pipeline:  # the same rollouts in both layouts
+        assert res["tp2"][0]["reward"] == pytest.approx(res["pp2"][0]["reward"], abs=1e-6)
