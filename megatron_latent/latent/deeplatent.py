@@ -58,6 +58,10 @@ class DeepLatent(LatentMethod):
     # the old policy of the ratio: this forward's (exactly on-policy) or the rollout's
     cont_logprob_reduction: str = "sum"
     cont_old_policy: str = "forward"
+    # the LR of the modulation MLPs (None: the run's): their output moves the sampled actions'
+    # mean in units of sigma (0.1 x RMS of the base), which one Adam step at a text LR can
+    # move by hundreds of sigmas (docs/deeplatent.md)
+    modulation_lr: float | None = None
     name = "deeplatent"
     tokens = LATENT_TOKENS
     special_tokens = False
@@ -88,7 +92,7 @@ class DeepLatent(LatentMethod):
         keys = ("stage", "align_layers", "lambda_align", "lambda_scale", "max_blocks",
                 "latentformer_layers", "latentformer_ffn", "sigma_q", "sigma_f", "teacher",
                 "context_passes", "latent_positions", "freeze_modules",
-                "cont_logprob_reduction", "cont_old_policy")
+                "cont_logprob_reduction", "cont_old_policy", "modulation_lr")
         return {k: getattr(self, k) for k in keys}
 
     @classmethod
@@ -114,6 +118,8 @@ class DeepLatent(LatentMethod):
         a("--cont-old-policy", choices=OLD_POLICIES, default=None,
           help="DeepLatent RL: the ratio's old policy: this forward's, detached (forward, "
                "default), or the rollout's recorded modulation (rollout)")
+        a("--modulation-lr", type=float, default=None,
+          help="DeepLatent: LR of the modulation MLPs MLP_l / MLP_i (default: --lr)")
 
     @classmethod
     def hparams_from_args(cls, args) -> dict:
@@ -122,7 +128,7 @@ class DeepLatent(LatentMethod):
                  ("latentformer_layers", "latentformer_layers"),
                  ("context_passes", "context_passes"),
                  ("cont_logprob_reduction", "cont_logprob_reduction"),
-                 ("cont_old_policy", "cont_old_policy"))
+                 ("cont_old_policy", "cont_old_policy"), ("modulation_lr", "modulation_lr"))
         out = {k: getattr(args, f) for k, f in pairs if getattr(args, f, None) is not None}
         if getattr(args, "align_layers", None):
             out["align_layers"] = [int(x) for x in args.align_layers.split(",")]
@@ -137,6 +143,11 @@ class DeepLatent(LatentMethod):
         return DeepLatentModules.from_model_config(
             model_cfg, pre_process=pre_process, post_process=post_process,
             latentformer_layers=self.latentformer_layers, latentformer_ffn=self.latentformer_ffn)
+
+    def optimizer_overrides(self) -> dict:
+        if self.modulation_lr is None:
+            return {}
+        return {("*latent_modules.mlp_l.*", "*latent_modules.mlp_i.*"): self.modulation_lr}
 
     def frozen_patterns(self) -> tuple[str, ...]:
         if self.freeze_modules:

@@ -308,3 +308,29 @@ def test_gradient_matches_the_direct_gaussian_formula(reduction):
     assert clipped == (1 if reduction == "sum" else 0)
     assert g_ours.abs().max().item() > 1e-3
     torch.testing.assert_close(g_ours, g_direct, rtol=1e-9, atol=1e-12)
+
+
+def test_rollout_fields_match_records_to_their_blocks():
+    """`rollout_fields`: each completion's block records go, in order, to its `<latent>`s that
+    are followed by the scale placeholder (a `<latent>` past the block cap is text); a block
+    cut by the budget (grid or `</latent>` missing) is no action; more records than blocks is
+    an error naming the row. Ids: `<latent>` 7, scale 8, qmod 9, imod 10, slot 11, end 12."""
+    def rec(h, w):
+        return LatentBlockRecord((h, w), _mod([0.0] * 2 * h * w, [0.0, 0.0], [0.0, 0.0], 0.5,
+                                              [0.0] * 2 * h * w),
+                                 _mod([1.0, 2.0], [0.0, 0.0], [0.0, 0.0], 0.5, [0.0, 0.0]))
+
+    loss = ContinuousGRPOLoss(block_ids=(7, 8, 11, 12), hidden_size=2)
+    block = lambda h, w: [7, 8, 9, 10] + [11] * (h * w) + [12]  # noqa: E731
+    row0 = [1, 2] + block(1, 2) + [3, 7, 4] + block(2, 1) + [5]  # a `<latent>` as text at 10
+    row1 = [1] + block(1, 1) + [3] + block(2, 2)[:-1]  # the second block lost its `</latent>`
+    rows = [(torch.tensor(row0), SimpleNamespace(events=[rec(1, 2), rec(2, 1)])),
+            (torch.tensor(row1), SimpleNamespace(events=[rec(1, 1), rec(2, 2)]))]
+    f = loss.rollout_fields(rows)
+    assert f["blocks"].tolist() == [[0, 2, 1, 2], [0, 12, 2, 1], [1, 1, 1, 1]]
+    assert f["block_n"].tolist() == [[2, 1], [2, 1], [1, 1]]
+    assert f["block_modulation"].shape == (3, 2, 2, 2)
+    empty = loss.rollout_fields([(torch.tensor([1, 2, 3]), SimpleNamespace(events=[]))])
+    assert empty["blocks"].shape == (0, 4) and empty["block_stats"].shape == (0, 2, 4, 2)
+    with pytest.raises(ValueError, match="row 0: 2 block records but 1 blocks"):
+        loss.rollout_fields([(torch.tensor(block(1, 1)), SimpleNamespace(events=[rec(1, 1)] * 2))])

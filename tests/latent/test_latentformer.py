@@ -259,6 +259,48 @@ def test_build_latents_noise_from_the_generator(megatron_single_rank):
     assert torch.allclose(rec_a.f.stats.xe, (args[4] * eps_f).sum(0), atol=1e-5)
 
 
+def test_sampled_rows_equal_one_row_at_a_time(megatron_single_rank):
+    """RL rollouts (`sample_latents`, r rows in one call): each row's latents are the
+    LatentFormer on that row's own actions a = (1 + gamma) X + beta + sigma eps (eps_q [HW, r, d]
+    then eps_f [n_f, r, d] from the generator), and its record's statistics give the direct
+    Gaussian log-ratio of those actions for another (gamma, beta)."""
+    from megatron_latent.latent.deeplatent_modules import gaussian_log_prob
+    from megatron_latent.latent.deeplatent_rl import stats_log_ratio
+
+    torch.manual_seed(5)
+    mods = _modules()
+    with torch.no_grad():  # past the zero init: each row its own modulation
+        for mlp in (mods.mlp_l, mods.mlp_i):
+            mlp.fc2.weight.normal_(0, 0.05)
+    r, (h, w), sig = 3, (2, 3), (0.01, 0.2)
+    hl, hi, feats = torch.randn(r, D), torch.randn(r, D), torch.randn(12, r, D)
+    lat, recs = mods.sample_latents(hl, hi, h, w, feats, grid_coords(3, 4), (3, 4), *sig,
+                                    generator=torch.Generator().manual_seed(9))
+    gen = torch.Generator().manual_seed(9)
+    eps_q, eps_f = torch.randn(h * w, r, D, generator=gen), torch.randn(12, r, D, generator=gen)
+    q = mods.grid.resized(h, w)
+    assert lat.shape == (r, h * w, D) and len(recs) == r
+    for i, rec in enumerate(recs):
+        gq, bq = mods.mlp_l(hl[i])
+        gf, bf = mods.mlp_i(hi[i])
+        a_q = (1 + gq) * q + bq + sig[0] * eps_q[:, i]
+        a_f = (1 + gf) * feats[:, i] + bf + sig[1] * eps_f[:, i]
+        alone = mods.latentformer(a_q, a_f, latent_coords(h, w, (3, 4)), grid_coords(3, 4))
+        torch.testing.assert_close(lat[i], alone, atol=1e-5, rtol=1e-5)
+        assert rec.grid == (h, w) and rec.q.stats.n == h * w and rec.f.stats.n == 12
+        for m, x, a, (g0, b0), s in ((rec.q, q, a_q, (gq, bq), sig[0]),
+                                     (rec.f, feats[:, i], a_f, (gf, bf), sig[1])):
+            torch.testing.assert_close(m.gamma, g0.detach())  # batched vs one-row matmul
+            assert m.sigma == s
+            g1, b1 = g0.detach() + 0.01 * torch.randn(D), b0.detach() + 0.01 * torch.randn(D)
+            direct = (gaussian_log_prob(a.double(), ((1 + g1) * x + b1).double(), s)
+                      - gaussian_log_prob(a.double(), ((1 + g0) * x + b0).double(), s))
+            ours = stats_log_ratio(torch.stack([g1, b1]), torch.stack([m.gamma, m.beta]),
+                                   torch.stack([m.stats.s1, m.stats.s2, m.stats.xe, m.stats.e1]),
+                                   torch.tensor(float(m.stats.n)), torch.tensor(s))
+            assert ours.item() == pytest.approx(direct.item(), rel=1e-4, abs=1e-3)
+
+
 def test_gradients_reach_grid_mlps_and_latentformer(megatron_single_rank):
     torch.manual_seed(5)
     mods = _modules()
