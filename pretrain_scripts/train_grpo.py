@@ -68,6 +68,11 @@ def parse_args(argv=None):
     a("--max-refill-tries", type=int, default=20,
       help="generations per step at most while the filter keeps too few groups")
     a("--ppo-epochs", type=int, default=1)
+    a("--rollout-correction", choices=("none", "recompute", "tis"), default="none",
+      help="train/rollout mismatch: none (the rollout's log-probs are the old policy), "
+           "recompute (a training forward gives them), tis (truncated importance sampling "
+           "between the training and rollout policies; docs/rl.md)")
+    a("--tis-cap", type=float, default=2.0, help="truncation of the tis weights")
     a("--offload-reference", action="store_true", help="keep the reference on the host")
     a("--cuda-graphs", action="store_true", help="replay decode steps as CUDA graphs")
     a("--max-pixels", type=int, default=2560 * 28 * 28)
@@ -93,7 +98,8 @@ def config_from_args(args):
         eps_high=args.eps_clip_high if args.eps_clip_high is not None else args.eps_clip,
         kl_beta=args.kl_beta, filter_low=args.filter_low, filter_high=args.filter_high,
         filter_reward=args.filter_reward, max_refill_tries=args.max_refill_tries,
-        ppo_epochs=args.ppo_epochs,
+        ppo_epochs=args.ppo_epochs, rollout_correction=args.rollout_correction,
+        tis_cap=args.tis_cap,
         offload_reference=args.offload_reference, cuda_graphs=args.cuda_graphs,
         max_pixels=args.max_pixels)
 

@@ -28,7 +28,8 @@ import torch
 from megatron.core import tensor_parallel
 
 from megatron_latent.latent.decoding import LatentRule
-from megatron_latent.rl.losses import PolicyLoss, dual_clip_surrogate, low_var_kl
+from megatron_latent.rl.losses import (PolicyLoss, dual_clip_surrogate, low_var_kl,
+                                       mismatch_logs, old_policy)
 
 LATENT_LOGPROBS = ("dot", "gaussian")
 # HyLaR's hyper-parameters of this stage (recorded with the method's)
@@ -151,11 +152,15 @@ class DePOLoss(PolicyLoss):
 
     def token_terms(self, logp, batch):
         adv = batch["advantages"].to(logp.dtype).unsqueeze(1)
-        pg, clipped = dual_clip_surrogate(logp, batch["old_logprobs"], adv, self.eps_low,
-                                          self.eps_high, self.dual_clip)
-        delta = logp - batch["old_logprobs"]
-        logs = {"pg loss": pg, "clip fraction": clipped, "ratio": delta.clamp(-10, 10).exp(),
-                "rollout gap": delta.abs()}
+        old, weight = old_policy(logp, batch)
+        pg, clipped = dual_clip_surrogate(logp, old, adv, self.eps_low, self.eps_high,
+                                          self.dual_clip)
+        logs = {"pg loss": pg, "clip fraction": clipped,
+                "ratio": (logp - old).clamp(-10, 10).exp(),
+                **mismatch_logs(logp, batch, self.eps_low, self.eps_high)}
+        if weight is not None:
+            pg = pg * weight
+            logs["tis weight"] = weight
         if not self.beta:
             return pg, logs
         kl = low_var_kl(logp, batch["ref_logprobs"])

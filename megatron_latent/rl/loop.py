@@ -54,6 +54,11 @@ class GRPOConfig(LoopConfig):
     filter_reward: str = "accuracy"
     max_refill_tries: int = 20
     ppo_epochs: int = 1
+    # the train/rollout mismatch (rl/losses.py old_policy): "none" = the rollout's log-probs are
+    # the old policy; "recompute" = a training forward before the update gives them; "tis" =
+    # truncated importance sampling min(pi_old_train / pi_rollout, tis_cap) per token
+    rollout_correction: str = "none"
+    tis_cap: float = 2.0
     offload_reference: bool = False
     cuda_graphs: bool = False
     # RL defaults that differ from SFT's (LVR stage 2)
@@ -67,6 +72,13 @@ class GRPOConfig(LoopConfig):
                 setattr(self, key, value)
 
     def check(self, dp: int) -> None:
+        from megatron_latent.rl.losses import CORRECTIONS
+
+        if self.rollout_correction not in CORRECTIONS:
+            raise ValueError(f"rollout correction {self.rollout_correction!r}: expected one of "
+                             f"{CORRECTIONS}")
+        if self.tis_cap < 1.0:
+            raise ValueError(f"tis_cap must be >= 1, got {self.tis_cap}")
         if self.group_size < 2:
             raise ValueError(f"group_size must be >= 2 (advantages are group-relative), got "
                              f"{self.group_size}")
@@ -193,6 +205,27 @@ def run_grpo(cfg: GRPOConfig) -> list[dict]:
     return history
 
 
+def _old_policy(cfg, model, mbs, policy_loss) -> None:
+    """The ratio's old policy in place: a training forward before the update where the rollout
+    correction needs the training policy's token log-probs and several epochs need them as
+    they were before the first (or the old latent policy)."""
+    corr = cfg.rollout_correction
+    tokens = corr == "recompute" or (corr == "tis" and cfg.ppo_epochs > 1)
+    latent = cfg.ppo_epochs > 1 and policy_loss.has_latent_policy
+    if tokens or latent:
+        scorer = TokenScorer(cfg.temperature, policy_loss if latent else None)
+        for mb, old in zip(mbs, forward_outputs(model, mbs, scorer)):
+            if latent:
+                mb["latent_recomputed_logprobs"], old = old["latent"], old["logp"]
+            if tokens:
+                mb["old_logprobs"] = old
+    if corr == "tis":
+        for mb in mbs:
+            mb["tis_cap"] = cfg.tis_cap
+            if not tokens:  # one epoch: the training forward itself is the old policy
+                mb["old_logprobs"] = None
+
+
 def _step(cfg, model, optimizer, policy, generator, builder, records, order, consumed, scoring,
           reference, objective, method, mcfg, iteration):
     """Rollouts, rewards, advantages, reference scoring and `ppo_epochs` updates of one step.
@@ -222,11 +255,7 @@ def _step(cfg, model, optimizer, policy, generator, builder, records, order, con
         if not ps.is_pipeline_last_stage():  # only the last stage computes the loss
             for mb in mbs:
                 mb["ref_logprobs"] = None
-    if cfg.ppo_epochs > 1 and objective.policy_loss.has_latent_policy:
-        # later epochs need the old latent policy as it was before them
-        for mb, old in zip(mbs, forward_outputs(model, mbs, TokenScorer(cfg.temperature,
-                                                                        objective.policy_loss))):
-            mb["latent_recomputed_logprobs"] = old["latent"]
+    _old_policy(cfg, model, mbs, objective.policy_loss)
     for _ in range(cfg.ppo_epochs):
         out = train_step(model, optimizer, mbs, objective)
     t_train = time.perf_counter() - t1

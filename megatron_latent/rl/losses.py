@@ -50,6 +50,38 @@ def low_var_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return (d.exp() - d - 1).clamp(max=10.0)
 
 
+CORRECTIONS = ("none", "recompute", "tis")
+
+
+def old_policy(logp: torch.Tensor, batch: dict):
+    """(the ratio's old log-probs, per-token truncated-IS weights or None) under the batch's
+    rollout correction (rl/loop.py sets the fields):
+    - `old_logprobs` given: the rollout's (correction "none") or the training forward's from a
+      recompute pass ("recompute", or "tis" with several PPO epochs); None: this forward's own,
+      detached (one epoch of "tis": the old training policy is the current one);
+    - `tis_cap` given ("tis"): w = min(pi_old_train / pi_rollout, cap), detached, weighting
+      each token's policy-gradient term (verl's / NeMo-RL's truncated importance sampling)."""
+    old = batch.get("old_logprobs")
+    old = logp.detach() if old is None else old
+    cap = batch.get("tis_cap")
+    if cap is None:
+        return old, None
+    return old, (old - batch["rollout_logprobs"]).exp().clamp(max=float(cap)).detach()
+
+
+def mismatch_logs(logp: torch.Tensor, batch: dict, eps_low: float, eps_high: float) -> dict:
+    """Per-token train/rollout mismatch of this forward (d = log p_train - log p_rollout):
+    its mean |d| ("rollout gap") and max, the k3 estimate of KL(pi_rollout || pi_train) on the
+    rollout's own samples (e^d - 1 - d), and the share of tokens whose train/rollout ratio
+    alone lies outside the clip range [1 - eps_low, 1 + eps_high]."""
+    rollout = batch.get("rollout_logprobs")
+    d = logp.detach() - (batch["old_logprobs"] if rollout is None else rollout)
+    ratio = d.exp()
+    return {"rollout gap": d.abs(), "rollout gap max": d.abs(),
+            "rollout kl": ratio - 1 - d,
+            "rollout gap share": ((ratio < 1 - eps_low) | (ratio > 1 + eps_high)).float()}
+
+
 @dataclass
 class PolicyLoss:
     has_latent_policy = False  # `latent_logprobs` scores latent actions
@@ -108,11 +140,14 @@ class GRPOLoss(PolicyLoss):
 
     def token_terms(self, logp, batch):
         adv = batch["advantages"].to(logp.dtype).unsqueeze(1)  # per sample -> per token
-        pg, clipped, ratio = clipped_surrogate(logp, batch["old_logprobs"], adv,
-                                               self.eps_low, self.eps_high)
-        loss = pg
+        old, weight = old_policy(logp, batch)
+        pg, clipped, ratio = clipped_surrogate(logp, old, adv, self.eps_low, self.eps_high)
         logs = {"pg loss": pg, "clip fraction": clipped, "ratio": ratio,
-                "rollout gap": (logp - batch["old_logprobs"]).abs()}
+                **mismatch_logs(logp, batch, self.eps_low, self.eps_high)}
+        if weight is not None:
+            pg = pg * weight
+            logs["tis weight"] = weight
+        loss = pg
         if self.beta:
             kl = k3_kl(logp, batch["ref_logprobs"])
             loss = loss + self.beta * kl

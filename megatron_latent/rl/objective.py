@@ -59,7 +59,10 @@ class RLStep(LatentStep):
         total = (per_token * mask).sum()
         out_logs = {"policy loss": torch.stack([total.detach(), n])}
         for k, v in logs.items():
-            out_logs[k] = torch.stack([(v.detach().float() * mask).sum(), n])
+            if k.endswith(" max"):  # reduced by max (training.step.PendingLogs)
+                out_logs[k] = torch.stack([(v.detach().float() * mask).max(), n.new_ones(())])
+            else:
+                out_logs[k] = torch.stack([(v.detach().float() * mask).sum(), n])
         latent_loss, latent_logs = output["latent"]
         if latent_loss is not None:
             total = total + latent_loss

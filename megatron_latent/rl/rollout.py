@@ -84,4 +84,6 @@ def _micro_batch(prompts, comps, adv, cfg, pad_id, pad_to, exclude_ids) -> dict:
             # the rollout's log-prob of each fed vector as a sampled action (a stochastic
             # latent policy's old log-prob; 0 for deterministic programs)
             "latent_old_logprobs": torch.cat(vector_logp).float(),
-            "old_logprobs": old, "advantages": adv.float()}
+            # the rollout's log-probs: the ratio's old policy unless the loop's rollout
+            # correction replaces `old_logprobs` (rl/losses.py old_policy)
+            "old_logprobs": old, "rollout_logprobs": old, "advantages": adv.float()}

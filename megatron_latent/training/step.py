@@ -124,11 +124,24 @@ class PendingLogs:
         extra = [grad_norm.reshape(1).double()] if self.norm_on_device else []
         if parallel_state.is_pipeline_last_stage():
             self.keys = sorted(logs[0]) + sorted(stage)
-            pairs = torch.stack([torch.stack([d[k] for k in sorted(logs[0])]) for d in logs])
-            pairs = pairs.sum(0).double()
+            per_mb = torch.stack([torch.stack([d[k] for k in sorted(logs[0])])
+                                  for d in logs]).double()
+            # a "... max" log is (value, 1): its maximum over micro-batches and ranks
+            flags = [k.endswith(" max") for k in sorted(logs[0])]
+            is_max = torch.tensor(flags, device=per_mb.device).view(-1, 1)
+            pairs = torch.where(is_max, per_mb.max(0).values, per_mb.sum(0))
             if stage:
                 pairs = torch.cat([pairs, torch.stack([stage[k] for k in sorted(stage)])])
-            dist.all_reduce(pairs, group=parallel_state.get_data_parallel_group())
+            group = parallel_state.get_data_parallel_group()
+            if any(flags):
+                top = torch.where(is_max, pairs[:len(is_max)], -math.inf)
+                dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+                pairs[:len(is_max)] = torch.where(is_max, 0.0, pairs[:len(is_max)])
+                dist.all_reduce(pairs, group=group)
+                pairs[:len(is_max)] = torch.where(is_max, top, pairs[:len(is_max)])
+                pairs[:len(is_max), 1] = torch.where(is_max[:, 0], 1.0, pairs[:len(is_max), 1])
+            else:
+                dist.all_reduce(pairs, group=group)
             extra = [pairs.flatten()] + extra
         self.download = host_copy.Download(torch.cat(extra)) if extra else None
 

@@ -83,6 +83,31 @@ def test_step0_train_logprobs_equal_rollout(rl_setup):
     assert out["clip fraction"] == 0.0 and out["kl"] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_recompute_gives_ratio_one_at_step0(rl_setup):
+    """Option "recompute": the old policy is the training forward's own log-probs, so the step-0
+    ratio is exactly 1 while the logged gap to the rollout stays what it is; the step's "rollout
+    gap max" equals the max over both micro-batches computed here."""
+    from types import SimpleNamespace
+
+    from megatron_latent.rl.loop import _old_policy
+
+    path, cfg, proc, ids = rl_setup
+    model = build_model(cfg, path)
+    _, mbs = _rollout(model, cfg, proc, ids)
+    scored = forward_outputs(model, mbs, TokenScorer(0.9))
+    top = max((s - mb["rollout_logprobs"])[mb["loss_mask"].bool()].abs().max().item()
+              for s, mb in zip(scored, mbs))
+    loss = GRPOLoss(beta=0.0)
+    _old_policy(SimpleNamespace(rollout_correction="recompute", ppo_epochs=1, temperature=0.9),
+                model, mbs, loss)
+    for mb, s in zip(mbs, scored):
+        assert torch.equal(mb["old_logprobs"], s) and mb["rollout_logprobs"] is not s
+    out = train_step(model, build_optimizer(model, OptimSettings(lr=0.0)), mbs,
+                     RLObjective(loss, temperature=0.9))
+    assert out["ratio"] == 1.0 and out["clip fraction"] == 0.0
+    assert out["rollout gap max"] == pytest.approx(top, rel=1e-6, abs=1e-12)
+
+
 def test_rollout_uses_the_weights_the_optimizer_just_wrote(rl_setup):
     """If the generator read a stale copy, its log-probs after the step would be the old
     model's, not equal to a fresh scoring forward of the updated model."""
