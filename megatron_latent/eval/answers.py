@@ -44,8 +44,9 @@ def normalize_text(s: str) -> str:
     return without if without else s
 
 
-def _boxed_content(s: str) -> str | None:
-    """Contents of the last `\\boxed{...}`, with nested braces; None if absent or unbalanced."""
+def boxed_span(s: str) -> tuple[int, int] | None:
+    """(start, end) of the contents of the last `\\boxed{...}` (`s[start:end]`, the closing brace
+    at `end`), with nested braces; None if absent or unbalanced. Escaped braces count too."""
     start = s.rfind("\\boxed{")
     if start < 0:
         return None
@@ -53,8 +54,14 @@ def _boxed_content(s: str) -> str | None:
     for j in range(i, len(s)):
         depth += {"{": 1, "}": -1}.get(s[j], 0)
         if depth == 0:
-            return s[i:j]
+            return i, j
     return None
+
+
+def boxed_content(s: str) -> str | None:
+    """Contents of the last `\\boxed{...}`, with nested braces; None if absent or unbalanced."""
+    span = boxed_span(s)
+    return None if span is None else s[span[0]:span[1]]
 
 
 def _to_float(num: str) -> float:
@@ -65,7 +72,7 @@ def parse_number(s: str) -> float | None:
     """A number written as int/decimal ("1,234", "-0.5", "1e3"), percentage ("50%" -> 50.0),
     fraction ("3/4", "\\frac{3}{4}") or inside `\\boxed{}` / `$...$`; None otherwise."""
     s = str(s).strip()
-    boxed = _boxed_content(s)
+    boxed = boxed_content(s)
     if boxed is not None:
         s = boxed.strip()
     s = s.strip("$ ").rstrip(".").strip().replace("\\%", "%")

@@ -1,9 +1,11 @@
 """Format rewards: does a completion have the shape a latent method trains (its span, then
-an <answer>)?"""
+an <answer>; or DeepLatent's blocks, then a final \\boxed{} answer)?"""
 
 from __future__ import annotations
 
 import re
+
+from megatron_latent.eval.answers import boxed_span
 
 
 def make_format_reward(start: str, end: str):
@@ -72,3 +74,62 @@ def make_think_span_format_reward(start: str, end: str, latent: str):
         return 1.0 if pattern.fullmatch(squeeze_tag_whitespace(render(completion))) else 0.0
 
     return think_span_format_reward
+
+
+# what may follow the final box: the close of the math it sits in ("$\boxed{5}$", "\[..\]"),
+# whitespace and one end-of-turn token; nothing else (not even a full stop)
+_BOX_TAIL = re.compile(r"\s*(?:\$\$?|\\\]|\\\))?\s*(?:<\|im_end\|>|<\|endoftext\|>)?\s*")
+
+
+def _blocks_well_formed(text: str, start: str, end: str) -> bool:
+    """Every `start` closed by the next `end` (no nesting, no stray `end`, none left open) and
+    no `\\boxed` inside a block."""
+    marks = sorted({start, end, "\\boxed"}, key=len, reverse=True)  # longest first at a tie
+    inside = False
+    for m in re.finditer("|".join(map(re.escape, marks)), text):
+        if m.group() == start:
+            if inside:
+                return False
+            inside = True
+        elif m.group() == end:
+            if not inside:
+                return False
+            inside = False
+        elif inside:  # a box inside a latent block
+            return False
+    return not inside
+
+
+def make_boxed_format_reward(start: str | None = None, end: str | None = None):
+    """DeepLatent's format check (spec 2.9: "the format reward checks \\boxed{}"): 1.0 if the
+    completion ends with its final answer in a `\\boxed{...}`, else 0.0.
+
+    * The final box is the last `\\boxed{`; its braces must balance (nested braces allowed,
+      escaped ones count as braces, as in `eval.answers.boxed_span`) and hold more than
+      whitespace. Earlier boxes are allowed; a box inside the final one is not (the inner one is
+      then the last, and the outer's closing brace follows it).
+    * After it only whitespace, one end-of-turn token (`<|im_end|>` / `<|endoftext|>`) and the
+      close of the math it sits in (`$`, `$$`, `\\]`, `\\)`) may follow: "$\\boxed{5}$" passes,
+      "\\boxed{5}." fails.
+    * With `start`/`end` (the latent block's opener and closer, e.g. "<latent>", "</latent>"):
+      every opener is closed by the next closer, blocks do not nest, no closer is unmatched and
+      no `\\boxed` appears inside a block. Zero blocks is a valid format (text-only reasoning).
+    The reference is not read."""
+    if (start is None) != (end is None):
+        raise ValueError(f"boxed format reward: give both block tokens or neither, got "
+                         f"{start!r}, {end!r}")
+    if start is not None and (not start or not end or start == end):
+        raise ValueError(f"boxed format reward: block tokens must be non-empty and differ, got "
+                         f"{start!r}, {end!r}")
+
+    def boxed_format_reward(completion: str, reference: str) -> float:
+        span = boxed_span(completion)
+        if span is None or not completion[span[0]:span[1]].strip():
+            return 0.0
+        if not _BOX_TAIL.fullmatch(completion, span[1] + 1):
+            return 0.0
+        if start is not None and not _blocks_well_formed(completion, start, end):
+            return 0.0
+        return 1.0
+
+    return boxed_format_reward

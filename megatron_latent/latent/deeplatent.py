@@ -301,6 +301,12 @@ class DeepLatent(LatentMethod):
         return {"eps_low": 0.2, "eps_high": 0.2, "kl_beta": 0.01,
                 "rewards": "accuracy:0.9,format:0.1"}
 
+    def rl_format_reward(self):
+        """The paper's format check: a final `\\boxed{}` answer, blocks closed in order."""
+        from megatron_latent.eval.formats import make_boxed_format_reward
+
+        return make_boxed_format_reward(START, END)
+
     def rl_policy_loss(self, eps_low, eps_high, kl_beta):
         from megatron.core import parallel_state as ps
 
