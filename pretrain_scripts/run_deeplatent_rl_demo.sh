@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # DeepLatent RL on CPU, after run_deeplatent_demo.sh: continuous-space GRPO (spec 2.9) in the
 # co-located loop at TP=2 from the stage-2 demo checkpoint, then one generation with the result.
-# Nothing is downloaded; about 5 minutes on 2 cores.
+# Nothing is downloaded; about 3 minutes on 2 cores (after the SFT demo).
 # Each rollout samples both modulations of every block (a = mu + sigma eps) and records their
 # statistics; the loss is GRPO over the sampled tokens plus the clipped Gaussian ratio and KL of
 # the two modulation actions per block, with the grid, LatentFormer and scale head frozen.

@@ -256,8 +256,11 @@ def _step(cfg, model, optimizer, policy, generator, builder, records, order, con
             for mb in mbs:
                 mb["ref_logprobs"] = None
     _old_policy(cfg, model, mbs, objective.policy_loss)
-    for _ in range(cfg.ppo_epochs):
+    for epoch in range(cfg.ppo_epochs):
         out = train_step(model, optimizer, mbs, objective)
+        if epoch == 0:  # the train/rollout mismatch before any update of this step
+            first = {k: v for k, v in out.items() if k.startswith("rollout ")}
+    out.update(first)
     t_train = time.perf_counter() - t1
     parts = {k: torch.cat([g.parts[k] for g in groups]) for k in groups[0].parts}
     n_tok = sum(len(c.tokens) for c in comps)
