@@ -66,6 +66,13 @@ class Qwen25VLModel(MegatronModule):
         # embedding's weight gradient straight into DDP's main_grad
         self.embedding_grad_route = nullcontext
         self._layer_hooks = None  # LayerHooks, installed by the first step that has hooks
+        if cfg.params_dtype in (torch.bfloat16, torch.float16):
+            # megatron's local norms (torch.nn.RMSNorm) are built fp32; its mixed-precision
+            # optimizer maps state onto half parameters only (a checkpoint save fails), and
+            # Megatron-LM's Float16Module casts the whole model, so every parameter is half
+            for p in self.parameters():
+                if p.is_floating_point() and p.dtype != cfg.params_dtype:
+                    p.data = p.data.to(cfg.params_dtype)
 
     # ------------------------------------------------------------ pipeline plumbing
     def set_input_tensor(self, input_tensor) -> None:
