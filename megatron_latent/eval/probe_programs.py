@@ -5,10 +5,12 @@ what it feeds at latent steps replaced, or its spans cut out.
   it runs, what is appended) but the vector fed at a latent step is replaced: by zeros
   (`Zeros`), by one fixed vector (`Fixed`: the evaluation set's mean latent) or by another
   sample's recorded latents (`Bank`: the k-th latent a row feeds is its donor's k-th, counted
-  over all its spans, wrapping round the donor's count).
+  over all its spans, wrapping round the donor's count); one step at a time or in a chunk
+  append (a whole block of vectors at once: DeepLatent's grid).
 - `CutSpans(program)`: the latents are cut from the context. Every span keeps its opener and the
   token that closed it in the recorded (as generated) run, at the positions they had there, with
-  nothing in between; the model then continues on its own. So the context differs from the
+  nothing in between (no latents, nor the placeholders a block holds before them); the model
+  then continues on its own. So the context differs from the
   recorded one by the latent inputs only (positions included): a model that never reads its
   latents gives the same continuation. A span the continuation opens beyond the recorded ones
   is closed at once (its opener, then the program's end token).
@@ -42,17 +44,37 @@ class Replaced:
 
     def feed_vectors(self, state, hidden, feed, generator=None):
         vectors, logp = self.program.feed_vectors(state, hidden, feed, generator)
-        new = self.vectors(vectors, state["probe_fed"]).to(vectors.dtype)
+        rows = torch.arange(vectors.shape[0], device=vectors.device)
+        new = self.vectors(vectors, state["probe_fed"], rows).to(vectors.dtype)
         state["probe_fed"].add_(feed.long())
         return torch.where(feed.unsqueeze(1), new, vectors), logp
 
-    def vectors(self, fed: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-        """The replacements [b, h] of the vectors `fed`; `count` [b]: latents fed before."""
+    def chunk(self, state, out):
+        """A chunk append's fed vectors replaced the same way, in order along each row."""
+        req = self.program.chunk(state, out)
+        if req is None or req.feed is None or req.vectors is None:
+            return req
+        b, k = req.feed.shape
+        dev = req.vectors.device
+        feed = (req.feed.to(dev)
+                & (torch.arange(k, device=dev) < req.lengths.to(dev).unsqueeze(1)))
+        before = state["probe_fed"].unsqueeze(1) + feed.long().cumsum(1) - feed.long()
+        rows = torch.arange(b, device=dev).repeat_interleave(k)
+        new = self.vectors(req.vectors.flatten(0, 1), before.flatten(), rows)
+        req.vectors = torch.where(feed.unsqueeze(-1),
+                                  new.view_as(req.vectors).to(req.vectors.dtype), req.vectors)
+        state["probe_fed"].add_(feed.long().sum(1))
+        return req
+
+    def vectors(self, fed: torch.Tensor, count: torch.Tensor, rows: torch.Tensor
+                ) -> torch.Tensor:
+        """The replacements [n, h] of the vectors `fed` [n, h]; `count` [n]: latents their row
+        fed before; `rows` [n]: their batch rows."""
         raise NotImplementedError
 
 
 class Zeros(Replaced):
-    def vectors(self, fed, count):
+    def vectors(self, fed, count, rows):
         return torch.zeros_like(fed)
 
 
@@ -61,7 +83,7 @@ class Fixed(Replaced):
         super().__init__(program)
         self.vector = vector
 
-    def vectors(self, fed, count):
+    def vectors(self, fed, count, rows):
         return self.vector.to(fed.device, fed.dtype).expand_as(fed)
 
 
@@ -83,9 +105,8 @@ class Bank(Replaced):
         self.bank = bank.to(device)
         self.count = torch.tensor([max(1, x.shape[0]) for x in chosen], device=device)
 
-    def vectors(self, fed, count):
-        rows = torch.arange(fed.shape[0], device=fed.device)
-        return self.bank[rows, count % self.count]
+    def vectors(self, fed, count, rows):
+        return self.bank[rows, count % self.count[rows]]
 
 
 class CutSpans:

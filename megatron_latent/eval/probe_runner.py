@@ -48,13 +48,17 @@ class ProbeItem:
 
 
 def probe_item(index: int, x: dict, mask: torch.Tensor, tokenizer, image_token_id: int,
-               merge: int) -> ProbeItem | None:
-    """The item of sample `x` (`mask` [s]: its latent slots), None without a latent span."""
+               merge: int, start_id: int | None = None) -> ProbeItem | None:
+    """The item of sample `x` (`mask` [s]: its latent slots), None without a latent span. The
+    prompt ends with the span's opener `start_id` (a block may hold other tokens between it
+    and its first slot: DeepLatent's placeholders), or at the first slot if None."""
     where = mask.nonzero().flatten()
     if not where.numel():
         return None
     first, last = int(where[0]), int(where[-1])
     ids = x["input_ids"][:first].tolist()
+    if start_id is not None and start_id in ids:
+        ids = ids[:len(ids) - ids[::-1].index(start_id)]
     counts = (x["image_grid_thw"].prod(-1) // merge ** 2).cumsum(0).tolist()
     n_img = ids.count(image_token_id)
     if n_img not in [0] + counts:
@@ -173,15 +177,18 @@ def _split(c) -> list[torch.Tensor]:
     return out
 
 
-def _recorded_spans(c, end_id: int) -> list[tuple[int, int, list[int]]]:
-    """(latents, the token that closed the span, its position offset) per span of a completion."""
+def _recorded_spans(c, start_id: int, end_id: int) -> list[tuple[int, int, list[int]]]:
+    """(tokens between the span's opener and its closer: its latents and any placeholders before
+    them, the token that closed the span, its position offset) per span of a completion (an
+    opener not in the completion is the prompt's last token)."""
     out = []
     for start, n in latent_runs(c.latent_positions):
         j = start + n
         tok = c.tokens[j] if j < len(c.tokens) else end_id
         off = ([0, 0, 0] if c.position_offsets is None or j >= len(c.tokens)
                else c.position_offsets[j].tolist())
-        out.append((n, tok, off))
+        opener = max((k for k in range(start) if c.tokens[k] == start_id), default=-1)
+        out.append((j - opener - 1, tok, off))
     return out
 
 
@@ -219,7 +226,8 @@ def run_probe(model, tokenizer, method, ds, *, num: int | None = None, batch_siz
         idx = range(lo, min(lo + batch_size, n_samples))
         samples = [ds[i] for i in idx]
         mb = ds.collate(samples)
-        got = [probe_item(i, x, m, tokenizer, cfg.image_token_id, cfg.spatial_merge_size)
+        got = [probe_item(i, x, m, tokenizer, cfg.image_token_id, cfg.spatial_merge_size,
+                          program.start_id)
                for i, x, m in zip(idx, samples, mb["latent_mask"])]
         keep = [k for k, it in enumerate(got) if it is not None]
         if keep:
@@ -248,8 +256,8 @@ def run_probe(model, tokenizer, method, ds, *, num: int | None = None, batch_siz
     programs = {"zeros": pp.Zeros(program),
                 "mean": pp.Fixed(program, torch.cat(flat).mean(0) if flat else torch.zeros(h)),
                 "shuffled": pp.Bank(program, latents, donors) if len(eligible) > 1 else None,
-                "span_removed": pp.CutSpans(program, [_recorded_spans(c, program.end_id)
-                                                      for c in base])}
+                "span_removed": pp.CutSpans(program, [
+                    _recorded_spans(c, program.start_id, program.end_id) for c in base])}
     # every run gets the text budget the as-generated run had (the span cut out frees the
     # latents' share of max_new_tokens: a longer answer would differ for that reason alone)
     budget = [max_new_tokens - len(c.latent_positions) for c in base]

@@ -206,8 +206,9 @@ class DeepLatent(LatentMethod):
         return _PlainStep(mb) if self.stage == 1 else DeepLatentStep(self, mb)
 
     def prepare_step(self, model_chunks, micro_batches, forward_only) -> None:
-        """The context pass(es): the final-norm states at every block's placeholders, then
-        the teacher states of the step's samples."""
+        """The context pass(es): the final-norm states at every block's placeholders; an
+        online teacher's states of the step's samples (a cache is read where the alignment
+        needs it, `teacher_states`: a forward-only pass, e.g. the latent probe, needs none)."""
         if self.stage == 1:
             return
         if self.sigma_f is None:  # over the whole first global batch: the same in any layout
@@ -222,23 +223,30 @@ class DeepLatent(LatentMethod):
                 self._fix_sigma_f()
         for mb, mod in zip(micro_batches, prev):
             mb["mod_hidden"] = mod
+        if not self.online_teacher:
+            return
+        if self._teacher_cache is None:
+            self._teacher_cache = self._open_teacher(model_chunks, forward_only)
+        if any("teacher_batch" not in mb for mb in micro_batches):
+            raise ValueError("an online teacher needs each sample's stage-1 sequence: build "
+                             "the dataset with this method's sft_dataset")
+        states = self._teacher_cache.states([mb.pop("teacher_batch") for mb in micro_batches])
+        for mb, st in zip(micro_batches, states):
+            mb["teacher"] = st
+
+    def teacher_states(self, mb: dict) -> dict:
+        """{layer: states [n_slots, h]} of the micro-batch's grid slots: the online teacher's
+        (prepare_step), or read from the cache now."""
+        if "teacher" in mb:
+            return mb["teacher"]
         if self.teacher is None:
             raise ValueError("DeepLatent stage 2 needs teacher states: --teacher-states DIR (a "
                              "cache written by tools/cache_teacher_states.py, or the stage-1 "
                              "checkpoint to run online)")
         if self._teacher_cache is None:
-            self._teacher_cache = self._open_teacher(model_chunks, forward_only)
-        if self.online_teacher:
-            if any("teacher_batch" not in mb for mb in micro_batches):
-                raise ValueError("an online teacher needs each sample's stage-1 sequence: build "
-                                 "the dataset with this method's sft_dataset")
-            states = self._teacher_cache.states([mb.pop("teacher_batch")
-                                                 for mb in micro_batches])
-            for mb, st in zip(micro_batches, states):
-                mb["teacher"] = st
-            return
-        for mb in micro_batches:
-            mb["teacher"] = self._teacher_cache.get(mb["sample_ids"], self.align_layers)
+            self._teacher_cache = self._open_teacher(None, None)
+        mb["teacher"] = self._teacher_cache.get(mb["sample_ids"], self.align_layers)
+        return mb["teacher"]
 
     def _fix_sigma_f(self) -> None:
         """sigma_f = 0.1 x RMS of the question features the first context pass saw, over all
@@ -324,11 +332,13 @@ class DeepLatent(LatentMethod):
                                   block_ids=(ids[START], ids[SCALE], ids[PAD], ids[END]),
                                   hidden_size=self.hidden_size)
 
-    def block_noise(self, sample_id: str, k: int) -> torch.Generator:
+    def block_noise(self, sample_id: str, k: int, device=None) -> torch.Generator:
         """The noise of block k of a sample: a fixed function of the sample (the same on every
-        tensor-parallel rank, and after a resume)."""
+        tensor-parallel rank, and after a resume), drawn on `device` (default the CPU; the
+        numbers differ between device types)."""
         digest = hashlib.blake2b(f"{sample_id}/{k}".encode(), digest_size=8).digest()
-        return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2 ** 63 - 1))
+        return torch.Generator(device=device or "cpu").manual_seed(
+            int.from_bytes(digest, "little") & (2 ** 63 - 1))
 
 
 class _WithStage1:
@@ -409,7 +419,7 @@ class _BlockLatents:
             idx = mb["question_features"][k]
             feats = (image_features[idx.to(image_features.device)] if len(idx)
                      else embeddings.new_zeros(0, embeddings.shape[-1]))
-            gen = m.block_noise(rows[row], j) if self.noise else None
+            gen = m.block_noise(rows[row], j, embeddings.device) if self.noise else None
             mod = mod_hidden[k].to(embeddings.device, embeddings.dtype)
             z, _ = modules.build_latents(mod[1], mod[2], h, w, feats, mb["feature_coords"][k],
                                          tuple(mb["feature_grid"][k]), m.sigma_q, m.sigma_f,
@@ -456,7 +466,7 @@ class _ContextStep(LatentStep):
         full = _full_hidden(model, hidden_states)
         blocks = self.mb["blocks"]
         rows = blocks[:, 0].repeat_interleave(3)
-        pos = (blocks[:, 1:2] + torch.tensor([[1, 2, 3]])).flatten()
+        pos = (blocks[:, 1:2] + torch.tensor([[1, 2, 3]], device=blocks.device)).flatten()
         return _at(full, rows, pos).detach().float().view(-1, 3, full.shape[-1])
 
     def loss(self, output):
@@ -490,7 +500,8 @@ class DeepLatentStep(LatentStep):
                 return fn(h)
             return hook
 
-        return {layer: sp_aware(alignment_hook(slots, self.mb["teacher"][layer], weight, seq,
+        teacher = self.m.teacher_states(self.mb)
+        return {layer: sp_aware(alignment_hook(slots, teacher[layer], weight, seq,
                                                self.m._align_logs))
                 for layer in self.m.align_layers}
 

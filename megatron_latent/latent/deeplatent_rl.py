@@ -225,13 +225,17 @@ class ContinuousGRPOLoss(GRPOLoss):
         return self._log_probs(modulation_params(model, hidden, batch), batch)[0]
 
     def latent_rollout_gap(self, latent_logprobs, batch):
-        """Per dimension of the action (the summed log-ratio grows with N x d): already
-        log pi_theta - log pi_rollout, divided by N x d under the "sum" reduction."""
+        """|log pi_theta - log pi_rollout| per dimension of the action, in units of sigma over
+        the base's RMS: per dim the log-ratio is ~ eps x (mu_theta - mu_rollout) / sigma, so
+        this reads as the relative difference of the action's mean (sigma = 0.1 x RMS(base)
+        amplifies fp32 rounding of mu tenfold, and the summed log-ratio grows with N x d)."""
+        stats = batch["block_stats"].to(latent_logprobs)
+        dims = (batch["block_n"].to(latent_logprobs) * stats.shape[-1]).clamp(min=1.0)
         gap = latent_logprobs.abs()
         if self.reduction == "sum":
-            dims = batch["block_n"].to(gap) * batch["block_stats"].shape[-1]
-            gap = gap / dims.clamp(min=1.0)
-        return gap
+            gap = gap / dims
+        rms = (stats[..., 1, :].sum(-1) / dims).sqrt().clamp(min=1e-12)  # S2: sum of X^2
+        return gap * batch["block_sigma"].to(gap) / rms
 
     def reference_fields(self, model, hidden, batch):
         """What the reference pass records: `ref_modulation` [n, 2, 2, d]."""
