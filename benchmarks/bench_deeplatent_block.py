@@ -28,9 +28,12 @@ then one-token decoding resumes: the first token after `</latent>` is sampled fr
 and its own decode step (`next step`) runs.
 
 Reported per batch size (median and min over `--repeat` warm calls, after `--warmup`):
-- thought ms: the event, synchronised before and after (CUDA; host time included): chunk 1 +
-  grid + chunk 2, i.e. to the logits the first post-block token is sampled from; with its
-  parts (chunk forwards alone, the LM head + log-probs of chunk 2, the grid);
+- thought ms, ends only (`thought_ends_only`): the event, synchronised before and after and
+  nowhere inside (CUDA; host time included): chunk 1 + grid + chunk 2, i.e. to the logits the
+  first post-block token is sampled from;
+- thought ms, parts timed (`thought`): the same with its parts timed too (chunk forwards alone,
+  the LM heads, the grid), a sync at each part's boundary (this serialises the host work the
+  chunk path overlaps with the GPU, so it reads higher);
 - thought + next step ms: plus the first post-block decode iteration (sample it and its
   forward: a CUDA graph replay);
 - e2e diff ms: generate(max_new_tokens = 3 + H*W + 2) minus generate of a program that never
@@ -39,6 +42,9 @@ Reported per batch size (median and min over `--repeat` warm calls, after `--war
 - one-per-step ms: the `Replay` program (testing/generation.py) feeding the same ids and
   vectors one per decode step (graphed), generate(3 + H*W + 2) minus generate(1) of the same
   program: 3 + H*W + 1 decode steps, to the same logits; TPLT = that / (H*W).
+`--profile-dir DIR` (GPU): one more generate call per batch size under the torch profiler, its
+Chrome trace saved there (.json.gz) and summarised into the JSON (`profile`: per part its host
+time and the GPU work it launched, the CUDA runtime calls, the top kernels and host ops).
 """
 
 from __future__ import annotations
@@ -90,12 +96,23 @@ class Probe:
     def __init__(self, sync):
         self.sync, self.on = sync, False
         self.events, self.cur, self.await_step = [], None, False
+        # parts: time the parts too (a sync at each of their boundaries); off: the event's two
+        # ends only. labels: profiler ranges (dl:...) around the same parts, no syncs
+        self.parts, self.labels = True, False
 
     def now(self):
         self.sync()
         return time.perf_counter()
 
+    def label(self, name, fn, *a, **kw):
+        import torch
+
+        with torch.profiler.record_function(name):
+            return fn(*a, **kw)
+
     def install(self):
+        import torch
+
         from megatron_latent.inference.generator import Generator
         from megatron_latent.latent.deeplatent_decode import DeepLatentProgram
 
@@ -104,6 +121,12 @@ class Probe:
         forward, loop_of, logits_of = Generator._chunk_forward, Generator._loop, Generator._logits_of
 
         def _events(gen, loop, params, j, logits_log):
+            if probe.labels:  # synchronised at both ends, as the timed event
+                probe.sync()
+                with torch.profiler.record_function("dl:events"):
+                    j2 = events(gen, loop, params, j, logits_log)
+                    probe.sync()
+                return j2
             if not probe.on:
                 return events(gen, loop, params, j, logits_log)
             probe.cur = {"chunks": [], "forwards": [], "lm_head": 0.0, "grid": 0.0}
@@ -118,7 +141,9 @@ class Probe:
             return j2
 
         def _append(gen, *a, **kw):
-            if probe.cur is None:
+            if probe.labels:
+                return probe.label("dl:append", append, gen, *a, **kw)
+            if probe.cur is None or not probe.parts:
                 return append(gen, *a, **kw)
             probe.cur["forwards"].append(0.0)
             t0 = probe.now()
@@ -127,6 +152,8 @@ class Probe:
             return out
 
         def _forward(gen, *a, **kw):  # eager or a CUDA graph replay
+            if probe.labels:
+                return probe.label("dl:forward", forward, gen, *a, **kw)
             if probe.cur is None or not probe.cur["forwards"]:
                 return forward(gen, *a, **kw)
             t0 = probe.now()
@@ -135,7 +162,9 @@ class Probe:
             return out
 
         def _logits_of(gen, hidden):
-            if probe.cur is None:
+            if probe.labels:
+                return probe.label("dl:lm_head", logits_of, gen, hidden)
+            if probe.cur is None or not probe.parts:
                 return logits_of(gen, hidden)
             t0 = probe.now()
             out = logits_of(gen, hidden)
@@ -143,7 +172,9 @@ class Probe:
             return out
 
         def _grid(program, state, out, rows):
-            if probe.cur is None:
+            if probe.labels:
+                return probe.label("dl:grid", grid, program, state, out, rows)
+            if probe.cur is None or not probe.parts:
                 return grid(program, state, out, rows)
             t0 = probe.now()
             req = grid(program, state, out, rows)
@@ -164,6 +195,106 @@ class Probe:
 
         Generator._events, Generator._append, Generator._logits_of = _events, _append, _logits_of
         Generator._loop, Generator._chunk_forward, DeepLatentProgram._grid = _loop, _forward, _grid
+
+
+def summarize_trace(path) -> dict:
+    """Where one event's time went, from a Chrome trace of a generate call with the probe's
+    `dl:` ranges (the longest `dl:events` range: the event that fired, synchronised at both
+    ends): per part its host time and the GPU work it launched (kernels, their summed time, the
+    union of their busy intervals), the CUDA runtime calls (launches, syncs, copies), the top
+    kernels and the top-level host ops outside the chunk forwards."""
+    from collections import defaultdict
+
+    evs = json.loads(Path(path).read_text())
+    evs = evs["traceEvents"] if isinstance(evs, dict) else evs
+    ann = [e for e in evs if e.get("cat") == "user_annotation"
+           and str(e.get("name", "")).startswith("dl:")]
+    kernels = [e for e in evs if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    runtime = [e for e in evs if e.get("cat") in ("cuda_runtime", "cuda_driver")]
+    launched = {e["args"]["correlation"]: e["ts"] for e in runtime
+                if "correlation" in e.get("args", {})}
+    fired = max((e for e in ann if e["name"] == "dl:events"), key=lambda e: e["dur"])
+    t0, t1 = fired["ts"], fired["ts"] + fired["dur"]
+
+    def gpu(a, b):
+        ks = sorted((k for k in kernels if a <= launched.get(k.get("args", {}).get(
+            "correlation"), -1) <= b), key=lambda k: k["ts"])
+        busy, end = 0.0, -1e30
+        for k in ks:
+            s0, s1 = k["ts"], k["ts"] + k["dur"]
+            busy += max(0.0, s1 - max(s0, end))
+            end = max(end, s1)
+        return {"kernels": len(ks), "kernel_ms": sum(k["dur"] for k in ks) / 1e3,
+                "busy_ms": busy / 1e3,
+                "gpu_span_ms": (end - ks[0]["ts"]) / 1e3 if ks else 0.0}
+
+    out = {"event_ms": fired["dur"] / 1e3, "event_gpu": gpu(t0, t1), "parts": []}
+    for e in sorted(ann, key=lambda e: e["ts"]):
+        if e is not fired and t0 <= e["ts"] <= t1:
+            out["parts"].append({"name": e["name"], "at_ms": round((e["ts"] - t0) / 1e3, 3),
+                                 "host_ms": round(e["dur"] / 1e3, 3),
+                                 **{k: round(v, 3) for k, v in gpu(e["ts"], e["ts"] + e["dur"])
+                                    .items()}})
+    calls = defaultdict(lambda: [0, 0.0])
+    for e in runtime:
+        if t0 <= e["ts"] <= t1:
+            calls[e["name"]][0] += 1
+            calls[e["name"]][1] += e["dur"] / 1e3
+    out["runtime_calls"] = {k: [n, round(ms, 3)] for k, (n, ms) in
+                            sorted(calls.items(), key=lambda x: -x[1][1])}
+    top = defaultdict(lambda: [0, 0.0])
+    for k in kernels:
+        if t0 <= launched.get(k.get("args", {}).get("correlation"), -1) <= t1:
+            top[k["name"][:90]][0] += 1
+            top[k["name"][:90]][1] += k["dur"] / 1e3
+    out["top_kernels"] = [[k, n, round(ms, 3)] for k, (n, ms) in
+                          sorted(top.items(), key=lambda x: -x[1][1])[:25]]
+    fwd = [(e["ts"], e["ts"] + e["dur"]) for e in ann if e["name"] == "dl:forward"
+           and t0 <= e["ts"] <= t1]
+    ops = sorted((e for e in evs if e.get("cat") == "cpu_op" and t0 <= e["ts"] <= t1
+                  and not any(a <= e["ts"] <= b for a, b in fwd)),
+                 key=lambda e: (e["tid"], e["ts"], -e["dur"]))
+    host = defaultdict(lambda: [0, 0.0])
+    stack_end, tid = -1e30, None
+    for e in ops:  # top-level ops only (not inside another op of the same thread)
+        if e["tid"] != tid:
+            stack_end, tid = -1e30, e["tid"]
+        if e["ts"] >= stack_end:
+            host[e["name"]][0] += 1
+            host[e["name"]][1] += e["dur"] / 1e3
+            stack_end = e["ts"] + e["dur"]
+    out["host_ops_outside_forwards"] = {
+        "count": sum(n for n, _ in host.values()),
+        "ms": round(sum(ms for _, ms in host.values()), 3),
+        "top": [[k, n, round(ms, 3)] for k, (n, ms) in
+                sorted(host.items(), key=lambda x: -x[1][1])[:30]]}
+    return out
+
+
+def profile_event(gen, prompts, params, probe, out_dir, tag) -> dict:
+    """One generate call under the torch profiler (CPU + CUDA), the probe's ranges on; the
+    trace is saved (gzip) and summarised (`summarize_trace`)."""
+    import gzip
+    import shutil
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    probe.labels = True
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            gen.generate(prompts, params)
+            torch.cuda.synchronize()
+    finally:
+        probe.labels = False
+    path = Path(out_dir) / f"trace_deeplatent_{tag}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(path))
+    summary = summarize_trace(path)
+    with open(path, "rb") as f, gzip.open(f"{path}.gz", "wb") as g:
+        shutil.copyfileobj(f, g)
+    path.unlink()
+    return summary
 
 
 def make_prompts(shape, batch, text_tokens, image, latent_id, device):
@@ -203,6 +334,9 @@ def main() -> None:
     ap.add_argument("--no-chunk-graphs", action="store_true",
                     help="eager chunk forwards (default: CUDA graphs where decode steps have them)")
     ap.add_argument("--skip-replay", action="store_true")
+    ap.add_argument("--profile-dir", default=None,
+                    help="(GPU) profile one generate call per batch size: a Chrome trace "
+                         "(.json.gz) here and a summary of the event in the JSON and the log")
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args()
 
@@ -295,6 +429,18 @@ def main() -> None:
         lat = [len(c.latent_positions) for c in out]
         assert all(n == n_lat for n in lat), f"expected {n_lat} latents a row, got {lat}"
         assert all(c.tokens[n_block - 1] == program.end_id for c in out)
+        # the event synchronised at its two ends only (no syncs inside: the host work of
+        # the chunk path overlaps the GPU as it does in generation)
+        probe.events.clear()
+        probe.parts = False
+        for _ in range(args.repeat):
+            probe.on = True
+            gen.generate(prompts, full)
+            probe.on = False
+        ends = list(probe.events)
+        assert len(ends) == args.repeat, ends
+        probe.parts = True
+        # the same with its parts timed (a sync at each of their boundaries)
         probe.events.clear()
         t_full, t_idle = [], []
         for _ in range(args.repeat):
@@ -311,6 +457,8 @@ def main() -> None:
             t_full_np.append(timed(lambda: gen.generate(prompts, full))[0])
             t_idle_np.append(timed(lambda: gen_idle.generate(prompts, one))[0])
         row.update(
+            thought_ends_only=stats([e["total"] for e in ends]),
+            thought_ends_only_plus_next_step=stats([e["total"] + e["next_step"] for e in ends]),
             thought=stats([e["total"] for e in ev]),
             thought_plus_next_step=stats([e["total"] + e["next_step"] for e in ev]),
             chunk1=stats([e["chunks"][0] for e in ev]),
@@ -325,6 +473,9 @@ def main() -> None:
             e2e_diff_min_ms=1e3 * (min(t_full_np) - min(t_idle_np)),
         )
         first_after = [c.tokens[n_block] for c in out]
+        if args.profile_dir and cuda:
+            row["profile"] = profile_event(gen, prompts, full, probe, args.profile_dir, f"b{b}")
+            print(f"# profile b{b}: " + json.dumps(row["profile"]), flush=True)
         # ---- the same block fed one token / vector per decode step
         if not args.skip_replay:
             replay = Replay(out, program.latent_id, program.end_id, program.never_sample,
@@ -361,7 +512,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps({k: (round(v, 3) if isinstance(v, float) else
                               {kk: round(vv, 3) for kk, vv in v.items()} if isinstance(v, dict)
-                              else v) for k, v in row.items()}), flush=True)
+                              else v) for k, v in row.items() if k != "profile"}), flush=True)
         save()
         del gen, gen_idle
         if cuda:
@@ -373,11 +524,14 @@ def main() -> None:
     def f(r, k, key="median_ms"):
         return f"{r[k][key]:.2f}" if k in r else "-"
 
-    print(f"\n| batch | thought ms (median / min) | + next step | chunk 1 (fwd) | grid + "
+    print(f"\n| batch | thought ms, ends only (median / min) | thought ms, parts timed "
+          f"(median / min) | + next step | chunk 1 (fwd) | grid + "
           f"LatentFormer | chunk 2 (fwd / LM heads) | e2e diff | one-per-step ms | speedup |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['batch']} | **{f(r, 'thought')}** / {f(r, 'thought', 'min_ms')} "
+        print(f"| {r['batch']} | **{f(r, 'thought_ends_only')}** / "
+              f"{f(r, 'thought_ends_only', 'min_ms')} | {f(r, 'thought')} / "
+              f"{f(r, 'thought', 'min_ms')} "
               f"| {f(r, 'thought_plus_next_step')} | {f(r, 'chunk1')} ({f(r, 'chunk1_forward')}) "
               f"| {f(r, 'grid_latentformer')} | {f(r, 'chunk2')} ({f(r, 'chunk2_forward')} / "
               f"{f(r, 'chunk_lm_heads')}) | {r['e2e_diff_ms']:.2f} | {f(r, 'one_per_step')} "

@@ -7,6 +7,8 @@ GPU, same random weights, same batch, one run.
         --seq-length 512 --image 112                                         # CPU smoke run
     python benchmarks/bench_sft.py --shape 7b-4l --method lvr hylar --skip-hf \\
         --num-micro-batches 8                    # LVR vs HyLaR (canvas encoder), one process
+    python benchmarks/bench_sft.py --shape 7b-4l --spec local --method lvr deeplatent \\
+        --skip-hf --num-micro-batches 8          # LVR vs DeepLatent stage 2, one process
 
 Shapes: `7b-4l` (default): Qwen2.5-VL-7B text dims with 4 LLM layers and the full 32-block
 vision tower; `7b`: all 28 layers (ours only unless `--hf`; for 2-4 GPUs with `--tp`);
@@ -75,6 +77,11 @@ same tokens as LVR's; its TFLOP/s counts the same model FLOPs (LLM + Qwen vision
 canvas path's; `canvas path cost = 1 - tokens/s HyLaR / tokens/s LVR`. On the GPU a standalone
 breakdown of the canvas path per step (SigLIP forward; compressor + projector forward and
 backward) is printed and saved too.
+
+DeepLatent (`--method lvr deeplatent`): stage 2 as benchmarks/sft_deeplatent.py builds it (one
+`--deeplatent-grid`^2 latent block a sample in the middle, a teacher-state cache of random
+states written to `--deeplatent-dir` or a temporary folder); its step includes the context pass
+and the cache read; its TFLOP/s counts the training pass's model FLOPs only.
 
 Correctness (untimed): the loss of both paths at the shared initial weights (forward only) is
 printed as "loss ours X / HF Y"; with `--dtype fp32` they must agree to 1e-4 relative (the
@@ -317,7 +324,8 @@ def main() -> None:
     ap.add_argument("--latent-tokens", type=int, default=None,
                     help="LVR's <|lvr|> tokens a sample (default 8; --canvas-tokens when hylar "
                          "runs too, so both runs have the same latent slots)")
-    ap.add_argument("--method", choices=["lvr", "hylar"], nargs="+", default=["lvr"],
+    ap.add_argument("--method", choices=["lvr", "hylar", "deeplatent"], nargs="+",
+                    default=["lvr"],
                     help="ours: the latent method(s) timed, in this order, same shape and batch")
     ap.add_argument("--canvas-tokens", type=int, default=16,
                     help="HyLaR: canvas slots per reasoning image (one reasoning image a sample)")
@@ -329,6 +337,10 @@ def main() -> None:
     ap.add_argument("--canvas-encoder", default=None,
                     help="HyLaR: the SigLIP dir (written there if it holds no model yet; "
                          "default: a temporary folder)")
+    ap.add_argument("--deeplatent-grid", type=int, default=16,
+                    help="DeepLatent: the block's grid side a sample (sft_deeplatent.py)")
+    ap.add_argument("--deeplatent-dir", default=None,
+                    help="DeepLatent: where the teacher cache is written (default: a temp dir)")
     ap.add_argument("--spec", choices=["te", "local"], default="te")
     ap.add_argument("--precision", choices=["bf16", "fp8"], nargs="+", default=["bf16"],
                     help="ours, one row each in this run: fp8 = fp8='hybrid' + --fp8-recipe "
@@ -547,6 +559,13 @@ def main() -> None:
             methods[m] = (LVR(lvr_id=ids["lvr"], start_id=ids["lvr_start"],
                               end_id=ids["lvr_end"], hidden_size=hidden, loss_lambda=LAMBDA),
                           pinned(micro_batches))
+        elif m == "deeplatent":  # sft_deeplatent.py: its batches and teacher cache
+            import sft_deeplatent
+
+            dl_method, dl_batches, note = sft_deeplatent.setup(shape, args, dtype, cuda,
+                                                               args.deeplatent_dir)
+            log(f"# {note}")
+            methods[m] = (dl_method, dl_batches)
         else:
             from sft_hylar import build_hylar, hylar_micro_batches
 
@@ -567,7 +586,7 @@ def main() -> None:
             ([precision] if len(args.precision) > 1 else [])
         name = " ".join(["ours", *parts])
         pa = args.use_precision_aware_optimizer
-        side = method if method_name == "hylar" else None
+        side = method if method_name in ("hylar", "deeplatent") else None
         model = build_model(our_config(precision), None, freeze_vision=not args.train_vision,
                             freeze_merger=not args.train_vision, use_distributed_optimizer=pa,
                             latent_method=side)
@@ -622,7 +641,8 @@ def main() -> None:
         lh = losses.get("HF") if results[name]["method"] == "lvr" else None
         if lh is None:
             log(f"loss {name} {lo['loss']:.7f} / HF n/a ({dtype_name}, initial weights; "
-                f"CE {lo['lm loss']:.7f}, latent MSE {lo['latent mse']:.7f})")
+                f"CE {lo['lm loss']:.7f}, " + ", ".join(f"{k} {v:.7f}" for k, v in lo.items()
+                                                      if k not in ("loss", "lm loss")) + ")")
             continue
         rel = abs(lo["loss"] - lh["loss"]) / abs(lh["loss"])
         log(f"loss {name} {lo['loss']:.7f} / HF {lh['loss']:.7f} ({dtype_name}, initial weights, "

@@ -221,7 +221,8 @@ class Generator:
         -> the next column."""
         out = ChunkOutput(0, loop.consumed.unsqueeze(1).clone(),
                           (~loop.rec["finished"]).long(), loop.hidden.unsqueeze(1).clone(),
-                          loop.logits.clone(), self._logits_of, loop.gen)
+                          loop.logits.clone(), self._logits_of, loop.gen,
+                          graphed=getattr(loop, "chunk_graphs", None) is not None)
         while j < loop.slots:
             req = self.rule.chunk(loop.state, out)
             if req is None:
@@ -235,34 +236,45 @@ class Generator:
 
     def _append(self, loop: DecodeLoop, req: Chunk, params: SamplingParams, j: int, logits_log,
                 index: int):
-        """One chunk append at column j (eager): -> (its ChunkOutput, columns used), or None
-        when no row appends anything."""
+        """One chunk append at column j: -> (its ChunkOutput, columns used), or None when no
+        row appends anything. One host sync (before the forward): the chunk's width, the id
+        check and the columns the LM head runs at, read back together."""
         dev, b = self.device, loop.consumed.shape[0]
         ids = req.ids.to(dev).long()
         if ids.dim() != 2 or ids.shape[0] != b or req.lengths.shape != (b,):
             raise ValueError(f"a chunk needs ids [b={b}, k] and lengths [b], got "
                              f"{tuple(ids.shape)} and {tuple(req.lengths.shape)}")
-        if ids.shape[1] == 0:
+        width, vocab = ids.shape[1], self.cfg.vocab_size
+        if width == 0:
             return None
-        t = torch.arange(ids.shape[1], device=dev)
+        t = torch.arange(width, device=dev)
         lengths = torch.where(loop.rec["finished"], 0,
-                              req.lengths.to(dev).long().clamp(0, ids.shape[1]))
+                              req.lengths.to(dev).long().clamp(0, width))
         valid = t < lengths.unsqueeze(1)
         ids = torch.where(valid, ids, self.pad_id)
-        if bool(((ids < 0) | (ids >= self.cfg.vocab_size)).any()):
-            raise ValueError(f"chunk ids outside the vocabulary [0, {self.cfg.vocab_size})")
+        bad = ((ids < 0) | (ids >= vocab)).any()  # raised after the sync below
         feed = (torch.zeros_like(valid) if req.feed is None else req.feed.to(dev).bool()) & valid
-        # a stop id ends the row (nothing after it); a row gets n_new tokens at most
-        stop = valid & ~feed & loop.is_stop[ids]
-        lengths = torch.minimum(lengths, torch.where(stop, t, ids.shape[1]).min(1).values + 1)
+        # a stop id ends the row (nothing after it); a row gets n_new tokens at most, and the
+        # cache has slots - j columns left
+        stop = valid & ~feed & loop.is_stop[ids.clamp(0, vocab - 1)]
+        lengths = torch.minimum(lengths, torch.where(stop, t, width).min(1).values + 1)
         lengths = torch.minimum(lengths, (loop.n_new - (j - loop.holes)).clamp(min=0))
-        k = min(int(lengths.max()), loop.slots - j)
+        lengths = lengths.clamp(max=loop.slots - j)
+        valid = t < lengths.unsqueeze(1)
+        feed = feed & valid
+        head = [bad.view(1).long(), lengths.max().view(1)]
+        if logits_log is None:  # the LM head only where its output is used
+            need, scored0 = self._head_needed(valid, feed, lengths)
+            head += [scored0.view(1).long(), need.any(0).long()]
+        host = torch.cat(head).tolist()  # the one host sync
+        if host[0]:
+            raise ValueError(f"chunk ids outside the vocabulary [0, {vocab})")
+        k = host[1]
         if k == 0:
             return None
-        lengths = lengths.clamp(max=k)
-        t, ids = t[:k], ids[:, :k]
-        valid, feed = t < lengths.unsqueeze(1), feed[:, :k]
-        feed = feed & valid
+        plan = None if logits_log is not None else self._head_plan(host[3:3 + k], k, b,
+                                                                  bool(host[2]))
+        t, ids, valid, feed = t[:k], ids[:, :k], valid[:, :k], feed[:, :k]
         h = self.cfg.hidden_size
         vectors = (torch.zeros(b, k, h, device=dev) if req.vectors is None
                    else req.vectors[:, :k].to(dev))
@@ -281,14 +293,15 @@ class Generator:
             logp, new_logits = self._chunk_logits_all(loop, params, hidden, ids, valid, lengths,
                                                       logits_log)
         else:
-            logp, new_logits = self._chunk_logits_needed(loop, params, hidden, ids, valid, feed,
-                                                         lengths)
+            logp, new_logits = self._chunk_logits_needed(loop, params, hidden, ids, lengths,
+                                                         plan)
         loop.record_chunk(j, ids, valid, feed, vectors, vec_logp, offsets, logp)
         has = lengths > 0
         loop.logits.copy_(new_logits)
         loop.hidden.copy_(torch.where(has.unsqueeze(1), hidden[rows, last], loop.hidden))
         loop.consumed.copy_(torch.where(has, ids[rows, last], loop.consumed))
-        return ChunkOutput(index, ids, lengths, hidden, new_logits, self._logits_of, loop.gen), k
+        return ChunkOutput(index, ids, lengths, hidden, new_logits, self._logits_of, loop.gen,
+                           graphed=getattr(loop, "chunk_graphs", None) is not None), k
 
     def _chunk_body(self, cache: KVCache, ids, valid, feed, vectors, positions):
         """A chunk's forward (ids, valid, feed [b, k], vectors [b, k, h], positions [3, b, k])
@@ -311,7 +324,8 @@ class Generator:
         b, k = ids.shape
         graphs = getattr(loop, "chunk_graphs", None)
         kp = min((n for n in getattr(self.rule, "chunk_shapes", ()) if n >= k), default=k)
-        if graphs is None or int(loop.cache.write_index) + kp > loop.cache.max_len:
+        # the cache's write index is width + j (the prefill, then one column per token)
+        if graphs is None or j + kp > loop.slots:
             return self._chunk_body(loop.cache, ids, valid, feed, vectors, positions
                                     ).transpose(0, 1)
         g = graphs.get(kp)
@@ -343,34 +357,51 @@ class Generator:
             prev = logits[:, -1]
         return logp, new_logits
 
-    def _chunk_logits_needed(self, loop, params, hidden, ids, valid, feed, lengths):
-        """The LM head only where its output is used: before each recorded (non-fed) input
-        (position u - 1, or the logits before the chunk for u = 0) and at each row's last
-        input. Fed positions' log-probs are recorded as 0, so a grid of latents needs the head
-        at two positions a row. -> as `_chunk_logits_all`."""
-        b, k, dev = ids.shape[0], ids.shape[1], ids.device
-        rows, last = torch.arange(b, device=dev), (lengths - 1).clamp(min=0)
+    @staticmethod
+    def _head_needed(valid, feed, lengths):
+        """Where the LM head's output is used: before each recorded (non-fed) input (position
+        u - 1, or the logits before the chunk for u = 0) and at each row's last input. Fed
+        positions' log-probs are recorded as 0, so a grid of latents needs the head at two
+        positions a row. -> (need [b, k] bool, whether input 0 of some row is scored [])."""
+        b, k = valid.shape
+        rows, last = torch.arange(b, device=valid.device), (lengths - 1).clamp(min=0)
         scored = valid & ~feed  # the inputs whose log-prob is recorded
-        need = torch.zeros(b, k, dtype=torch.bool, device=dev)
+        need = torch.zeros_like(valid)
         need[:, :-1] = scored[:, 1:]
         need[rows, last] |= lengths > 0
-        cols = need.any(0).nonzero().flatten()  # one host sync (the chunk path is eager)
+        return need, scored[:, 0].any()
+
+    def _head_plan(self, need: list, k: int, b: int, scored0: bool):
+        """The LM head's columns (host `need` per column, from the one sync), in slices, with
+        their device indices made now, before the forward is queued (so these small copies
+        wait for nothing): per slice (columns, the entries that score an input, those
+        inputs)."""
+        cols = [c for c in range(k) if need[c]]
+        step = max(1, (1 << 26) // (b * self.cfg.vocab_size))
+        plan = {"scored0": scored0, "slices": []}
+        for c0 in range(0, len(cols), step):
+            at = cols[c0:c0 + step]
+            ok = [u for u, c in enumerate(at) if c + 1 < k]
+            idx = torch.tensor(at + ok + [at[u] + 1 for u in ok], device=self.device)
+            n_at, n_ok = len(at), len(ok)
+            plan["slices"].append((idx[:n_at], idx[n_at:n_at + n_ok] if n_ok else None,
+                                   idx[n_at + n_ok:] if n_ok else None))
+        return plan
+
+    def _chunk_logits_needed(self, loop, params, hidden, ids, lengths, plan):
+        """The LM head only where its output is used (`_head_needed`, `_head_plan`); no host
+        sync. -> as `_chunk_logits_all`."""
+        b, k, dev = ids.shape[0], ids.shape[1], ids.device
+        rows, last = torch.arange(b, device=dev), (lengths - 1).clamp(min=0)
         logp = torch.zeros(b, k, device=dev)
         new_logits = loop.logits.clone()
-        if scored[:, 0].any():
+        if plan["scored0"]:
             logp[:, 0] = policy_logprobs(loop.logits, params).gather(1, ids[:, :1])[:, 0]
-        if cols.numel() == 0:
-            return logp, new_logits
-        step = max(1, (1 << 26) // (b * self.cfg.vocab_size))
-        for c0 in range(0, cols.numel(), step):
-            at = cols[c0:c0 + step]
+        for at, ok, nxt in plan["slices"]:
             logits = self._logits_of(hidden[:, at])  # [b, s, vocab] at positions `at`
-            nxt = at + 1  # the inputs these logits score
-            ok = nxt < k
-            if bool(ok.any()):
-                a, n = at[ok], nxt[ok]
-                logp[:, n] = (policy_logprobs(logits[:, ok], params)
-                              .gather(-1, ids[:, n, None])[..., 0])
+            if ok is not None:  # the inputs these logits score
+                logp[:, nxt] = (policy_logprobs(logits[:, ok], params)
+                                .gather(-1, ids[:, nxt, None])[..., 0])
             hit = (at.unsqueeze(0) == last.unsqueeze(1)) & (lengths > 0).unsqueeze(1)  # [b, s]
             here = hit.any(1)
             idx = hit.float().argmax(1)

@@ -78,7 +78,8 @@ class ChunkOutput:
     logits [b, vocab] (fp32): each row's last logits, what it samples from next;
     logits_of(hidden [..., h]) -> [..., vocab]: the LM head, for logits anywhere else;
     generator: the loop's sampling stream (seeded alike on every tensor-parallel rank), for a
-    program that samples actions of its own."""
+    program that samples actions of its own; graphed: the generator replays CUDA graphs of its
+    decode steps and chunk forwards here (a program may replay its own: fixed weights)."""
     index: int
     ids: torch.Tensor
     lengths: torch.Tensor
@@ -86,6 +87,7 @@ class ChunkOutput:
     logits: torch.Tensor
     logits_of: Callable[[torch.Tensor], torch.Tensor]
     generator: torch.Generator | None = None
+    graphed: bool = False
 
 
 @dataclass

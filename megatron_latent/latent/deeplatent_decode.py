@@ -3,7 +3,8 @@ appended in one forward; their final-norm states give the grid size (the scale h
 the modulations (no noise at inference); the LatentFormer builds the H x W grid, which is appended
 with `</latent>` in a second forward at image-like positions (slot (i, j) of a block whose first
 slot is at p: (p, p + i, p + j); the text after it continues at p + max(H, W)). Sampling then
-resumes. Uses the generator's chunk appends (latent/decoding.py): eager, PP = 1.
+resumes. Uses the generator's chunk appends (latent/decoding.py): PP = 1; when the generator
+replays CUDA graphs, the latents replay one too (`LatentGraphs`, per grid and image layout).
 
 RL rollouts (`sigmas` given): the two modulations are sampled (a = mu + sigma eps, eps from the
 generator's sampling stream, the same on every tensor-parallel rank) and each block's
@@ -16,7 +17,8 @@ import torch
 
 from megatron_latent.latent.base import LatentStep
 from megatron_latent.latent.decoding import Chunk, LatentRule
-from megatron_latent.latent.deeplatent_modules import grid_coords
+from megatron_latent.latent.deeplatent_modules import grid_coords, latent_coords
+from megatron_latent.platform import graph_registry
 
 
 class DeepLatentProgram(LatentRule):
@@ -38,12 +40,15 @@ class DeepLatentProgram(LatentRule):
         self.image_token_id, self.merge, self.max_blocks = image_token_id, merge, max_blocks
         self.modules, self.features = None, None
         self.sigmas, self.records = sigmas, []
+        self._placeholders = {}  # on each device used
+        self._graphs = LatentGraphs()
 
     def bind(self, model) -> None:
         if model.latent_modules is None:
             raise ValueError("DeepLatent generation needs the model's side modules (build it "
                              "with the method: build_model(..., latent_method=method))")
         self.modules = model.latent_modules
+        self._graphs.clear()  # captured over the previous modules
 
     def prefill_step(self, input_ids, image_grid_thw):
         self.records = [[] for _ in range(input_ids.shape[0])]
@@ -72,7 +77,9 @@ class DeepLatentProgram(LatentRule):
             if not bool(rows.any()):
                 return None
             state["blocks"].add_(rows.long())
-            return Chunk(self.placeholders.to(dev).expand(b, 3), torch.where(rows, 3, 0),
+            if dev not in self._placeholders:
+                self._placeholders[dev] = self.placeholders.to(dev)
+            return Chunk(self._placeholders[dev].expand(b, 3), torch.where(rows, 3, 0),
                          offsets=shift.view(b, 1, 1).expand(b, 3, 3))
         if out.index != 1:
             return None
@@ -84,10 +91,13 @@ class DeepLatentProgram(LatentRule):
         hh, ww = self.modules.scale_head.predict(h[:, 0])
         hh, ww = torch.where(rows, hh, 1), torch.where(rows, ww, 1)
         n = hh * ww
-        k_max = int(n.max()) + 1
+        # one host sync: each row's grid and whether it has an event
+        host_h, host_w, fired = torch.stack([hh, ww, rows.long()]).tolist()
+        k_max = max(x * y for x, y in zip(host_h, host_w)) + 1
         vectors = torch.zeros(b, k_max, h.shape[-1], dtype=h.dtype, device=dev)
-        sel = rows.nonzero().flatten().tolist()
-        for idx, z in zip(*self._latents(h, hh, ww, sel, dev, out.generator)):
+        sel = [i for i in range(b) if fired[i]]
+        for idx, z in zip(*self._latents(h, host_h, host_w, sel, dev, out.generator,
+                                         graphed=out.graphed)):
             vectors[idx, :z.shape[1]] = z.to(h.dtype)
         k = torch.arange(k_max, device=dev).expand(b, -1)
         feed = k < n.unsqueeze(1)
@@ -98,9 +108,12 @@ class DeepLatentProgram(LatentRule):
         state["shift"].copy_(torch.where(rows, state["shift"] + after.view(b), state["shift"]))
         return Chunk(ids, torch.where(rows, n + 1, 0), feed, vectors, offsets)
 
-    def _latents(self, h, hh, ww, sel: list[int], dev, generator=None):
+    def _latents(self, h, hh, ww, sel: list[int], dev, generator=None, graphed: bool = False):
         """The LatentFormer's latents of rows `sel`, one call per group of rows with the same
-        grid and the same question-image layout -> (row indices, latents [rows, H*W, d])."""
+        grid and the same question-image layout -> (row indices, latents [rows, H*W, d]).
+        hh, ww: each row's grid (host lists or tensors). `graphed` (the generator replays CUDA
+        graphs): a group's call replays a graph of its shape from the second time that shape
+        is seen (`LatentGraphs`); RL's sampled latents stay eager."""
         groups: dict = {}
         for i in sel:
             feats, coords, frame = self.features[i]
@@ -118,7 +131,8 @@ class DeepLatentProgram(LatentRule):
             args = (h[rows, 1], h[rows, 2], height, width, feats, self.features[members[0]][1],
                     frame or (height, width))
             if self.sigmas is None:
-                z_out.append(self.modules.inference_latents(*args))
+                z_out.append(self._graphs(self.modules, *args) if graphed
+                             else self.modules.inference_latents(*args))
             else:
                 z, recs = self.modules.sample_latents(*args, *self.sigmas, generator=generator)
                 z_out.append(z)
@@ -126,6 +140,76 @@ class DeepLatentProgram(LatentRule):
                     self.records[i].append(rec)
             idx_out.append(rows)
         return idx_out, z_out
+
+
+class LatentGraphs:
+    """`DeepLatentModules.inference_latents` as CUDA graphs, one per (grid H x W, question-image
+    layout, rows): the modulation MLPs, the grid's resize and the LatentFormer are hundreds of
+    small kernels, launch-bound at inference. A shape is captured the second time it is seen
+    (the first call runs eager: real grids vary), the `max_graphs` most recently used are kept.
+    Static inputs h_l, h_i [r, d] and feats [n_f, r, d]; the coordinates are part of the shape
+    (fixed in the graph). The output is a static buffer: read it before the next call."""
+
+    def __init__(self, max_graphs: int = 8):
+        self.max_graphs, self.graphs, self.seen = max_graphs, {}, set()
+        graph_registry.register(self)
+
+    def clear(self) -> None:
+        self.graphs.clear()
+        self.seen.clear()
+
+    def drop_graphs(self) -> None:
+        self.graphs.clear()
+
+    def __call__(self, modules, h_l, h_i, height: int, width: int, feats, feat_coords,
+                 feat_grid):
+        key = (height, width, tuple(feat_grid), feats.shape[0], h_l.shape[0], h_l.dtype,
+               feats.dtype, h_l.device,
+               None if feat_coords is None else feat_coords.cpu().numpy().tobytes())
+        g = self.graphs.get(key)
+        if g is None:
+            if key not in self.seen or h_l.device.type != "cuda":
+                self.seen.add(key)
+                return modules.inference_latents(h_l, h_i, height, width, feats, feat_coords,
+                                                 feat_grid)
+            g = _LatentsGraph(modules, h_l, h_i, height, width, feats, feat_coords, feat_grid)
+        else:
+            del self.graphs[key]  # most recently used last
+        self.graphs[key] = g
+        while len(self.graphs) > self.max_graphs:
+            self.graphs.pop(next(iter(self.graphs)))
+        return g(h_l, h_i, feats)
+
+
+class _LatentsGraph:
+    def __init__(self, modules, h_l, h_i, height, width, feats, feat_coords, feat_grid):
+        dev = h_l.device
+        self.modules, self.height, self.width, self.grid = modules, height, width, feat_grid
+        self.h_l, self.h_i, self.feats = h_l.clone(), h_i.clone(), feats.clone()
+        # made before the capture (host-to-device copies cannot be captured)
+        self.coords = None if feat_coords is None else feat_coords.to(dev)
+        self.z_coords = latent_coords(height, width, feat_grid, device=dev)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # lazy initialisation (cuBLAS handles, kernels) first
+                self._run()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.out = self._run()
+
+    def _run(self):
+        return self.modules.inference_latents(self.h_l, self.h_i, self.height, self.width,
+                                              self.feats, self.coords, self.grid,
+                                              z_coords=self.z_coords)
+
+    def __call__(self, h_l, h_i, feats):
+        self.h_l.copy_(h_l)
+        self.h_i.copy_(h_i)
+        self.feats.copy_(feats)
+        self.graph.replay()
+        return self.out
 
 
 class _KeepFeatures(LatentStep):

@@ -233,9 +233,12 @@ class DeepLatentModules(nn.Module):
 
     def inference_latents(self, h_l: torch.Tensor, h_i: torch.Tensor, height: int, width: int,
                           feats: torch.Tensor, feat_coords: torch.Tensor | None,
-                          feat_grid: tuple[int, int]) -> torch.Tensor:
+                          feat_grid: tuple[int, int], z_coords: torch.Tensor | None = None
+                          ) -> torch.Tensor:
         """`build_latents` without noise for r rows sharing a grid size and a question-image
-        layout, in one LatentFormer call: h_l, h_i [r, d]; feats [n_f, r, d] -> [r, H*W, d]."""
+        layout, in one LatentFormer call: h_l, h_i [r, d]; feats [n_f, r, d] -> [r, H*W, d].
+        `z_coords`: `latent_coords(height, width, feat_grid)` on the device, made beforehand
+        (a CUDA graph capture cannot copy from the host)."""
         dtype = self.grid.queries.dtype
         gamma_q, beta_q = self.mlp_l(h_l)
         gamma_f, beta_f = self.mlp_i(h_i)
@@ -244,7 +247,8 @@ class DeepLatentModules(nn.Module):
         device = z.device
         if feat_coords is None:
             feat_coords = grid_coords(*feat_grid, device=device)
-        z_coords = latent_coords(height, width, feat_grid, device=device)
+        if z_coords is None:
+            z_coords = latent_coords(height, width, feat_grid, device=device)
         return self.latentformer(z, f, z_coords, feat_coords.to(device)).transpose(0, 1)
 
     def sample_latents(self, h_l: torch.Tensor, h_i: torch.Tensor, height: int, width: int,
