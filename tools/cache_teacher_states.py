@@ -234,7 +234,10 @@ def write_cache(model, dataset, out, layers, *, model_hash: str, hidden_size: in
     slots = sum(h * w for g in grids.values() for h, w in g)
     need = slots * len(layers) * hidden_size * itemsize
     total = torch.tensor([slots, len(todo) if writer else 0], dtype=torch.float64)
-    if (dist := _dist()) is not None:
+    if (dist := _dist()) is not None:  # on the collective's device (NCCL has no CPU tensors)
+        from megatron_latent import parallel
+
+        total = total.to(parallel.device())
         dist.all_reduce(total)
     slots_all, todo_all = int(total[0]), int(total[1])
     need_all = slots_all * len(layers) * hidden_size * itemsize

@@ -186,11 +186,13 @@ def test_refuses_another_models_cache_and_a_short_disk(setup, tmp_path):
         assert torch.equal(cached[layer], online[layer].to(torch.bfloat16))
 
 
-@pytest.mark.slow
-def test_torchrun_on_stage1_data(tiny_ckpts, tmp_path, megatron_single_rank):
+@pytest.mark.parametrize("nproc", [pytest.param(2, marks=pytest.mark.slow),
+                                   pytest.param(1, marks=pytest.mark.gpu)])
+def test_torchrun_on_stage1_data(nproc, tiny_ckpts, tmp_path, megatron_single_rank):
     """The tool end to end on DeepLatent's stage-1 dataset (synthetic Zebra-CoT rows): two
-    data-parallel ranks write one cache (each rank its shards), which equals `capture_states`
-    of each sample."""
+    data-parallel ranks (gloo) write one cache (each rank its shards), which equals
+    `capture_states` of each sample; on a GPU, one rank on NCCL (its collectives take device
+    tensors only: a CPU one failed there)."""
     from transformers import AutoProcessor
 
     from megatron_latent.data.deeplatent_data import DeepLatentDataset
@@ -208,26 +210,24 @@ def test_torchrun_on_stage1_data(tiny_ckpts, tmp_path, megatron_single_rank):
     args = ["--ckpt", path, "--data", str(data), "--layers", "1,3", "--cache-dtype", "fp32",
             "--shard-samples", "2", "--dtype", "float32", "--seq-length", "2048",
             "--min-pixels", "3136", "--max-pixels", "50176"]
-    runs = {}
-    for nproc in (2,):
-        out = tmp_path / f"dp{nproc}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-               str(nproc), str(REPO / "tools" / "cache_teacher_states.py"), *args,
-               "--out", str(out)]
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-        assert "needed" in res.stdout and "ETA" in res.stdout, res.stdout
-        runs[nproc] = out
-    index = json.loads((runs[2] / "teacher" / "index.json").read_text())
+    out = tmp_path / f"dp{nproc}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           str(nproc), str(REPO / "tools" / "cache_teacher_states.py"), *args, "--out", str(out)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "needed" in res.stdout and "ETA" in res.stdout, res.stdout
+    index = json.loads((out / "teacher" / "index.json").read_text())
     assert len(index) == 6
     assert {e["model_hash"] for e in index.values()} == {tool.model_hash(path)}
+    if nproc == 1:  # the GPU run: equality to capture_states is the CPU case's
+        return
 
     model, proc, cfg, _ = load_for_generation(path, dtype="float32")
     add_tokens(proc.tokenizer, LATENT_TOKENS, cfg.vocab_size, special=False)
     ds = DeepLatentDataset(data, stage=1, tokenizer=proc.tokenizer,
                            image_processor=proc.image_processor, vocab_size=cfg.vocab_size,
                            seq_length=2048, min_pixels=3136, max_pixels=50176)
-    two = TeacherCache(runs[2])
+    two = TeacherCache(out)
     for i in range(len(ds)):
         mb = ds.collate([ds[i]])
         online = capture_states(model, mb, LAYERS)
