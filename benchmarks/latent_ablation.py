@@ -588,12 +588,9 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     arms.sort(key=lambda m: (m != "none", m))  # the baseline first
-    out = Path(a.out).absolute()
-    if out.exists() and any(out.iterdir()):
-        if not a.overwrite:
-            print(f"error: {out} is not empty; pass --overwrite", file=sys.stderr)
-            return 2
-        shutil.rmtree(out)
+    out = _fresh_out(a)
+    if out is None:
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":  # fp32 weights (see SHAPES), TF32 GEMMs
@@ -730,18 +727,26 @@ def main(argv=None) -> int:
     return 1 if failed or incomplete else 0
 
 
+def _fresh_out(a) -> Path | None:
+    """--out, emptied if --overwrite allows it; None (after an error message) if it may not be."""
+    out = Path(a.out).absolute()
+    if out.exists() and any(out.iterdir()):
+        if not a.overwrite:
+            print(f"error: {out} is not empty; pass --overwrite", file=sys.stderr)
+            return None
+        shutil.rmtree(out)
+    return out
+
+
 def run_jobs(a, argv: list[str]) -> int:
     """--jobs: one child process per seed (at most `jobs` at once), their lines prefixed with
     the seed, then --merge of their results into --out."""
     import subprocess
     import threading
 
-    out = Path(a.out).absolute()
-    if out.exists() and any(out.iterdir()):
-        if not a.overwrite:
-            print(f"error: {out} is not empty; pass --overwrite", file=sys.stderr)
-            return 2
-        shutil.rmtree(out)
+    out = _fresh_out(a)
+    if out is None:
+        return 2
     flags = ["--shape", a.shape, "--device", a.device, "--difficulty", str(a.difficulty)]
     for name in ("steps", "num_train", "num_val", "deeplatent_stage1_steps", "workers",
                  "hidden_size", "num_layers", "global_batch_size", "time_limit"):
