@@ -31,17 +31,35 @@ COMMON = dict(micro_batch_size=2, global_batch_size=4, seq_length=512, min_pixel
               max_pixels=50176, seed=7)
 
 
+@pytest.fixture(scope="module")
+def layout_runs(tiny_ckpts, tmp_path_factory):
+    """Every method's layouts, run in one pair of processes one after the other (the suite's
+    time: one start-up, not one per method). -> {name: {layout: per-iteration logs}}"""
+    root = tmp_path_factory.mktemp("layouts")
+    runs = {}
+    for name in METHODS:
+        kit, tmp = KITS[name], root / name
+        tmp.mkdir()
+        base = dict(COMMON, data_path=kit.make_data(tmp), hf_dir=tiny_ckpts["tiny-a"],
+                    latent_method=name, latent_hparams=kit.hparams(tmp, tiny_ckpts["tiny-a"]),
+                    train_iters=2, optim=dict(lr=1e-3), lr_decay_style="constant")
+        runs.update({f"{name}/tp1": base,
+                     f"{name}/tp2": dict(base, tensor_model_parallel_size=2),
+                     f"{name}/tp2sp": dict(base, tensor_model_parallel_size=2,
+                                           sequence_parallel=True),
+                     f"{name}/pp2": dict(base, pipeline_model_parallel_size=2)})
+    run_distributed(train_runs, 2, runs, str(root / "runs.pt"))
+    out = {name: {} for name in METHODS}
+    for key, logs in torch.load(root / "runs.pt", weights_only=False).items():
+        name, layout = key.split("/", 1)
+        out[name][layout] = logs
+    return out
+
+
 @pytest.mark.parametrize("name", METHODS)
-def test_layouts_match_tp1_per_term(name, tiny_ckpts, tmp_path):
-    kit = KITS[name]
-    base = dict(COMMON, data_path=kit.make_data(tmp_path), hf_dir=tiny_ckpts["tiny-a"],
-                latent_method=name, latent_hparams=kit.hparams(tmp_path, tiny_ckpts["tiny-a"]), train_iters=2,
-                optim=dict(lr=1e-3), lr_decay_style="constant")
-    runs = {"tp1": base, "tp2": dict(base, tensor_model_parallel_size=2),
-            "tp2sp": dict(base, tensor_model_parallel_size=2, sequence_parallel=True),
-            "pp2": dict(base, pipeline_model_parallel_size=2)}
-    run_distributed(train_runs, 2, runs, str(tmp_path / "runs.pt"))
-    res = torch.load(tmp_path / "runs.pt", weights_only=False)
+def test_layouts_match_tp1_per_term(name, layout_runs):
+    res = layout_runs[name]
+    assert set(res) == {"tp1", "tp2", "tp2sp", "pp2"}
     terms = [k for k in res["tp1"][0] if k.endswith(("loss", "mse")) and k != "loss"] + ["loss"]
     assert len(terms) >= 3, terms  # the LM term, the method's own, the total
     diffs = {(layout, term): (res[layout][0][term], res["tp1"][0][term])
@@ -81,59 +99,93 @@ def test_kill_and_resume_gives_the_same_losses(name, tiny_ckpts, tmp_path):
             "--latent-method", name, *kit.cli(kit.hparams(tmp_path, tiny_ckpts["tiny-a"])),
             "--tensor-model-parallel-size", str(tp), "--lr", "1e-3", "--lr-decay-style", "constant",
             *[f"--{k.replace('_', '-')}={v}" for k, v in COMMON.items()]]
-    with open(tmp_path / "ref.log", "w") as log:  # uninterrupted reference: 8 steps
-        assert _launch(args + ["--train-iters", "8"], log, tp).wait(timeout=300) == 0, \
-            (tmp_path / "ref.log").read_text()[-3000:]
+    # the uninterrupted reference (8 steps); at TP=1 (one rank) it runs alongside the killed
+    # run and the resume, on the other core (its own processes, no shared files), as in
+    # tests/slurm; a TP=2 run keeps 2 cores busy on its own: in sequence
+    with open(tmp_path / "ref.log", "w") as ref_log:
+        ref_proc = _launch(args + ["--train-iters", "8"], ref_log, tp)
+    try:
+        if tp > 1:
+            assert ref_proc.wait(timeout=300) == 0, (tmp_path / "ref.log").read_text()[-3000:]
+        ckpt = tmp_path / "ckpt"  # a long run, SIGKILLed once iteration 4 is checkpointed
+        with open(tmp_path / "killed.log", "w") as log:
+            proc = _launch(args + ["--train-iters", "1000", "--save", str(ckpt),
+                                   "--save-interval", "4"], log, tp)
+            deadline = time.time() + 600
+            while checkpointing.latest_iteration(ckpt) is None and time.time() < deadline:
+                assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+                time.sleep(0.2)
+            tree = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
+            for p in tree:
+                p.kill()  # SIGKILL the launcher and every rank: no chance to clean up
+            proc.wait()
+            psutil.wait_procs(tree, timeout=30)
+        assert checkpointing.latest_iteration(ckpt) == 4
+        assert checkpointing.read_metadata(ckpt)["latent_method"]["name"] == name
+        with open(tmp_path / "resumed.log", "w") as log:  # no method flags: the checkpoint's own
+            i = args.index("--latent-method")
+            resume = args[:i] + args[i + 2:]
+            assert _launch([*resume, "--train-iters", "8", "--load", str(ckpt), "--save",
+                            str(ckpt)], log, tp).wait(timeout=300) == 0, \
+                (tmp_path / "resumed.log").read_text()[-3000:]
+        assert ref_proc.wait(timeout=300) == 0, (tmp_path / "ref.log").read_text()[-3000:]
+    finally:
+        if ref_proc.poll() is None:
+            for p in [*psutil.Process(ref_proc.pid).children(recursive=True), ref_proc]:
+                p.kill()
+            ref_proc.wait()
     ref = _losses(tmp_path / "ref.log")
-    ckpt = tmp_path / "ckpt"  # a long run, SIGKILLed once iteration 4 is checkpointed
-    with open(tmp_path / "killed.log", "w") as log:
-        proc = _launch(args + ["--train-iters", "1000", "--save", str(ckpt),
-                               "--save-interval", "4"], log, tp)
-        deadline = time.time() + 600
-        while checkpointing.latest_iteration(ckpt) is None and time.time() < deadline:
-            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-            time.sleep(0.2)
-        for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
-            p.kill()  # SIGKILL the launcher and every rank: no chance to clean up
-        proc.wait()
-        psutil.wait_procs(psutil.Process().children(recursive=True), timeout=30)
-    assert checkpointing.latest_iteration(ckpt) == 4
-    assert checkpointing.read_metadata(ckpt)["latent_method"]["name"] == name
-    with open(tmp_path / "resumed.log", "w") as log:  # no method flags: the checkpoint's own
-        i = args.index("--latent-method")
-        resume = args[:i] + args[i + 2:]
-        assert _launch([*resume, "--train-iters", "8", "--load", str(ckpt), "--save", str(ckpt)],
-                       log, tp).wait(timeout=300) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
     resumed = _losses(tmp_path / "resumed.log")
     assert sorted(resumed) == [5, 6, 7, 8]
     for step in range(5, 9):
         assert resumed[step] == pytest.approx(ref[step], abs=1e-6), (step, resumed, ref)
 
 
-@pytest.mark.parametrize("name", [n for n in METHODS if registry.method_class(n).has_rl_stage])
-def test_rl_step0_on_policy_at_tp2_and_pp2(name, tiny_ckpts, synthetic_lvr, tmp_path,
-                                           megatron_single_rank):
-    """PP=2 for a method whose RL stage runs there; otherwise DP=2, and PP=2 refused."""
+RL_METHODS = [n for n in METHODS if registry.method_class(n).has_rl_stage]
+
+
+@pytest.fixture(scope="module")
+def rl_step0_runs(tiny_ckpts, synthetic_lvr, tmp_path_factory, megatron_single_rank):
+    """Every RL method's layouts, run in one pair of processes one after the other (the suite's
+    time: one start-up, not one per method); the refused layouts last. -> {name: {layout: ...}}"""
     from megatron_latent.testing.rl_workers import grpo_runs, save_rl_start
 
+    root = tmp_path_factory.mktemp("rl_step0")
+    runs, refused = {}, {}
+    for name in RL_METHODS:
+        kit, tmp = KITS[name], root / name
+        tmp.mkdir()
+        start = save_rl_start(name, tiny_ckpts["tiny-a"], kit.hparams(tmp, tiny_ckpts["tiny-a"]),
+                              str(tmp / "start"))
+        base = dict(data_path=str(synthetic_lvr / "meta_rl.json"), pretrained_checkpoint=start,
+                    prompts_per_step=2, group_size=4, micro_batch_size=4, seq_length=1024,
+                    max_new_tokens=16, temperature=1.0, top_k=0, latent_steps=2,
+                    answer_prefix=kit.opener, rewards="vowels:1.0", filter_reward="vowels",
+                    train_iters=2,
+                    optim={"lr": 1e-3}, max_pixels=112 * 112, wandb_mode="disabled",
+                    reward_module="megatron_latent.testing.rl_workers")
+        runs[f"{name}/tp2"] = dict(base, tensor_model_parallel_size=2)
+        if kit.rl_pipeline:
+            runs[f"{name}/pp2"] = dict(base, pipeline_model_parallel_size=2)
+        else:
+            runs[f"{name}/dp2"] = dict(base, prompts_per_step=4)  # the same 2 prompts per rank
+            refused[f"{name}/pp2 refused"] = dict(base, pipeline_model_parallel_size=2,
+                                                  expect_error=True)
+    run_distributed(grpo_runs, 2, {**runs, **refused}, str(root / "rl.pt"))
+    res = torch.load(root / "rl.pt", weights_only=False)
+    out = {name: {} for name in RL_METHODS}
+    for key, hist in res.items():
+        name, layout = key.split("/", 1)
+        out[name][layout] = hist
+    return out
+
+
+@pytest.mark.parametrize("name", RL_METHODS)
+def test_rl_step0_on_policy_at_tp2_and_pp2(name, rl_step0_runs):
+    """PP=2 for a method whose RL stage runs there; otherwise DP=2, and PP=2 refused."""
     kit = KITS[name]
-    start = save_rl_start(name, tiny_ckpts["tiny-a"], kit.hparams(tmp_path, tiny_ckpts["tiny-a"]),
-                          str(tmp_path / "start"))
-    base = dict(data_path=str(synthetic_lvr / "meta_rl.json"), pretrained_checkpoint=start,
-                prompts_per_step=2, group_size=4, micro_batch_size=4, seq_length=1024,
-                max_new_tokens=16, temperature=1.0, top_k=0, latent_steps=2,
-                answer_prefix=kit.opener, rewards="vowels:1.0", filter_reward="vowels",
-                train_iters=2,
-                optim={"lr": 1e-3}, max_pixels=112 * 112, wandb_mode="disabled",
-                reward_module="megatron_latent.testing.rl_workers")
-    runs = {"tp2": dict(base, tensor_model_parallel_size=2)}
-    if kit.rl_pipeline:
-        runs["pp2"] = dict(base, pipeline_model_parallel_size=2)
-    else:
-        runs["dp2"] = dict(base, prompts_per_step=4)  # the same 2 prompts per rank
-        runs["pp2 refused"] = dict(base, pipeline_model_parallel_size=2, expect_error=True)
-    run_distributed(grpo_runs, 2, runs, str(tmp_path / "rl.pt"))
-    res = torch.load(tmp_path / "rl.pt", weights_only=False)
+    res = dict(rl_step0_runs[name])
+    assert set(res) == ({"tp2", "pp2"} if kit.rl_pipeline else {"tp2", "dp2", "pp2 refused"})
     if not kit.rl_pipeline:
         assert "pipeline-parallel size 1" in res.pop("pp2 refused"), res
     for layout, hist in res.items():

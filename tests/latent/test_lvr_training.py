@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from megatron_latent import checkpointing
 from megatron_latent.testing.distributed import run_distributed
 from megatron_latent.testing.parity_workers import train_runs
 
@@ -20,7 +21,10 @@ def test_distributed_optimizer_resume_is_refused_without_te(tiny_ckpts, syntheti
     base = dict(COMMON, data_path=str(synthetic_lvr / "meta.json"), hf_dir=tiny_ckpts["tiny-a"],
                 optim=dict(lr=1e-3, use_distributed_optimizer=True), save=str(tmp_path / "c"),
                 train_iters=1)
-    run_distributed(train_runs, 2, {"first": base}, str(tmp_path / "r.pt"))
+    # both runs in one pair of processes, one after the other (the suite's time): the first
+    # saves at iteration 1, the second refuses to load it
     with pytest.raises(RuntimeError, match="needs Transformer Engine or Apex"):
-        run_distributed(train_runs, 2, {"again": dict(base, load=str(tmp_path / "c"),
+        run_distributed(train_runs, 2, {"first": base,
+                                        "again": dict(base, load=str(tmp_path / "c"),
                                                       train_iters=2)}, str(tmp_path / "r.pt"))
+    assert checkpointing.latest_iteration(tmp_path / "c") == 1  # the first run saved
