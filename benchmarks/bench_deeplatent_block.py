@@ -60,7 +60,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_generate import SHAPES, hf_config  # noqa: E402
+from bench_generate import SHAPES, hf_config, make_prompts  # noqa: E402
 
 
 class StubTokenizer:
@@ -297,24 +297,6 @@ def profile_event(gen, prompts, params, probe, out_dir, tag) -> dict:
     return summary
 
 
-def make_prompts(shape, batch, text_tokens, image, latent_id, device):
-    """`batch` prompts: an image, a short question, `<latent>` (the event's trigger)."""
-    import torch
-
-    from megatron_latent.inference.generator import Prompt
-
-    ids, g = shape["ids"], torch.Generator().manual_seed(0)
-    side = image // 14
-    n_img = side * side // 4
-    prompts = []
-    for _ in range(batch):
-        text = torch.randint(0, 1000, (text_tokens,), generator=g).tolist()
-        seq = [ids["vision_start"]] + [ids["image"]] * n_img + [ids["vision_end"]] + text
-        pixels = torch.randn(side * side, 3 * 2 * 14 * 14, generator=g).to(device, torch.bfloat16)
-        prompts.append(Prompt(seq + [latent_id], pixels, torch.tensor([[1, side, side]])))
-    return prompts
-
-
 def stats(xs):
     return {"median_ms": 1e3 * statistics.median(xs), "min_ms": 1e3 * min(xs),
             "max_ms": 1e3 * max(xs), "n": len(xs)}
@@ -380,7 +362,7 @@ def main() -> None:
     start_id = program.start_id
     n_params = sum(p.numel() for p in model.parameters())
     side = sum(p.numel() for p in model.latent_modules.parameters())
-    prompt_len = len(make_prompts(shape, 1, args.text_tokens, args.image, start_id, dev)[0]
+    prompt_len = len(make_prompts(shape, 1, args.text_tokens, args.image, dev, start_id)[0]
                      .input_ids)
     print(f"# {gpu}; shape {args.shape} ({cfg.num_layers} LLM layers, hidden {cfg.hidden_size}); "
           f"spec local, bf16; params {n_params / 1e9:.2f} B (side modules {side / 1e6:.1f} M); "
@@ -414,7 +396,7 @@ def main() -> None:
             Path(args.json_out).write_text(json.dumps(result, indent=1))
 
     for b in args.batch:
-        prompts = make_prompts(shape, b, args.text_tokens, args.image, start_id, dev)
+        prompts = make_prompts(shape, b, args.text_tokens, args.image, dev, start_id)
         n_new = n_block + 1  # the block, the first token after it (its forward runs too)
         full, one = SamplingParams(max_new_tokens=n_new), SamplingParams(max_new_tokens=1)
         cg = not args.no_chunk_graphs

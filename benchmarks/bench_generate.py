@@ -64,7 +64,9 @@ def hf_config(shape: dict):
                             vision_end_token_id=ids["vision_end"])
 
 
-def make_prompts(shape: dict, batch: int, text_tokens: int, image: int, device):
+def make_prompts(shape: dict, batch: int, text_tokens: int, image: int, device,
+                 opener: int | None = None):
+    """`batch` prompts: an image, random text, then `opener` (default `<|lvr_start|>`)."""
     import torch
 
     from megatron_latent.inference.generator import Prompt
@@ -78,7 +80,8 @@ def make_prompts(shape: dict, batch: int, text_tokens: int, image: int, device):
         text = torch.randint(0, 1000, (text_tokens,), generator=g).tolist()
         seq = [ids["vision_start"]] + [ids["image"]] * n_img + [ids["vision_end"]] + text
         pixels = torch.randn(side * side, 3 * 2 * 14 * 14, generator=g).to(device, torch.bfloat16)
-        prompts.append(Prompt(seq + [ids["lvr_start"]], pixels, grid.to(device)))
+        prompts.append(Prompt(seq + [ids["lvr_start"] if opener is None else opener], pixels,
+                              grid.to(device)))
     return prompts
 
 
