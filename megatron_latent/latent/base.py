@@ -253,6 +253,18 @@ class InjectLatents(LatentStep):
         raise NotImplementedError("InjectLatents only feeds vectors; compute the loss outside")
 
 
+def whole_sequence(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Final-norm states [s, b, h] whole on every tensor-parallel rank (gathered from the
+    sequence-parallel slices, the gradient not reduced again): a head term over chosen
+    positions is then computed identically on every TP rank."""
+    if not model.config.sequence_parallel:
+        return hidden
+    from megatron.core import tensor_parallel
+
+    return tensor_parallel.gather_from_sequence_parallel_region(
+        hidden, tensor_parallel_output_grad=False)
+
+
 def token_sum_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     """(sum, n_tokens, logs) with calculate_per_token_loss: megatron divides by the global count."""
     mask = loss_mask.float()

@@ -22,10 +22,9 @@ import hashlib
 from dataclasses import dataclass, field
 
 import torch
-from megatron.core import tensor_parallel
 
 from megatron_latent.data.deeplatent_tokens import IMOD, LATENT_TOKENS, PAD, QMOD, SCALE, START
-from megatron_latent.latent.base import LatentMethod, LatentStep, _PlainStep
+from megatron_latent.latent.base import LatentMethod, LatentStep, _PlainStep, whole_sequence
 from megatron_latent.latent.registry import register
 
 END = LATENT_TOKENS[1]
@@ -385,13 +384,6 @@ def _last_to_first(t, shape):
     return buf
 
 
-def _full_hidden(model, hidden):
-    if model.config.sequence_parallel:
-        return tensor_parallel.gather_from_sequence_parallel_region(
-            hidden, tensor_parallel_output_grad=False)
-    return hidden
-
-
 def _at(hidden, rows, positions):
     """hidden [s, b, h] at (row, position) pairs -> [n, h]."""
     dev = hidden.device
@@ -463,7 +455,7 @@ class _ContextStep(LatentStep):
                                                          self.prev)
 
     def head(self, model, *, hidden_states, **_):
-        full = _full_hidden(model, hidden_states)
+        full = whole_sequence(model, hidden_states)
         blocks = self.mb["blocks"]
         rows = blocks[:, 0].repeat_interleave(3)
         pos = (blocks[:, 1:2] + torch.tensor([[1, 2, 3]], device=blocks.device)).flatten()
@@ -509,7 +501,7 @@ class DeepLatentStep(LatentStep):
              runtime_gather_output=None, **_):
         logits = model.logits(hidden_states, output_layer, output_weight, runtime_gather_output)
         ce = model.cross_entropy(labels, logits)
-        full = _full_hidden(model, hidden_states)
+        full = whole_sequence(model, hidden_states)
         blocks = self.mb["blocks"]
         h_s = _at(full, blocks[:, 0], blocks[:, 1] + 1)
         scale = model.latent_modules.scale_head.loss(h_s, blocks[:, 2].to(h_s.device),

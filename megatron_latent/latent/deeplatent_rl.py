@@ -34,8 +34,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from megatron.core import tensor_parallel
 
+from megatron_latent.latent.base import whole_sequence
 from megatron_latent.latent.deeplatent_modules import _wide
 from megatron_latent.rl.losses import GRPOLoss, clipped_surrogate
 
@@ -120,13 +120,6 @@ def _valid(batch) -> torch.Tensor:
     return (batch["block_n"] > 0) & (batch["block_sigma"] > 0)
 
 
-def _full_hidden(model, hidden):
-    if model.config.sequence_parallel:  # every TP rank computes the same continuous terms
-        return tensor_parallel.gather_from_sequence_parallel_region(
-            hidden, tensor_parallel_output_grad=False)
-    return hidden
-
-
 def modulation_params(model, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
     """The policy's (gamma, beta) of every block [n, 2, 2, d]: MLP_l / MLP_i on the final-norm
     states at qmod / imod (hidden [s, b, h]). With grad: the RL gradient reaches the LLM
@@ -136,7 +129,7 @@ def modulation_params(model, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
     if mods is None or getattr(mods, "mlp_l", None) is None:
         raise RuntimeError("DeepLatent RL needs MLP_l / MLP_i on the stage that computes the loss "
                            "(pipeline-parallel size 1)")
-    full = _full_hidden(model, hidden)
+    full = whole_sequence(model, hidden)
     blocks = batch["blocks"].to(full.device)
     rows, pos = blocks[:, 0], blocks[:, 1]
     gq, bq = mods.mlp_l(full[pos + 2, rows])

@@ -25,8 +25,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-from megatron.core import tensor_parallel
 
+from megatron_latent.latent.base import whole_sequence
 from megatron_latent.latent.decoding import LatentRule
 from megatron_latent.rl.losses import (PolicyLoss, dual_clip_surrogate, low_var_kl,
                                        mismatch_logs, old_policy)
@@ -174,10 +174,7 @@ class DePOLoss(PolicyLoss):
         return self._latent(model, hidden, batch)[0]
 
     def _latent(self, model, hidden, batch):
-        if model.config.sequence_parallel:  # every TP rank computes the same term
-            hidden = tensor_parallel.gather_from_sequence_parallel_region(
-                hidden, tensor_parallel_output_grad=False)
-        return self.score_latents(hidden, batch)
+        return self.score_latents(whole_sequence(model, hidden), batch)
 
     def score_latents(self, hidden, batch):
         """(g_t of every latent action [n] fp32, b-major; its mean h_t; its action z_{t+1});

@@ -11,11 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from megatron.core import tensor_parallel
 
 from megatron_latent.data.lvr_tokens import LVR_TOKENS as TOKENS
 from megatron_latent.latent import pipeline_channel
-from megatron_latent.latent.base import LatentMethod, LatentStep
+from megatron_latent.latent.base import LatentMethod, LatentStep, whole_sequence
 from megatron_latent.latent.decoding import LatentRule
 from megatron_latent.latent.registry import register
 
@@ -127,11 +126,7 @@ class LVRStep(LatentStep):
                 hidden_states.device)
         logits = model.logits(hidden_states, output_layer, output_weight, runtime_gather_output)
         ce = model.cross_entropy(labels, logits)
-        full = hidden_states
-        if model.config.sequence_parallel:  # the loss is computed identically on every TP rank
-            full = tensor_parallel.gather_from_sequence_parallel_region(
-                hidden_states, tensor_parallel_output_grad=False)
-        return {"ce": ce, "latent_sq": self.regression_sq(full)}
+        return {"ce": ce, "latent_sq": self.regression_sq(whole_sequence(model, hidden_states))}
 
     def regression_sq(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Sum over latent slots t+1 of ||h[t] - target||^2 (fp32); `hidden_states` [s, b, h]
