@@ -276,8 +276,9 @@ class DeepLatent(LatentMethod):
 
     # ------------------------------------------------------------ generation
     def decode_program(self, mode: str | None = None, steps: int | None = None,
-                       threshold: float = 0.5):
-        """Stage 2: whole blocks (the grid size is the scale head's; `steps` is unused)."""
+                       threshold: float = 0.5, sigmas: tuple[float, float] | None = None):
+        """Stage 2: whole blocks (the grid size is the scale head's; `steps` is unused);
+        `sigmas`: the modulations sampled with them (RL rollouts), noise-free without."""
         if self.stage == 1:
             return None
         if mode not in (None, "blocks"):
@@ -285,7 +286,7 @@ class DeepLatent(LatentMethod):
         from megatron_latent.latent.deeplatent_decode import DeepLatentProgram
 
         return DeepLatentProgram(self.ids, self.image_token_id, self.spatial_merge_size,
-                                 self.max_blocks)
+                                 self.max_blocks, sigmas=sigmas)
 
     # ------------------------------------------------------------ RL (spec 2.9)
     def for_rl(self) -> "DeepLatent":
@@ -295,13 +296,11 @@ class DeepLatent(LatentMethod):
         return dataclasses.replace(self, _rl=True)
 
     def rl_decode_program(self, mode=None, steps=None, threshold=0.5):
-        program = self.decode_program(mode, steps, threshold)
         if self.sigma_q is None or self.sigma_f is None:
             raise ValueError("DeepLatent RL samples the modulations with the stage-2 sigma_q and "
                              "sigma_f, which this checkpoint does not record: start from a "
                              "checkpoint trained at stage 2")
-        program.sigmas = (self.sigma_q, self.sigma_f)
-        return program
+        return self.decode_program(mode, steps, threshold, sigmas=(self.sigma_q, self.sigma_f))
 
     def rl_defaults(self) -> dict:
         # spec 2.9 [paper-gap -> ours]: symmetric clip 0.2, KL 0.01, 0.9 accuracy + 0.1 format
