@@ -68,10 +68,14 @@ def parse_args(argv=None):
     a("--max-refill-tries", type=int, default=20,
       help="generations per step at most while the filter keeps too few groups")
     a("--ppo-epochs", type=int, default=1)
-    a("--rollout-correction", choices=("none", "recompute", "tis"), default="none",
+    a("--rollout-correction", choices=("none", "recompute", "tis"), default=None,
       help="train/rollout mismatch: none (the rollout's log-probs are the old policy), "
            "recompute (a training forward gives them), tis (truncated importance sampling "
-           "between the training and rollout policies; docs/rl.md)")
+           "between the training and rollout policies); default tis with --rollout-precision "
+           "fp8, else none (docs/rl.md)")
+    a("--rollout-precision", choices=("params", "fp8"), default="params",
+      help="params: rollouts in the parameters' dtype; fp8: the LLM decoder's linears on FP8 "
+           "copies of the weights, per-channel/per-token scales (docs/rl.md)")
     a("--tis-cap", type=float, default=2.0, help="truncation of the tis weights")
     a("--offload-reference", action="store_true", help="keep the reference on the host")
     a("--cuda-graphs", action="store_true", help="replay decode steps as CUDA graphs")
@@ -99,7 +103,7 @@ def config_from_args(args):
         kl_beta=args.kl_beta, filter_low=args.filter_low, filter_high=args.filter_high,
         filter_reward=args.filter_reward, max_refill_tries=args.max_refill_tries,
         ppo_epochs=args.ppo_epochs, rollout_correction=args.rollout_correction,
-        tis_cap=args.tis_cap,
+        tis_cap=args.tis_cap, rollout_precision=args.rollout_precision,
         offload_reference=args.offload_reference, cuda_graphs=args.cuda_graphs,
         max_pixels=args.max_pixels)
 

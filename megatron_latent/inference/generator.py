@@ -31,14 +31,17 @@ from functools import partial
 
 import torch
 
-from megatron_latent.ops import decode_gemm
 from megatron_latent.inference.cuda_graph import ChunkGraph
+from megatron_latent.inference.fp8_weights import Fp8RolloutWeights
+from megatron_latent.ops import decode_gemm
 from megatron_latent.inference.decode_loop import DecodeLoop
 from megatron_latent.latent.decoding import Chunk, ChunkOutput
 from megatron_latent.models.qwen25vl.kv_cache import KVCache
 from megatron_latent.inference.sampling import SamplingParams, policy_logprobs, sample
 from megatron_latent.inference.stages import StageLink
 from megatron_latent.models.qwen25vl.rope_index import rope_index
+
+WEIGHT_PRECISIONS = ("params", "fp8")
 
 
 @dataclass
@@ -85,8 +88,10 @@ class Generator:
     def __init__(self, model, *, rule=None, max_context: int | None = None,
                  pad_id: int = 0, cuda_graphs: bool = False, check_every: int = 8,
                  split_attention: bool = True, max_graphs: int = 4,
-                 chunk_slots: int | None = None, chunk_graphs: bool = True):
-        """`chunk_slots`: cache slots beyond max_new_tokens for the empty slots chunk appends
+                 chunk_slots: int | None = None, chunk_graphs: bool = True,
+                 weight_precision: str = "params"):
+        """`weight_precision`: "params" (the parameters as they are) or "fp8" (the decoder's
+        linears on FP8 copies quantized at every call, inference/fp8_weights.py). `chunk_slots`: cache slots beyond max_new_tokens for the empty slots chunk appends
         leave in rows with fewer inputs (a row still gets max_new_tokens tokens at most; when
         the slots run out, generation stops: finish reason "length"); None: the program's
         `chunk_slots`. `chunk_graphs`: with `cuda_graphs`, chunk forwards replay CUDA graphs
@@ -114,6 +119,10 @@ class Generator:
                              "holds both the embedding and the head")
         self._loops: dict = {}  # graphed decode loops by shape and sampling settings
         self.max_graphs = max_graphs
+        if weight_precision not in WEIGHT_PRECISIONS:
+            raise ValueError(f"weight_precision {weight_precision!r}: expected one of "
+                             f"{WEIGHT_PRECISIONS}")
+        self.fp8 = Fp8RolloutWeights(model) if weight_precision == "fp8" else None
         # image/video pads are placeholders the processor expands; a sampled one could not be
         # fed back (no pixels). Recorded log-probs stay those of the unmodified head.
         never = [int(t) for t in getattr(rule, "never_sample", ())]
@@ -471,11 +480,19 @@ class Generator:
         """Drop the cached decode loops, their KV caches and CUDA graphs (co-located RL: free
         the memory before the training step)."""
         self._loops.clear()
+        if self.fp8 is not None:
+            self.fp8.release()
 
     # ------------------------------------------------------------------ the loop
     @torch.no_grad()
     def generate(self, prompts: list[Prompt], params: SamplingParams,
                  record_logits: bool = False) -> list[Completion]:
+        if self.fp8 is None:
+            return self._generate(prompts, params, record_logits)
+        with self.fp8.attached():  # quantized from the weights as they are now
+            return self._generate(prompts, params, record_logits)
+
+    def _generate(self, prompts, params, record_logits):
         batch = self._prepare(prompts, params)
         b, width = batch["ids"].shape[0], batch["ids"].shape[1]
         # one graph per iteration on one stage; per-step host copies of the logits need eager

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_latent.ops import decode_gemm
+from megatron_latent.ops import fp8_gemm
 from megatron_latent.ops.decode_attention import tl, triton
 
 if triton is not None:
@@ -54,6 +54,7 @@ def fusable(linear) -> bool:
 
 
 def project(linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(norm(x) W^T without the bias, the bias or None) of a `fusable` module."""
-    mixed = decode_gemm.gemm(rms_norm(x, linear.layer_norm_weight, linear.eps), linear.weight)
+    """(norm(x) W^T without the bias, the bias or None) of a `fusable` module (W its FP8 copy
+    during an FP8 rollout)."""
+    mixed = fp8_gemm.module_gemm(linear, rms_norm(x, linear.layer_norm_weight, linear.eps))
     return mixed, (linear.bias if linear.use_bias else None)

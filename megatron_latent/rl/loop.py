@@ -56,9 +56,13 @@ class GRPOConfig(LoopConfig):
     ppo_epochs: int = 1
     # the train/rollout mismatch (rl/losses.py old_policy): "none" = the rollout's log-probs are
     # the old policy; "recompute" = a training forward before the update gives them; "tis" =
-    # truncated importance sampling min(pi_old_train / pi_rollout, tis_cap) per token
-    rollout_correction: str = "none"
+    # truncated importance sampling min(pi_old_train / pi_rollout, tis_cap) per token.
+    # None: "tis" with FP8 rollouts, else "none" (docs/rl.md: measured on a trained model)
+    rollout_correction: str | None = None
     tis_cap: float = 2.0
+    # "params": rollouts in the parameters' dtype; "fp8": the LLM decoder's linears on FP8
+    # copies of the weights (inference/fp8_weights.py)
+    rollout_precision: str = "params"
     offload_reference: bool = False
     cuda_graphs: bool = False
     # RL defaults that differ from SFT's (LVR stage 2)
@@ -72,8 +76,14 @@ class GRPOConfig(LoopConfig):
                 setattr(self, key, value)
 
     def check(self, dp: int) -> None:
+        from megatron_latent.inference.generator import WEIGHT_PRECISIONS
         from megatron_latent.rl.losses import CORRECTIONS
 
+        if self.rollout_precision not in WEIGHT_PRECISIONS:
+            raise ValueError(f"rollout precision {self.rollout_precision!r}: expected one of "
+                             f"{WEIGHT_PRECISIONS}")
+        if self.rollout_correction is None:
+            self.rollout_correction = "tis" if self.rollout_precision == "fp8" else "none"
         if self.rollout_correction not in CORRECTIONS:
             raise ValueError(f"rollout correction {self.rollout_correction!r}: expected one of "
                              f"{CORRECTIONS}")
@@ -176,7 +186,7 @@ def run_grpo(cfg: GRPOConfig) -> list[dict]:
     policy = unwrap(model[0])
     generator = Generator(policy, rule=method.rl_decode_program(cfg.latent_mode, cfg.latent_steps),
                           pad_id=builder.pad_id, cuda_graphs=cfg.cuda_graphs,
-                          max_context=cfg.seq_length)
+                          max_context=cfg.seq_length, weight_precision=cfg.rollout_precision)
     objective = RLObjective(policy_loss, cfg.temperature)
     order = SampleOrder(len(records), cfg.seed)
     log = RunLogger(cfg.train_iters, project=cfg.wandb_project, run_name=cfg.wandb_exp_name,

@@ -171,6 +171,9 @@ def rl_step0_runs(tiny_ckpts, synthetic_lvr, tmp_path_factory, megatron_single_r
             runs[f"{name}/dp2"] = dict(base, prompts_per_step=4)  # the same 2 prompts per rank
             refused[f"{name}/pp2 refused"] = dict(base, pipeline_model_parallel_size=2,
                                                   expect_error=True)
+        if name == "lvr":
+            runs["lvr/tp2 fp8"] = dict(base, tensor_model_parallel_size=2,
+                                       rollout_precision="fp8")
     run_distributed(grpo_runs, 2, {**runs, **refused}, str(root / "rl.pt"))
     res = torch.load(root / "rl.pt", weights_only=False)
     out = {name: {} for name in RL_METHODS}
@@ -184,7 +187,7 @@ def rl_step0_runs(tiny_ckpts, synthetic_lvr, tmp_path_factory, megatron_single_r
 def test_rl_step0_on_policy_at_tp2_and_pp2(name, rl_step0_runs):
     """PP=2 for a method whose RL stage runs there; otherwise DP=2, and PP=2 refused."""
     kit = KITS[name]
-    res = dict(rl_step0_runs[name])
+    res = {k: v for k, v in rl_step0_runs[name].items() if not k.endswith("fp8")}
     assert set(res) == ({"tp2", "pp2"} if kit.rl_pipeline else {"tp2", "dp2", "pp2 refused"})
     if not kit.rl_pipeline:
         assert "pipeline-parallel size 1" in res.pop("pp2 refused"), res
@@ -202,3 +205,17 @@ def test_rl_step0_on_policy_at_tp2_and_pp2(name, rl_step0_runs):
             assert hist[0]["cont clip fraction"] == 0.0, layout
     if kit.rl_pipeline:  # the same rollouts in both layouts
         assert res["tp2"][0]["reward"] == pytest.approx(res["pp2"][0]["reward"], abs=1e-6)
+
+
+def test_fp8_rollouts_at_tp2_default_to_tis(rl_step0_runs):
+    """FP8 rollouts (tensor-parallel shards quantized per rank): the rollout's log-probs differ
+    from the training forward's by the quantization, truncated importance sampling is on by
+    default, and with one PPO epoch the ratio is still exactly 1 (the old policy is the
+    training forward's own)."""
+    hist = rl_step0_runs["lvr"]["tp2 fp8"]
+    assert len(hist) == 2 and all(math.isfinite(h["policy loss"]) for h in hist)
+    first = hist[0]
+    assert 1e-4 < first["rollout gap"] < 0.2, first
+    assert first["rollout gap max"] >= first["rollout gap"]
+    assert first["ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert "tis weight" in first and first["tis weight"] != pytest.approx(1.0, abs=1e-6)

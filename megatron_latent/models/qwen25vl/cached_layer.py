@@ -18,7 +18,7 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from megatron_latent.ops import decode_gemm, decode_norm_linear
+from megatron_latent.ops import decode_norm_linear, fp8_gemm
 from megatron_latent.models.qwen25vl.kv_cache import KVCache
 
 
@@ -45,7 +45,7 @@ class CachedTransformerLayer(TransformerLayer):
                 and mlp_fusable(self)):
             return super()._forward_mlp(hidden_states, inference_context, *args, **kwargs)
         fc1, bias = decode_norm_linear.project(self.mlp.linear_fc1, hidden_states)
-        out = decode_gemm.gemm(bias_swiglu_impl(fc1, bias), self.mlp.linear_fc2.weight)
+        out = fp8_gemm.module_gemm(self.mlp.linear_fc2, bias_swiglu_impl(fc1, bias))
         if self.config.tensor_model_parallel_size > 1:
             out = reduce_from_tensor_model_parallel_region(out, self.tp_group)
         return self._forward_post_mlp((out, None), hidden_states)
