@@ -39,6 +39,15 @@ SHAPES = {
                            window_size=112),
                ids=dict(image=151655, video=151656, vision_start=151652, vision_end=151653,
                         lvr_start=151665, lvr=151666, lvr_end=151667), tie=False),
+    # Qwen2.5-VL-3B-Instruct's (tied input/output embeddings; the 7B's vision tower and ids)
+    "3b": dict(text=dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16,
+                         num_key_value_heads=2, intermediate_size=11008, vocab_size=151936,
+                         rope_parameters={**ROPE, "mrope_section": [16, 24, 24]}),
+               vision=dict(depth=32, hidden_size=1280, num_heads=16, intermediate_size=3420,
+                           out_hidden_size=2048, fullatt_block_indexes=[7, 15, 23, 31],
+                           window_size=112),
+               ids=dict(image=151655, video=151656, vision_start=151652, vision_end=151653,
+                        lvr_start=151665, lvr=151666, lvr_end=151667), tie=True),
     "tiny": dict(text=dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
                            num_key_value_heads=2, intermediate_size=512, vocab_size=4096,
                            rope_parameters={**ROPE, "mrope_section": [4, 6, 6]}),
@@ -65,8 +74,9 @@ def hf_config(shape: dict):
 
 
 def make_prompts(shape: dict, batch: int, text_tokens: int, image: int, device,
-                 opener: int | None = None):
-    """`batch` prompts: an image, random text, then `opener` (default `<|lvr_start|>`)."""
+                 opener: int | None = None, text=None):
+    """`batch` prompts: an image, random text (or `text(generator, n)`'s tokens), then `opener`
+    (default `<|lvr_start|>`)."""
     import torch
 
     from megatron_latent.inference.generator import Prompt
@@ -77,8 +87,9 @@ def make_prompts(shape: dict, batch: int, text_tokens: int, image: int, device,
     n_img = side * side // 4
     prompts = []
     for _ in range(batch):
-        text = torch.randint(0, 1000, (text_tokens,), generator=g).tolist()
-        seq = [ids["vision_start"]] + [ids["image"]] * n_img + [ids["vision_end"]] + text
+        words = (torch.randint(0, 1000, (text_tokens,), generator=g) if text is None
+                 else text(g, text_tokens)).tolist()
+        seq = [ids["vision_start"]] + [ids["image"]] * n_img + [ids["vision_end"]] + words
         pixels = torch.randn(side * side, 3 * 2 * 14 * 14, generator=g).to(device, torch.bfloat16)
         prompts.append(Prompt(seq + [ids["lvr_start"] if opener is None else opener], pixels,
                               grid.to(device)))

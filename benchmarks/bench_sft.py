@@ -115,13 +115,16 @@ def sft_shapes() -> dict:
 
     seven = SHAPES["7b"]
     return {"7b-4l": {**seven, "text": {**seven["text"], "num_hidden_layers": 4}},
-            "7b": seven, "tiny": SHAPES["tiny"]}
+            "7b": seven, "3b": SHAPES["3b"], "tiny": SHAPES["tiny"]}
 
 
 # ------------------------------------------------------------------------------------ batch
 def make_micro_batches(shape: dict, *, seq_length: int, mbs: int, num_micro: int, image: int,
-                       latent_tokens: int, dtype, device) -> list[dict]:
-    """Deterministic synthetic LVR micro-batches in the layout of data/collate.py (no padding)."""
+                       latent_tokens: int, dtype, device, text=None, lvr_at: int | None = None,
+                       seed: int = 1000) -> list[dict]:
+    """Deterministic synthetic LVR micro-batches in the layout of data/collate.py (no padding):
+    random text (or `text(generator, n)`'s tokens), `<|lvr_start|>` at `lvr_at` (default: the
+    middle)."""
     import torch
 
     from megatron_latent.models.qwen25vl.rope_index import rope_index
@@ -134,17 +137,17 @@ def make_micro_batches(shape: dict, *, seq_length: int, mbs: int, num_micro: int
     if latent_tokens > n_img:
         raise SystemExit(f"--latent-tokens {latent_tokens} > the image's {n_img} merged tokens")
     s = seq_length
-    a = max(s // 2, n_img + 3)  # <|lvr_start|> here: after the image, starts the answer part
+    a = max(s // 2 if lvr_at is None else lvr_at, n_img + 3)  # after the image: the answer
     if a + latent_tokens + 2 >= s:
         raise SystemExit(f"--seq-length {s} too short for a {n_img}-token image and "
                          f"{latent_tokens} latent tokens")
     high = min(ids.values()) - 16  # random text stays clear of the special ids
     out = []
     for m in range(num_micro):
-        g = torch.Generator().manual_seed(1000 + m)
+        g = torch.Generator().manual_seed(seed + m)
         rows, labels, masks, lat = [], [], [], []
         for r in range(mbs):
-            seq = torch.randint(0, high, (s,), generator=g)
+            seq = torch.randint(0, high, (s,), generator=g) if text is None else text(g, s)
             seq[0], seq[1 + n_img] = ids["vision_start"], ids["vision_end"]
             seq[1:1 + n_img] = ids["image"]
             seq[a], seq[a + 1 + latent_tokens] = ids["lvr_start"], ids["lvr_end"]

@@ -46,3 +46,19 @@ def test_bench_generate_smoke():
     # bf16 on both sides: only the latent steps are certain to agree (token equality with the
     # seeds' loop is tested in fp32 by tests/inference)
     assert rows[0]["same_tokens"] >= 2 / 6, rows
+
+
+def test_bench_grpo_step_smoke(tmp_path):
+    """The GRPO-step benchmark end to end (SFT, mismatch, both rollout precisions): in fp32 the
+    rollout's log-probs are the training forward's; FP8 rollouts are not."""
+    out = tmp_path / "grpo.json"
+    _run("bench_grpo_step.py", "--sft-steps", "3", "--sft-timed", "1", "--steps", "1",
+         "--prompts", "2", "--group", "2", "--micro-batch", "2", "--new-tokens", "16",
+         "--image", "112", "--latent-steps", "4", "--text-tokens", "8", "--sft-seq-length", "64",
+         "--language-vocab", "256", "--json-out", str(out))
+    res = json.loads(out.read_text())
+    for label in ("mismatch_random_init", "mismatch_trained"):
+        assert res[label]["params"]["gap_max"] <= 1e-5, res[label]
+        assert res[label]["fp8"]["gap"] > 1e-4, res[label]
+    assert set(res["grpo"]) == {"params", "fp8"}
+    assert abs(res["grpo"]["params"]["ratio"] - 1.0) <= 1e-5 and len(res["checks"]) == 3
