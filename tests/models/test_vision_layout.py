@@ -39,3 +39,29 @@ def test_hand_worked_windows():
     assert (counts // 4).tolist() == [4, 2, 2, 1]
     assert lay.cu_seqlens[1][0].tolist() == [0, 16, 24, 32, 36]  # patches: 4 per merged token
     assert lay.cu_seqlens[0][0].tolist() == [0, 36] and lay.cu_seqlens[0][1] == 36
+
+
+@pytest.mark.parametrize("grids", [[[1, 8, 8], [1, 8, 8]], [[1, 10, 6], [1, 8, 8]],
+                                   [[1, 16, 16], [1, 6, 22]]])
+def test_local_attention_by_length_equals_block_diagonal_mask(grids, megatron_single_rank):
+    """The local vision attention runs each length's segments as one batched SDPA call; the
+    oracle is one SDPA over the packed sequence with the block-diagonal mask (windows and whole
+    frames, equal and mixed lengths)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_latent.models.qwen25vl.vision_attention import VisionLocalAttention
+
+    lay = vision_layout(torch.tensor(grids), merge=2, window_merged=2).to("cpu")
+    s = lay.segments.shape[1]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(s, 1, 2, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    cfg = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2,
+                            attention_dropout=0.0)
+    for row, full_layers in ((0, {1}), (1, set())):  # layer 1 full attention, or windowed
+        attn = VisionLocalAttention(cfg, 1, None, None, full_attention_layers=full_layers)
+        got = attn(q, k, v, lay.segments)
+        seg = lay.segments[row]
+        want = torch.nn.functional.scaled_dot_product_attention(
+            *(t.permute(1, 2, 0, 3) for t in (q, k, v)), attn_mask=seg[:, None] == seg[None, :])
+        assert torch.allclose(got, want.permute(2, 0, 1, 3).reshape(s, 1, -1), atol=1e-12)
+        assert row in lay.segments._length_groups  # the grouped path ran, not the mask

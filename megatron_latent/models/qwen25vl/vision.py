@@ -39,7 +39,7 @@ class VisionLayout:
                              (self.window_index, self.segments, self.hw_positions, self.restore)),
                            cu)
         # the attention layers read the cu_seqlens off the segments tensor they all receive
-        set_cu_seqlens(lay.segments, cu)
+        set_cu_seqlens(lay.segments, cu, tuple(c for c, _ in self.cu_seqlens))
         return lay
 
 
