@@ -39,15 +39,6 @@ SHAPES = {
                            window_size=112),
                ids=dict(image=151655, video=151656, vision_start=151652, vision_end=151653,
                         lvr_start=151665, lvr=151666, lvr_end=151667), tie=False),
-    # Qwen2.5-VL-3B-Instruct's (tied input/output embeddings; the 7B's vision tower and ids)
-    "3b": dict(text=dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16,
-                         num_key_value_heads=2, intermediate_size=11008, vocab_size=151936,
-                         rope_parameters={**ROPE, "mrope_section": [16, 24, 24]}),
-               vision=dict(depth=32, hidden_size=1280, num_heads=16, intermediate_size=3420,
-                           out_hidden_size=2048, fullatt_block_indexes=[7, 15, 23, 31],
-                           window_size=112),
-               ids=dict(image=151655, video=151656, vision_start=151652, vision_end=151653,
-                        lvr_start=151665, lvr=151666, lvr_end=151667), tie=True),
     "tiny": dict(text=dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
                            num_key_value_heads=2, intermediate_size=512, vocab_size=4096,
                            rope_parameters={**ROPE, "mrope_section": [4, 6, 6]}),
@@ -56,6 +47,12 @@ SHAPES = {
                  ids=dict(image=4000, video=4001, vision_start=4002, vision_end=4003,
                           lvr_start=4004, lvr=4005, lvr_end=4006), tie=False),
 }
+# Qwen2.5-VL-3B-Instruct's text dims (tied input/output embeddings); the 7B's vision and ids
+SHAPES["3b"] = dict(SHAPES["7b"], tie=True,
+                    text=dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16,
+                              num_key_value_heads=2, intermediate_size=11008, vocab_size=151936,
+                              rope_parameters={**ROPE, "mrope_section": [16, 24, 24]}),
+                    vision={**SHAPES["7b"]["vision"], "out_hidden_size": 2048})
 HBM_TBPS = {"H200": 4.8, "H100": 3.35}
 
 
