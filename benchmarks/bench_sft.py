@@ -95,6 +95,7 @@ import gc
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,8 +105,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from profiling import profile_call  # noqa: E402
 from sft_hf import (HF_RECIPES, LAMBDA, MasterAdamW, hf_loss, hf_step_totals,  # noqa: E402
                     hf_train_step)
+from sft_report import (canvas_breakdown_line, canvas_costs, compare_to_first,  # noqa: E402
+                        log_legend, log_losses, log_table, split_paths, table_rows)
 
-FP32_RTOL = 1e-4
 FLOPS_FORMULA = ("F = 6*N_llm*T + 6*L*h*s*T + c*(N_vit*P + N_merger*P/4) + (c/2)*4*h_v*sum(w^2); "
                  "c = 2 (frozen ViT: forward only) or 6 (trained ViT)")
 
@@ -119,6 +121,45 @@ def sft_shapes() -> dict:
 
 
 # ------------------------------------------------------------------------------------ batch
+def lvr_layout(*, image: int, latent_tokens: int, seq_length: int,
+               lvr_at: int | None) -> tuple[int, int]:
+    """-> (image side in patches, position of `<|lvr_start|>`), or exit on a layout that does
+    not fit."""
+    if image % 28:
+        raise SystemExit(f"--image {image} must be a multiple of 28 (patch 14 x merge 2)")
+    side = image // 14
+    n_img = side * side // 4
+    if latent_tokens > n_img:
+        raise SystemExit(f"--latent-tokens {latent_tokens} > the image's {n_img} merged tokens")
+    s = seq_length
+    a = max(s // 2 if lvr_at is None else lvr_at, n_img + 3)  # after the image: the answer
+    if a + latent_tokens + 2 >= s:
+        raise SystemExit(f"--seq-length {s} too short for a {n_img}-token image and "
+                         f"{latent_tokens} latent tokens")
+    return side, a
+
+
+def lvr_sample(g, ids: dict, *, seq_length: int, n_img: int, lvr_at: int, latent_tokens: int,
+               text) -> tuple:
+    """One sample, drawn from `g`: -> (input ids, labels, loss mask, the merged image tokens
+    its latent span is taught)."""
+    import torch
+
+    s, a = seq_length, lvr_at
+    high = min(ids.values()) - 16  # random text stays clear of the special ids
+    seq = torch.randint(0, high, (s,), generator=g) if text is None else text(g, s)
+    seq[0], seq[1 + n_img] = ids["vision_start"], ids["vision_end"]
+    seq[1:1 + n_img] = ids["image"]
+    seq[a], seq[a + 1 + latent_tokens] = ids["lvr_start"], ids["lvr_end"]
+    seq[a + 1:a + 1 + latent_tokens] = ids["lvr"]
+    lab = torch.cat([seq[1:], seq[:1]])  # labels[t] = token t+1 (last one unsupervised)
+    mask = torch.zeros(s)
+    mask[a - 1:s - 1] = 1.0
+    mask[lab == ids["lvr"]] = 0.0
+    pick = torch.randperm(n_img, generator=g)[:latent_tokens].sort().values
+    return seq, lab, mask, pick
+
+
 def make_micro_batches(shape: dict, *, seq_length: int, mbs: int, num_micro: int, image: int,
                        latent_tokens: int, dtype, device, text=None, lvr_at: int | None = None,
                        seed: int = 1000) -> list[dict]:
@@ -130,35 +171,15 @@ def make_micro_batches(shape: dict, *, seq_length: int, mbs: int, num_micro: int
     from megatron_latent.models.qwen25vl.rope_index import rope_index
 
     ids = shape["ids"]
-    if image % 28:
-        raise SystemExit(f"--image {image} must be a multiple of 28 (patch 14 x merge 2)")
-    side = image // 14
+    side, a = lvr_layout(image=image, latent_tokens=latent_tokens, seq_length=seq_length,
+                         lvr_at=lvr_at)
     n_patch, n_img = side * side, side * side // 4
-    if latent_tokens > n_img:
-        raise SystemExit(f"--latent-tokens {latent_tokens} > the image's {n_img} merged tokens")
-    s = seq_length
-    a = max(s // 2 if lvr_at is None else lvr_at, n_img + 3)  # after the image: the answer
-    if a + latent_tokens + 2 >= s:
-        raise SystemExit(f"--seq-length {s} too short for a {n_img}-token image and "
-                         f"{latent_tokens} latent tokens")
-    high = min(ids.values()) - 16  # random text stays clear of the special ids
     out = []
     for m in range(num_micro):
         g = torch.Generator().manual_seed(seed + m)
-        rows, labels, masks, lat = [], [], [], []
-        for r in range(mbs):
-            seq = torch.randint(0, high, (s,), generator=g) if text is None else text(g, s)
-            seq[0], seq[1 + n_img] = ids["vision_start"], ids["vision_end"]
-            seq[1:1 + n_img] = ids["image"]
-            seq[a], seq[a + 1 + latent_tokens] = ids["lvr_start"], ids["lvr_end"]
-            seq[a + 1:a + 1 + latent_tokens] = ids["lvr"]
-            lab = torch.cat([seq[1:], seq[:1]])  # labels[t] = token t+1 (last one unsupervised)
-            mask = torch.zeros(s)
-            mask[a - 1:s - 1] = 1.0
-            mask[lab == ids["lvr"]] = 0.0
-            rows.append(seq), labels.append(lab), masks.append(mask)
-            pick = torch.randperm(n_img, generator=g)[:latent_tokens].sort().values
-            lat.append(pick + r * n_img)
+        samples = [lvr_sample(g, ids, seq_length=seq_length, n_img=n_img, lvr_at=a,
+                              latent_tokens=latent_tokens, text=text) for _ in range(mbs)]
+        rows, labels, masks, picks = zip(*samples)
         input_ids = torch.stack(rows)
         grid = torch.tensor([[1, side, side]] * mbs)
         position_ids, _ = rope_index(input_ids, grid, image_token_id=ids["image"],
@@ -167,7 +188,8 @@ def make_micro_batches(shape: dict, *, seq_length: int, mbs: int, num_micro: int
               "loss_mask": torch.stack(masks), "position_ids": position_ids,
               "pixel_values": torch.randn(mbs * n_patch, 3 * 2 * 14 * 14, generator=g).to(dtype),
               "image_grid_thw": grid, "latent_mask": input_ids == ids["lvr"],
-              "latent_index": torch.cat(lat)}
+              # latent_index counts merged image tokens over the micro-batch's images
+              "latent_index": torch.cat([p + r * n_img for r, p in enumerate(picks)])}
         out.append({k: v.to(device) for k, v in mb.items()})
     return out
 
@@ -314,11 +336,8 @@ def config_overrides(args, precision: str) -> dict:
     return over
 
 
-# ------------------------------------------------------------------------------------ main
-def main() -> None:
-    shapes = sft_shapes()
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+# ------------------------------------------------------------------------------------ flags
+def add_batch_flags(ap, shapes: dict) -> None:
     ap.add_argument("--shape", choices=sorted(shapes), default="7b-4l")
     ap.add_argument("--seq-length", type=int, default=4096)
     ap.add_argument("--micro-batch-size", type=int, default=1)
@@ -327,6 +346,9 @@ def main() -> None:
     ap.add_argument("--latent-tokens", type=int, default=None,
                     help="LVR's <|lvr|> tokens a sample (default 8; --canvas-tokens when hylar "
                          "runs too, so both runs have the same latent slots)")
+
+
+def add_method_flags(ap) -> None:
     ap.add_argument("--method", choices=["lvr", "hylar", "deeplatent"], nargs="+",
                     default=["lvr"],
                     help="ours: the latent method(s) timed, in this order, same shape and batch")
@@ -344,6 +366,9 @@ def main() -> None:
                     help="DeepLatent: the block's grid side a sample (sft_deeplatent.py)")
     ap.add_argument("--deeplatent-dir", default=None,
                     help="DeepLatent: where the teacher cache is written (default: a temp dir)")
+
+
+def add_model_flags(ap) -> None:
     ap.add_argument("--spec", choices=["te", "local"], default="te")
     ap.add_argument("--precision", choices=["bf16", "fp8"], nargs="+", default=["bf16"],
                     help="ours, one row each in this run: fp8 = fp8='hybrid' + --fp8-recipe "
@@ -366,6 +391,9 @@ def main() -> None:
                     help="ours: CUDA graphs of the frozen vision tower (0: eager)")
     ap.add_argument("--train-vision", action="store_true",
                     help="train the vision tower and merger (default: frozen, the LVR default)")
+
+
+def add_run_flags(ap) -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--skip-hf", action="store_true")
@@ -383,329 +411,458 @@ def main() -> None:
     ap.add_argument("--profile-stacks", action="store_true",
                     help="with --profile: record Python stacks (slows the host; names the code "
                          "behind each GPU idle gap)")
-    args = ap.parse_args()
+
+
+def param_dtype_name(args, cuda: bool) -> str:
+    return args.dtype or ("bf16" if cuda else "fp32")
+
+
+def flag_problems(args, cuda: bool):
+    """The flag combinations this benchmark cannot run, as argparse error messages."""
     if args.steps < 1:
-        ap.error("--steps must be >= 1")
+        yield "--steps must be >= 1"
     if len(set(args.method)) != len(args.method):
-        ap.error("--method: each method once")
+        yield "--method: each method once"
+    if "fp8" in args.precision and (param_dtype_name(args, cuda) != "bf16" or args.spec != "te"):
+        yield "--precision fp8 needs --spec te and bf16 params"
+    if args.sp and args.tp == 1:
+        yield "--sp needs --tp > 1"
+    if args.sp and args.seq_length % args.tp:
+        yield "--seq-length must be a multiple of --tp with --sp"
+
+
+def parse_args(shapes: dict) -> argparse.Namespace:
+    """The command line, checked, with the defaults that depend on other flags filled in (the
+    JSON output records them)."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_batch_flags(ap, shapes)
+    add_method_flags(ap)
+    add_model_flags(ap)
+    add_run_flags(ap)
+    args = ap.parse_args()
+    import torch  # only now: --help stays quick
+
+    for problem in flag_problems(args, torch.cuda.is_available()):
+        ap.error(problem)
     if args.latent_tokens is None:
         args.latent_tokens = args.canvas_tokens if "hylar" in args.method else 8
     if args.siglip is None:
         args.siglip = "tiny" if args.shape == "tiny" else "so400m"
+    return args
 
+
+# ------------------------------------------------------------------------------------ setup
+@dataclass
+class Bench:
+    """What every phase of the run reads: the flags, this process's place in the job, the
+    shared micro-batches and the step's counts."""
+    args: argparse.Namespace
+    shape: dict
+    cfg_hf: object  # the HF config both paths are built from
+    cuda: bool  # False: a CPU smoke run of the script only (--shape tiny)
+    dtype: object  # the parameters' torch dtype
+    dtype_name: str
+    rank0: bool
+    world: int
+    dev: object
+    gpu: str
+    # built by start() once the process has its place in the job
+    micro_batches: list[dict] | None = None  # on `dev`, as HF is given them
+    canvas: dict | None = None  # HyLaR's frozen SigLIP: dir, image side, forward FLOPs a step
+    params: dict | None = None  # count_params
+    flops: dict | None = None  # step_flops
+
+    @property
+    def ids(self) -> dict:
+        return self.shape["ids"]
+
+    @property
+    def hidden(self) -> int:
+        return self.shape["text"]["hidden_size"]
+
+    @property
+    def dp(self) -> int:
+        return self.world // self.args.tp
+
+    @property
+    def images(self) -> int:  # one a sample, over all dp ranks
+        return self.dp * self.args.micro_batch_size * self.args.num_micro_batches
+
+    @property
+    def tokens(self) -> int:  # all of them, over all dp ranks
+        return self.images * self.args.seq_length
+
+    @property
+    def run_hf(self) -> bool:
+        a = self.args
+        return not a.skip_hf and (a.hf or (a.shape != "7b" and a.tp == 1))
+
+    def log(self, *a) -> None:
+        if self.rank0:
+            print(*a, flush=True)
+
+    def synthetic_batches(self, latent_tokens: int) -> list[dict]:
+        a = self.args
+        return make_micro_batches(self.shape, seq_length=a.seq_length, mbs=a.micro_batch_size,
+                                  num_micro=a.num_micro_batches, image=a.image,
+                                  latent_tokens=latent_tokens, dtype=self.dtype, device=self.dev)
+
+
+def canvas_encoder(b: Bench) -> dict:
+    """HyLaR's frozen SigLIP, written to local disk by rank 0: -> its dir, reasoning image side
+    and forward FLOPs a step."""
+    import tempfile
+
+    import torch.distributed as dist
+    from sft_hylar import SIGLIP_PRESETS, canvas_forward_flops, write_siglip
+
+    a = b.args
+    enc_dir = Path(a.canvas_encoder or tempfile.mkdtemp(prefix="bench_siglip_"))
+    if b.rank0:
+        t0 = time.perf_counter()
+        write_siglip(enc_dir, a.siglip)
+        b.log(f"# SigLIP {a.siglip} ({SIGLIP_PRESETS[a.siglip]}), random weights, in "
+              f"{enc_dir} ({time.perf_counter() - t0:.1f} s)")
+    dist.barrier()
+    return {"dir": enc_dir, "image": a.canvas_image or SIGLIP_PRESETS[a.siglip]["image_size"],
+            "flops": canvas_forward_flops(a.siglip, b.images)}
+
+
+def start(args, shape: dict) -> Bench:
+    """Initialize torch.distributed, then build what both paths share."""
     import torch
     import torch.distributed as dist
 
     from bench_generate import hf_config
     from megatron_latent import parallel
-    from megatron_latent.conversion.hf_load import StateDictReader, load_hf_weights
-    from megatron_latent.latent.lvr import LVR
-    from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
-    from megatron_latent.training.build import (OptimSettings, build_model, build_optimizer,
-                                                unwrap)
-    from megatron_latent.training.step import eval_losses, launch_step, train_step
 
-    cuda = torch.cuda.is_available()  # CPU: a smoke run of the script only (--shape tiny)
-    dtype_name = args.dtype or ("bf16" if cuda else "fp32")
+    cuda = torch.cuda.is_available()
+    dtype_name = param_dtype_name(args, cuda)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-    if "fp8" in args.precision and (dtype != torch.bfloat16 or args.spec != "te"):
-        ap.error("--precision fp8 needs --spec te and bf16 params")
-    if args.sp and args.tp == 1:
-        ap.error("--sp needs --tp > 1")
     if dtype == torch.float32 and cuda:  # the fp32 check means fp32 GEMMs
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-
     parallel.initialize(parallel.ParallelConfig(args.tp, sequence_parallel=args.sp), seed=0)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    dp = world // args.tp
-    rank0 = rank == 0
     dev = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    shape = shapes[args.shape]
-    ids = shape["ids"]
-    cfg_hf = hf_config(shape)
-    hidden = shape["text"]["hidden_size"]
-    run_hf = not args.skip_hf and (args.hf or (args.shape != "7b" and args.tp == 1))
-    hf_note = ("" if run_hf else " (skipped: --skip-hf)" if args.skip_hf else
-               " (skipped by default for this shape/tp; --hf forces it)")
+    b = Bench(args=args, shape=shape, cfg_hf=hf_config(shape), cuda=cuda, dtype=dtype,
+              dtype_name=dtype_name, rank0=dist.get_rank() == 0, world=dist.get_world_size(),
+              dev=dev, gpu=torch.cuda.get_device_name() if cuda else "cpu")
+    b.micro_batches = b.synthetic_batches(args.latent_tokens)
+    if "hylar" in args.method:
+        b.canvas = canvas_encoder(b)
+    b.params = count_params(b.cfg_hf)
+    b.flops = step_flops(shape, b.params, tokens=b.tokens, seq_length=args.seq_length,
+                         images=b.images, image=args.image, train_vision=args.train_vision)
+    return b
 
-    def log(*a):
-        if rank0:
-            print(*a, flush=True)
 
-    def our_config(precision: str) -> Qwen25VLConfig:
-        return Qwen25VLConfig.from_hf(cfg_hf.to_dict(), spec=args.spec, params_dtype=dtype,
-                                      tensor_model_parallel_size=args.tp,
-                                      sequence_parallel=args.sp,
-                                      vision_graphs=args.vision_graphs,
-                                      cross_entropy_fusion_impl=args.cross_entropy_fusion_impl,
-                                      **config_overrides(args, precision))
-
-    if args.sp and args.seq_length % args.tp:
-        ap.error("--seq-length must be a multiple of --tp with --sp")
-    micro_batches = make_micro_batches(shape, seq_length=args.seq_length,
-                                       mbs=args.micro_batch_size,
-                                       num_micro=args.num_micro_batches, image=args.image,
-                                       latent_tokens=args.latent_tokens, dtype=dtype, device=dev)
-    canvas = None
-    if "hylar" in args.method:  # the frozen SigLIP on local disk, its batches
-        import tempfile
-
-        from sft_hylar import SIGLIP_PRESETS, canvas_forward_flops, write_siglip
-
-        enc_dir = Path(args.canvas_encoder or tempfile.mkdtemp(prefix="bench_siglip_"))
-        if rank0:
-            t0 = time.perf_counter()
-            write_siglip(enc_dir, args.siglip)
-            log(f"# SigLIP {args.siglip} ({SIGLIP_PRESETS[args.siglip]}), random weights, in "
-                f"{enc_dir} ({time.perf_counter() - t0:.1f} s)")
-        dist.barrier()
-        canvas_image = args.canvas_image or SIGLIP_PRESETS[args.siglip]["image_size"]
-        canvas = {"dir": enc_dir, "image": canvas_image}
-    tokens = dp * args.micro_batch_size * args.num_micro_batches * args.seq_length
-    images = dp * args.micro_batch_size * args.num_micro_batches
-    params = count_params(cfg_hf)
-    flops = step_flops(shape, params, tokens=tokens, seq_length=args.seq_length, images=images,
-                       image=args.image, train_vision=args.train_vision)
-    gpu = torch.cuda.get_device_name() if cuda else "cpu"
-    log(f"# {gpu}; shape {args.shape} ({shape['text']['num_hidden_layers']} LLM layers, "
-        f"{shape['vision']['depth']} vision blocks); spec {args.spec}; params {dtype_name}; "
-        f"precision {'/'.join(args.precision)}"
-        f"{f' (fp8 recipe {args.fp8_recipe})' if 'fp8' in args.precision else ''}; "
-        f"recompute {args.recompute}; tp {args.tp}{' +sp' if args.sp else ''}, dp {dp}; "
-        f"vision {'trained' if args.train_vision else 'frozen'}")
-    log(f"# step: {args.num_micro_batches} micro-batches x {args.micro_batch_size} x "
-        f"{args.seq_length} tokens (x dp {dp}) = {tokens} tokens, all counted (text, "
-        f"{images} images of {(args.image // 14) ** 2} patches / {(args.image // 28) ** 2} "
-        f"merged tokens, {args.latent_tokens} latent tokens each); {args.warmup} warm-up + "
-        f"{args.steps} timed steps")
+def log_run(b: Bench) -> None:
+    """The run's setup, as `#` comment lines above the results."""
+    a, shape, params, flops = b.args, b.shape, b.params, b.flops
+    log = b.log
+    log(f"# {b.gpu}; shape {a.shape} ({shape['text']['num_hidden_layers']} LLM layers, "
+        f"{shape['vision']['depth']} vision blocks); spec {a.spec}; params {b.dtype_name}; "
+        f"precision {'/'.join(a.precision)}"
+        f"{f' (fp8 recipe {a.fp8_recipe})' if 'fp8' in a.precision else ''}; "
+        f"recompute {a.recompute}; tp {a.tp}{' +sp' if a.sp else ''}, dp {b.dp}; "
+        f"vision {'trained' if a.train_vision else 'frozen'}")
+    log(f"# step: {a.num_micro_batches} micro-batches x {a.micro_batch_size} x "
+        f"{a.seq_length} tokens (x dp {b.dp}) = {b.tokens} tokens, all counted (text, "
+        f"{b.images} images of {(a.image // 14) ** 2} patches / {(a.image // 28) ** 2} "
+        f"merged tokens, {a.latent_tokens} latent tokens each); {a.warmup} warm-up + "
+        f"{a.steps} timed steps")
     log(f"# params: LLM without input embedding {params['llm'] / 1e9:.3f} B, input embedding "
         f"{params['embedding'] / 1e9:.3f} B, ViT {params['vit'] / 1e9:.3f} B, merger "
         f"{params['merger'] / 1e9:.3f} B; model FLOPs/step {flops['total'] / 1e12:.2f} T "
         f"(LLM {flops['llm'] / 1e12:.2f}, vision {flops['vision'] / 1e12:.2f})")
     log(f"# model FLOPs: {FLOPS_FORMULA}; TFLOP/s = F / step time / GPUs (recompute not counted)")
-    if canvas is not None:
-        canvas["flops"] = canvas_forward_flops(args.siglip, images)
-        log(f"# methods {', '.join(args.method)}: LVR {args.latent_tokens} <|lvr|> tokens a "
-            f"sample; HyLaR {args.canvas_tokens} <|canvas|> slots a sample (one "
-            f"{canvas['image']}x{canvas['image']} reasoning image each, {images} a step; frozen "
-            f"SigLIP forward {canvas['flops'] / 1e12:.2f} TFLOP/step, not in TFLOP/s)")
-    log("# ours: megatron DDP (fp32 grads) + "
-        + ("distributed optimizer, TE FusedAdam holding the fp32 masters"
-           if args.use_precision_aware_optimizer else "Float16 Adam with fp32 main params")
-        + f"{' (fp32: plain Adam)' if dtype == torch.float32 else ''}; HF: sdpa, recipes "
-        + ", ".join(f"{r} ({'reentrant checkpointing, ' if HF_RECIPES[r][0] else ''}"
-                    f"AdamW(fused) on {'fp32 masters' if HF_RECIPES[r][1] else 'the weights'})"
-                    for r in args.hf_recipe) + hf_note)
+    if b.canvas is not None:
+        log(f"# methods {', '.join(a.method)}: LVR {a.latent_tokens} <|lvr|> tokens a "
+            f"sample; HyLaR {a.canvas_tokens} <|canvas|> slots a sample (one "
+            f"{b.canvas['image']}x{b.canvas['image']} reasoning image each, {b.images} a step; "
+            f"frozen SigLIP forward {b.canvas['flops'] / 1e12:.2f} TFLOP/step, not in TFLOP/s)")
+    log(f"# ours: {our_optimizer_text(b)}; HF: sdpa, recipes {hf_recipes_text(b)}")
 
-    results, losses = {}, {}
-    # ---- HF first: its random init is the shared weights (kept on CPU for ours)
-    sd_cpu = None
-    if run_hf:
-        from transformers import Qwen2_5_VLForConditionalGeneration
 
-        torch.manual_seed(0)
-        with dev:
-            hf = Qwen2_5_VLForConditionalGeneration._from_config(
-                cfg_hf, dtype=dtype, attn_implementation="sdpa")
-        sd_cpu = {k: v.detach().to("cpu", copy=True) for k, v in hf.state_dict().items()}
-        if rank0:
-            if not args.train_vision:
-                hf.model.visual.requires_grad_(False)
-            hf.train()
-            losses["HF"] = hf_loss(hf, micro_batches, ids, hidden)
-            trainable = [p for p in hf.parameters() if p.requires_grad]
-            hf_totals = hf_step_totals(micro_batches, hidden)
-            adam = dict(lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, fused=cuda)
-            for recipe in args.hf_recipe:
-                name = f"HF {recipe}"
-                checkpointing, masters = HF_RECIPES[recipe]
-                if checkpointing:  # the seeds' TrainingArguments: gradient_checkpointing, reentrant
-                    hf.gradient_checkpointing_enable({"use_reentrant": True})
-                    # transformers 5 also hooks every sub-model's input embedding here, the
-                    # vision patch embedding included, so the frozen tower would run backward;
-                    # the seeds' transformers 4.51 adds no hook without PEFT: drop them
-                    hf.disable_input_require_grads()
-                else:
-                    hf.gradient_checkpointing_disable()
-                opt = (MasterAdamW(trainable, **adam) if masters
-                       else torch.optim.AdamW(trainable, **adam))
-                free_memory(cuda)
-                hf_phases = PhaseTimer(opt, cuda)
-                r = results[name] = time_steps(
-                    lambda: hf_train_step(hf, opt, trainable, micro_batches, ids, hf_totals),
-                    args.warmup, args.steps, cuda)
-                r["optimizer_s"], r["gpus"] = hf_phases.mean(args.steps), 1
-                if args.profile and cuda:
-                    profile_call(name.replace(" ", "_"),
-                                 lambda: hf_train_step(hf, opt, trainable, micro_batches, ids,
-                                                       hf_totals), trace_dir=args.profile_dir,
-                                 stacks=args.profile_stacks)
-                opt = hf_phases = None
-                free_memory(cuda)
-            del trainable
-        del hf
-        free_memory(cuda)
-        dist.barrier()
+def our_optimizer_text(b: Bench) -> str:
+    return ("megatron DDP (fp32 grads) + "
+            + ("distributed optimizer, TE FusedAdam holding the fp32 masters"
+               if b.args.use_precision_aware_optimizer else "Float16 Adam with fp32 main params")
+            + (" (fp32: plain Adam)" if b.dtype_name == "fp32" else ""))
 
-    # ---- ours
-    if cuda:
-        log(f"# memory still allocated before ours: {torch.cuda.memory_allocated() / 2**30:.2f} "
-            "GiB")
+
+def hf_recipes_text(b: Bench) -> str:
+    a = b.args
+    skipped = ("" if b.run_hf else " (skipped: --skip-hf)" if a.skip_hf else
+               " (skipped by default for this shape/tp; --hf forces it)")
+    return ", ".join(f"{r} ({'reentrant checkpointing, ' if HF_RECIPES[r][0] else ''}"
+                     f"AdamW(fused) on {'fp32 masters' if HF_RECIPES[r][1] else 'the weights'})"
+                     for r in a.hf_recipe) + skipped
+
+
+# ------------------------------------------------------------------------------------ paths
+def time_path(b: Bench, step, optimizer, finish=lambda: None) -> dict:
+    """time_steps of one path, with the GPU time of its optimizer steps."""
+    free_memory(b.cuda)
+    phases = PhaseTimer(optimizer, b.cuda)
+    r = time_steps(step, b.args.warmup, b.args.steps, b.cuda, finish)
+    r["optimizer_s"] = phases.mean(b.args.steps)
+    return r
+
+
+def profile_path(b: Bench, name: str, step) -> None:
+    """With --profile: the top CUDA kernels of one more step (every rank steps: collectives;
+    rank 0 prints and saves the trace)."""
+    if b.args.profile and b.cuda:
+        profile_call(name.replace(" ", "_"), step,
+                     trace_dir=b.args.profile_dir if b.rank0 else None, show=b.rank0,
+                     stacks=b.args.profile_stacks)
+
+
+# ------------------------------------------------------------------------------------ HF
+def run_hf(b: Bench, results: dict, losses: dict) -> dict:
+    """HF's initial loss and its recipes' rows (rank 0; every rank builds the model for its
+    weights): -> its random initial weights on the CPU, for ours to load."""
+    import torch
+    import torch.distributed as dist
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    with b.dev:
+        hf = Qwen2_5_VLForConditionalGeneration._from_config(
+            b.cfg_hf, dtype=b.dtype, attn_implementation="sdpa")
+    weights = {k: v.detach().to("cpu", copy=True) for k, v in hf.state_dict().items()}
+    if b.rank0:
+        time_hf_recipes(b, hf, results, losses)
+    del hf
+    free_memory(b.cuda)
+    dist.barrier()
+    return weights
+
+
+def time_hf_recipes(b: Bench, hf, results: dict, losses: dict) -> None:
+    """HF's initial loss, then one timed row per --hf-recipe, all on the one model."""
+    import torch
+
+    if not b.args.train_vision:
+        hf.model.visual.requires_grad_(False)
+    hf.train()
+    losses["HF"] = hf_loss(hf, b.micro_batches, b.ids, b.hidden)
+    trainable = [p for p in hf.parameters() if p.requires_grad]
+    totals = hf_step_totals(b.micro_batches, b.hidden)
+    adam = dict(lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, fused=b.cuda)
+    for recipe in b.args.hf_recipe:
+        name = f"HF {recipe}"
+        checkpointing, masters = HF_RECIPES[recipe]
+        set_hf_checkpointing(hf, checkpointing)
+        opt = (MasterAdamW(trainable, **adam) if masters
+               else torch.optim.AdamW(trainable, **adam))
+
+        def step():
+            hf_train_step(hf, opt, trainable, b.micro_batches, b.ids, totals)
+
+        r = results[name] = time_path(b, step, opt)
+        r["gpus"] = 1
+        profile_path(b, name, step)
+        opt = step = None  # free before the next recipe builds its optimizer
+        free_memory(b.cuda)
+
+
+def set_hf_checkpointing(hf, on: bool) -> None:
+    if not on:
+        hf.gradient_checkpointing_disable()
+        return
+    # the seeds' TrainingArguments: gradient_checkpointing, reentrant
+    hf.gradient_checkpointing_enable({"use_reentrant": True})
+    # transformers 5 also hooks every sub-model's input embedding here, the vision patch
+    # embedding included, so the frozen tower would run backward; the seeds' transformers
+    # 4.51 adds no hook without PEFT: drop them
+    hf.disable_input_require_grads()
+
+
+# ------------------------------------------------------------------------------------ ours
+def pinned(batches: list[dict], cuda: bool) -> list[dict]:
     # ours reads each micro-batch from pinned host memory, as the training loop does (the copy
     # to the GPU is inside the timed step); the HF loop is given them on the GPU
-    def pinned(batches):
-        return [{k: v.cpu().pin_memory() if cuda else v for k, v in mb.items()} for mb in batches]
+    return [{k: v.cpu().pin_memory() if cuda else v for k, v in mb.items()} for mb in batches]
 
-    methods = {}
-    for m in args.method:
-        if m == "lvr":
-            methods[m] = (LVR(lvr_id=ids["lvr"], start_id=ids["lvr_start"],
-                              end_id=ids["lvr_end"], hidden_size=hidden, loss_lambda=LAMBDA),
-                          pinned(micro_batches))
-        elif m == "deeplatent":  # sft_deeplatent.py: its batches and teacher cache
-            import sft_deeplatent
 
-            dl_method, dl_batches, note = sft_deeplatent.setup(shape, args, dtype, cuda,
-                                                               args.deeplatent_dir)
-            log(f"# {note}")
-            methods[m] = (dl_method, dl_batches)
-        else:
-            from sft_hylar import build_hylar, hylar_micro_batches
+def lvr_method(b: Bench) -> tuple:
+    from megatron_latent.latent.lvr import LVR
 
-            hy_batches = (micro_batches if args.latent_tokens == args.canvas_tokens else
-                          make_micro_batches(shape, seq_length=args.seq_length,
-                                             mbs=args.micro_batch_size,
-                                             num_micro=args.num_micro_batches, image=args.image,
-                                             latent_tokens=args.canvas_tokens, dtype=dtype,
-                                             device=dev))
-            methods[m] = (build_hylar(ids, hidden, canvas["dir"], args.canvas_tokens),
-                          pinned(hylar_micro_batches(hy_batches, canvas_image=canvas["image"],
-                                                     canvas_tokens=args.canvas_tokens, ids=ids)))
-    combos = [(m, p) for m in args.method for p in args.precision]
-    breakdown = {}
-    for method_name, precision in combos:
-        method, host_batches = methods[method_name]
-        parts = ([method_name] if len(args.method) > 1 else []) + \
-            ([precision] if len(args.precision) > 1 else [])
-        name = " ".join(["ours", *parts])
-        pa = args.use_precision_aware_optimizer
-        side = method if method_name in ("hylar", "deeplatent") else None
-        model = build_model(our_config(precision), None, freeze_vision=not args.train_vision,
-                            freeze_merger=not args.train_vision, use_distributed_optimizer=pa,
-                            latent_method=side)
-        if sd_cpu is not None:  # the same weights as HF (before the optimizer copies them)
-            load_hf_weights(unwrap(model[0]), StateDictReader(sd_cpu, "HF random init"))
-        optimizer = build_optimizer(model, OptimSettings(lr=1e-5, use_distributed_optimizer=pa,
-                                                         precision_aware=pa),
-                                    lr_overrides=method.optimizer_overrides())
-        losses[name] = eval_losses(model, host_batches, method)
-        free_memory(cuda)
-        phases = PhaseTimer(optimizer, cuda)
-        lagged = Lagged(lambda: launch_step(model, optimizer, host_batches, method))
-        r = results[name] = time_steps(lagged, args.warmup, args.steps, cuda, lagged.finish)
-        r["optimizer_s"], r["gpus"], r["precision"] = phases.mean(args.steps), world, precision
-        r["method"] = method_name
-        if method_name == "hylar":
-            side_params = sum(p.numel() for p in unwrap(model[0]).latent_modules.parameters())
-            r["canvas_side_params"] = side_params
-            if cuda:
-                from sft_hylar import canvas_breakdown
+    ids = b.ids
+    return (LVR(lvr_id=ids["lvr"], start_id=ids["lvr_start"], end_id=ids["lvr_end"],
+                hidden_size=b.hidden, loss_lambda=LAMBDA),
+            pinned(b.micro_batches, b.cuda))
 
-                breakdown[name] = canvas_breakdown(model[0], host_batches)
-                log(f"# {name}: canvas path alone, per step ({breakdown[name]['images']} "
-                    f"images): SigLIP forward {breakdown[name]['siglip_fwd_ms']:.1f} ms "
-                    f"({breakdown[name]['siglip_dtype']}, attn "
-                    f"{breakdown[name]['siglip_attn']}), compressor + projector fwd+bwd "
-                    f"{breakdown[name]['compressor_proj_fwd_bwd_ms']:.1f} ms (params "
-                    f"{breakdown[name]['side_param_dtype']}, {side_params / 1e6:.1f} M, "
-                    f"compute {breakdown[name]['compute_dtype']}); SigLIP graphs "
-                    f"{breakdown[name]['siglip_graphs']}")
-                r["canvas_breakdown"] = breakdown[name]
-        if args.profile and cuda:  # every rank steps (collectives); rank 0 prints
-            profile_call(name.replace(" ", "_"),
-                         lambda: train_step(model, optimizer, host_batches, method),
-                         trace_dir=args.profile_dir if rank0 else None, show=rank0,
-                         stacks=args.profile_stacks)
-        if cuda:
-            peak = torch.tensor([r["peak_gib"]], device=dev)
-            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-            r["peak_gib"] = peak.item()
-        model = optimizer = phases = None  # free before the next precision
-        free_memory(cuda)
-    sd_cpu = None
 
-    # ---- report
-    ok = True
-    hf_rows = [n for n in results if n.startswith("HF")]
-    ours = [n for n in results if n not in hf_rows]
-    for name in ours:
-        # HF's loss is LVR's: HyLaR's rows have no HF counterpart
-        lo = losses[name]
-        lh = losses.get("HF") if results[name]["method"] == "lvr" else None
-        if lh is None:
-            log(f"loss {name} {lo['loss']:.7f} / HF n/a ({dtype_name}, initial weights; "
-                f"CE {lo['lm loss']:.7f}, " + ", ".join(f"{k} {v:.7f}" for k, v in lo.items()
-                                                      if k not in ("loss", "lm loss")) + ")")
-            continue
-        rel = abs(lo["loss"] - lh["loss"]) / abs(lh["loss"])
-        log(f"loss {name} {lo['loss']:.7f} / HF {lh['loss']:.7f} ({dtype_name}, initial weights, "
-            f"forward only; rel diff {rel:.2e}; CE {lo['lm loss']:.7f} / {lh['lm loss']:.7f}, "
-            f"latent MSE {lo['latent mse']:.7f} / {lh['latent mse']:.7f}, lambda {LAMBDA})")
-        if dtype == torch.float32 and rel > FP32_RTOL:
-            ok = False
-            log(f"ERROR: fp32 losses differ by {rel:.2e} > {FP32_RTOL:.0e} relative")
-    rows = []
-    for name in ours + hf_rows:
-        r = results[name]
-        mine = name in ours
-        r.update(path=name, tokens_s=tokens / r["step_s"] if mine else
-                 args.micro_batch_size * args.num_micro_batches * args.seq_length / r["step_s"])
-        path_flops = flops["total"] if mine else flops["total"] / dp
-        r["tflops_per_gpu"] = path_flops / r["step_s"] / r["gpus"] / 1e12
-        r["tokens_s_per_gpu"] = r["tokens_s"] / r["gpus"]
-        r["loss0"] = losses.get(name if mine else "HF", {}).get("loss")
-        rows.append(r)
-    for r in rows:
-        r["ratio_vs"] = {h: r["tokens_s_per_gpu"] / results[h]["tokens_s_per_gpu"]
-                         for h in hf_rows}
+def deeplatent_method(b: Bench) -> tuple:
+    import sft_deeplatent  # its own batches and teacher cache
+
+    method, batches, note = sft_deeplatent.setup(b.shape, b.args, b.dtype, b.cuda,
+                                                 b.args.deeplatent_dir)
+    b.log(f"# {note}")
+    return method, batches
+
+
+def hylar_method(b: Bench) -> tuple:
+    from sft_hylar import build_hylar, hylar_micro_batches
+
+    a = b.args
+    # LVR's batches with the latent span as canvas slots
+    batches = (b.micro_batches if a.latent_tokens == a.canvas_tokens
+               else b.synthetic_batches(a.canvas_tokens))
+    method = build_hylar(b.ids, b.hidden, b.canvas["dir"], a.canvas_tokens)
+    return method, pinned(hylar_micro_batches(batches, canvas_image=b.canvas["image"],
+                                              canvas_tokens=a.canvas_tokens, ids=b.ids), b.cuda)
+
+
+METHODS = {"lvr": lvr_method, "hylar": hylar_method, "deeplatent": deeplatent_method}
+# methods whose side modules (canvas encoder, ...) are built with the model: in DDP and the
+# optimizer
+SIDE_MODULE_METHODS = ("hylar", "deeplatent")
+
+
+def our_config(b: Bench, precision: str):
+    from megatron_latent.models.qwen25vl.config import Qwen25VLConfig
+
+    a = b.args
+    return Qwen25VLConfig.from_hf(b.cfg_hf.to_dict(), spec=a.spec, params_dtype=b.dtype,
+                                  tensor_model_parallel_size=a.tp, sequence_parallel=a.sp,
+                                  vision_graphs=a.vision_graphs,
+                                  cross_entropy_fusion_impl=a.cross_entropy_fusion_impl,
+                                  **config_overrides(a, precision))
+
+
+def build_ours(b: Bench, precision: str, method_name: str, method, hf_weights) -> tuple:
+    """-> (model chunks, optimizer) of one of our rows."""
+    from megatron_latent.conversion.hf_load import StateDictReader, load_hf_weights
+    from megatron_latent.training.build import (OptimSettings, build_model, build_optimizer,
+                                                unwrap)
+
+    pa, frozen = b.args.use_precision_aware_optimizer, not b.args.train_vision
+    model = build_model(our_config(b, precision), None, freeze_vision=frozen,
+                        freeze_merger=frozen, use_distributed_optimizer=pa,
+                        latent_method=method if method_name in SIDE_MODULE_METHODS else None)
+    if hf_weights is not None:  # the same weights as HF (before the optimizer copies them)
+        load_hf_weights(unwrap(model[0]), StateDictReader(hf_weights, "HF random init"))
+    optimizer = build_optimizer(model, OptimSettings(lr=1e-5, use_distributed_optimizer=pa,
+                                                     precision_aware=pa),
+                                lr_overrides=method.optimizer_overrides())
+    return model, optimizer
+
+
+def our_row_name(args, method_name: str, precision: str) -> str:
+    """The row's name: ours, plus whichever of method and precision this run varies."""
+    parts = ([method_name] if len(args.method) > 1 else []) + \
+        ([precision] if len(args.precision) > 1 else [])
+    return " ".join(["ours", *parts])
+
+
+def run_ours(b: Bench, results: dict, losses: dict, hf_weights) -> None:
+    """Our rows: each --method at each --precision, one model at a time."""
+    import torch
+
+    if b.cuda:
+        b.log(f"# memory still allocated before ours: "
+              f"{torch.cuda.memory_allocated() / 2**30:.2f} GiB")
+    methods = {m: METHODS[m](b) for m in b.args.method}
+    for method_name in b.args.method:
+        for precision in b.args.precision:
+            name = our_row_name(b.args, method_name, precision)
+            losses[name], results[name] = time_ours(b, name, method_name, precision,
+                                                    methods[method_name], hf_weights)
+            free_memory(b.cuda)  # the row's model and optimizer, before the next one's
+
+
+def time_ours(b: Bench, name: str, method_name: str, precision: str, latent: tuple,
+              hf_weights) -> tuple[dict, dict]:
+    """One of our rows, `latent` = (method, host micro-batches): -> (its initial loss, its
+    timing)."""
+    from megatron_latent.training.step import eval_losses, launch_step, train_step
+
+    method, host_batches = latent
+    model, optimizer = build_ours(b, precision, method_name, method, hf_weights)
+    loss = eval_losses(model, host_batches, method)
+    lagged = Lagged(lambda: launch_step(model, optimizer, host_batches, method))
+    r = time_path(b, lagged, optimizer, lagged.finish)
+    r["gpus"], r["precision"], r["method"] = b.world, precision, method_name
+    if method_name == "hylar":
+        add_canvas_side(b, name, model[0], host_batches, r)
+    profile_path(b, name, lambda: train_step(model, optimizer, host_batches, method))
+    if b.cuda:
+        r["peak_gib"] = max_over_ranks(r["peak_gib"], b.dev)
+    return loss, r
+
+
+def add_canvas_side(b: Bench, name: str, model_chunk, host_batches: list[dict],
+                    r: dict) -> None:
+    """HyLaR's side-module size and (on the GPU) its canvas path timed alone, into row `r`."""
+    from megatron_latent.training.build import unwrap
+
+    side_params = sum(p.numel() for p in unwrap(model_chunk).latent_modules.parameters())
+    r["canvas_side_params"] = side_params
+    if b.cuda:
+        from sft_hylar import canvas_breakdown
+
+        breakdown = canvas_breakdown(model_chunk, host_batches)
+        b.log(canvas_breakdown_line(name, breakdown, side_params))
+        r["canvas_breakdown"] = breakdown
+
+
+def max_over_ranks(value: float, dev) -> float:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([value], device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+# ------------------------------------------------------------------------------------ report
+def report(b: Bench, results: dict, losses: dict) -> bool:
+    """Print the losses, ratios and the table, write --json-out; -> False when the fp32 loss
+    check fails."""
+    a = b.args
+    ours, hf_rows = split_paths(results)
+    ok = log_losses(results, losses, ours, b.dtype_name, b.log)
+    rows = table_rows(results, losses, ours, hf_rows, tokens=b.tokens,
+                      hf_tokens=a.micro_batch_size * a.num_micro_batches * a.seq_length,
+                      flops_total=b.flops["total"], dp=b.dp)
     if len(ours) > 1:
-        base = results[ours[0]]
-        for name in ours[1:]:
-            results[name]["ratio_vs_first"] = base["step_s"] / results[name]["step_s"]
-            log(f"# {name} vs {ours[0]}: {results[name]['ratio_vs_first']:.3f}x tokens/s")
-    canvas_cost = {}
-    if len(args.method) > 1:  # HyLaR vs LVR at each precision
-        by = {(results[n]["method"], results[n]["precision"]): n for n in ours}
-        for precision in args.precision:
-            lvr_row, hy_row = by.get(("lvr", precision)), by.get(("hylar", precision))
-            if lvr_row is None or hy_row is None:
-                continue
-            ratio = results[hy_row]["tokens_s"] / results[lvr_row]["tokens_s"]
-            canvas_cost[precision] = {"hylar_over_lvr": ratio, "cost": 1 - ratio,
-                                      "lvr_step_ms": 1e3 * results[lvr_row]["step_s"],
-                                      "hylar_step_ms": 1e3 * results[hy_row]["step_s"]}
-            log(f"# canvas path ({precision}): HyLaR / LVR tokens/s = {ratio:.4f}, cost "
-                f"{100 * (1 - ratio):.1f}% ({1e3 * results[hy_row]['step_s']:.1f} vs "
-                f"{1e3 * results[lvr_row]['step_s']:.1f} ms a step)")
-    log("\n| path | tokens/s | TFLOP/s | step ms | of which optimizer ms | peak GiB |"
-        + "".join(f" vs {h} |" for h in hf_rows))
-    log("|---|---|---|---|---|---|" + "---|" * len(hf_rows))
-    for r in rows:
-        peak = f"{r['peak_gib']:.2f}" if "peak_gib" in r else "n/a"
-        log(f"| {r['path']} | {r['tokens_s']:,.0f} | {r['tflops_per_gpu']:.4g} "
-            f"| {1e3 * r['step_s']:.1f} | {1e3 * r['optimizer_s']:.1f} | {peak} |"
-            + "".join(f" {r['ratio_vs'][h]:.2f}x |" for h in hf_rows))
-    log(f"\n# tokens/s: all tokens of the step (text + image + latent) / mean step time; "
-        f"TFLOP/s: model FLOPs per GPU, {FLOPS_FORMULA}; peak: torch.cuda.max_memory_allocated "
-        f"(max over ranks; n/a on CPU); vs HF ...: per-GPU tokens/s over that HF row's (HF on "
-        f"1 GPU); HF recomputes under 'seeds' but its FLOPs are counted once (model FLOPs)")
-    if rank0 and args.json_out:
-        Path(args.json_out).write_text(json.dumps(
-            {"gpu": gpu, "args": vars(args), "dtype": dtype_name, "tokens_per_step": tokens,
-             "model_flops_per_step": flops, "params": params, "formula": FLOPS_FORMULA,
-             "losses": losses, "rows": rows, "canvas_cost": canvas_cost,
-             "canvas_flops_per_step": canvas and canvas.get("flops"),
-             "canvas_encoder": canvas and str(canvas["dir"])}, indent=1))
+        compare_to_first(results, ours, b.log)
+    canvas_cost = canvas_costs(results, ours, a.precision, b.log) if len(a.method) > 1 else {}
+    log_table(rows, hf_rows, b.log)
+    log_legend(FLOPS_FORMULA, b.log)
+    if b.rank0 and a.json_out:
+        write_json(b, losses, rows, canvas_cost)
+    return ok
+
+
+def write_json(b: Bench, losses: dict, rows: list[dict], canvas_cost: dict) -> None:
+    canvas = b.canvas
+    Path(b.args.json_out).write_text(json.dumps(
+        {"gpu": b.gpu, "args": vars(b.args), "dtype": b.dtype_name, "tokens_per_step": b.tokens,
+         "model_flops_per_step": b.flops, "params": b.params, "formula": FLOPS_FORMULA,
+         "losses": losses, "rows": rows, "canvas_cost": canvas_cost,
+         "canvas_flops_per_step": canvas and canvas.get("flops"),
+         "canvas_encoder": canvas and str(canvas["dir"])}, indent=1))
+
+
+# ------------------------------------------------------------------------------------ main
+def main() -> None:
+    from megatron_latent import parallel
+
+    shapes = sft_shapes()
+    args = parse_args(shapes)
+    b = start(args, shapes[args.shape])
+    log_run(b)
+    results, losses = {}, {}
+    # HF first: its random init is the shared weights (kept on CPU for ours)
+    hf_weights = run_hf(b, results, losses) if b.run_hf else None
+    run_ours(b, results, losses, hf_weights)
+    hf_weights = None
+    ok = report(b, results, losses)
     parallel.destroy()
     if not ok:
         sys.exit(1)
