@@ -50,7 +50,12 @@ def test_cached_teacher_equals_online(tiny_ckpts, tmp_path, megatron_single_rank
         mbs = [ds.collate([ds[0], ds[1]], 512), ds.collate([ds[2], ds[3]], 512)]
         logs[source] = [train_step(model, opt, [dict(mb) for mb in mbs], method)
                         for _ in range(2)]
-    for a, b in zip(logs["cache"], logs["online"]):
+    # step 1 is the teacher states' equality itself. Step 2 follows one Adam update, which moves
+    # each weight by ~lr whatever its gradient's size, so fp32 rounding differences between the
+    # two teacher passes reach it amplified (3e-6 relative since the vision attention runs per
+    # segment length, bitwise-close before): compared relatively there.
+    for step, (a, b) in enumerate(zip(logs["cache"], logs["online"])):
         for key in ("lm loss", "align loss", "scale loss", "loss"):
-            assert a[key] == pytest.approx(b[key], abs=1e-5), (key, a[key], b[key])
+            tol = dict(abs=1e-5) if step == 0 else dict(rel=1e-5)
+            assert a[key] == pytest.approx(b[key], **tol), (step, key, a[key], b[key])
     assert logs["cache"][0]["align loss"] > 1e-3
